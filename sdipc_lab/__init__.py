@@ -1,0 +1,20 @@
+"""sdipc_lab: how CLIP drives Stable Diffusion, measured.
+
+    lab = load_lab()                       # the teaching-scale lab; "sd-v1-4" on a GPU with the weights
+    images = vary(lab, reference, n=4)     # SD-IPC image variation (paper Eq. 5-7)
+    images = edit(lab, reference, "on a black background", alpha=0.9)   # Eq. 8
+"""
+
+from .convert import (InverseProjection, blend, convert, edit_prompt_embeds, encode_text, image_embeds,
+                      image_prompt_embeds, inverse_projection, sos_state, text_embeds)
+from .generate import edit, generate, sample, vary
+from .images import as_rgb_images
+from .lab import KNOWN_SOURCES, Lab, WeightsNotFoundError, assemble, download, load_lab, pick_device, save_lab
+from .plots import show_images
+
+__all__ = [
+    "InverseProjection", "KNOWN_SOURCES", "Lab", "WeightsNotFoundError", "as_rgb_images", "assemble", "blend",
+    "convert", "download", "edit", "edit_prompt_embeds", "encode_text", "generate", "image_embeds",
+    "image_prompt_embeds", "inverse_projection", "load_lab", "pick_device", "sample", "save_lab", "show_images",
+    "sos_state", "text_embeds", "vary",
+]

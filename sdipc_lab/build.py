@@ -1,0 +1,155 @@
+"""Build new, untrained labs: a word-level CLIP tokenizer and randomly initialised components.
+
+Used for the `"tiny"` lab of the unit tests, for full-width shape checks (ViT-L/14 widths with
+few layers), and as the starting point of the teaching-scale world's training scripts.
+Every component is a stock class (`CLIPTokenizer`, `CLIPTextModelWithProjection`,
+`CLIPVisionModelWithProjection`, `AutoencoderKL`, `UNet2DConditionModel`, `DDIMScheduler`),
+so a built lab saves with `save_pretrained` and loads back with `from_pretrained` like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import torch
+
+# Letters, digits and a little punctuation: what the tokenizer can spell out when a word is unknown.
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789-'"
+
+TINY_WORDS = (
+    "a an the of on in at with and large small big tiny red green blue yellow purple orange white "
+    "black gray circle square triangle star cross heart left right top bottom middle center "
+    "background photo picture drawing wearing hat"
+).split()
+
+
+def word_tokenizer(words: Iterable[str], model_max_length: int = 77):
+    """A `CLIPTokenizer` whose BPE spells each of `words` as one token.
+
+    Unknown words fall back to letters. Padding uses the end token, as SD v1's tokenizer does.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+
+    def add(token: str) -> None:
+        vocab.setdefault(token, len(vocab))
+
+    for ch in ALPHABET:
+        add(ch)
+        add(ch + "</w>")
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(w.lower() for w in words):
+        if len(word) < 2:
+            continue
+        if not set(word) <= set(ALPHABET):
+            raise ValueError(f"word {word!r} has characters outside {ALPHABET!r}")
+        # Merge left to right: "red" -> ("r","e") -> "re", ("re","d</w>") -> "red</w>".
+        left = word[0]
+        for i, ch in enumerate(word[1:], start=1):
+            right = ch + ("</w>" if i == len(word) - 1 else "")
+            merged = left + right
+            if merged not in vocab:
+                merges.append((left, right))
+                add(merged)
+            left = merged
+    add("<|startoftext|>")
+    add("<|endoftext|>")
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Widths and depths of a randomly initialised lab. The defaults are the `"tiny"` lab."""
+
+    text_width: int = 32
+    text_layers: int = 2
+    text_heads: int = 2
+    vision_width: int = 48
+    vision_layers: int = 2
+    vision_heads: int = 2
+    projection_dim: int = 32
+    clip_image_size: int = 32  # what the CLIP image tower sees
+    patch_size: int = 8
+    image_size: int = 32  # what the diffusion model generates
+    vae_channels: tuple[int, ...] = (8, 16)  # len - 1 halvings: 32 px -> 16x16 latents
+    unet_channels: tuple[int, ...] = (16, 32)
+    unet_layers: int = 1
+    unet_heads: int = 4
+    norm_groups: int = 8
+
+
+TINY = Sizes()
+
+# CLIP ViT-L/14's widths (text 768, vision 1024, projection 768) with one layer each and a
+# small U-Net: the shapes of the real thing at a fraction of the cost.
+FULL_WIDTH = Sizes(
+    text_width=768, text_layers=1, text_heads=12,
+    vision_width=1024, vision_layers=1, vision_heads=16,
+    projection_dim=768, clip_image_size=224, patch_size=14,
+    image_size=32, vae_channels=(8, 16), unet_channels=(32, 64), unet_heads=8,
+)
+
+
+def sd_v1_scheduler(**overrides):
+    """DDIM with Stable Diffusion v1's noise schedule (scaled-linear betas 0.00085 -> 0.012)."""
+    from diffusers import DDIMScheduler
+
+    config = dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+    config.update(overrides)
+    return DDIMScheduler(**config)
+
+
+def random_components(sizes: Sizes = TINY, *, words: Iterable[str] = TINY_WORDS, seed: int = 0) -> dict:
+    """Randomly initialised lab components, deterministic given `seed`.
+
+    Returns the dict `load_lab` reads from a folder: tokenizer, text_encoder, image_encoder,
+    feature_extractor, unet, vae, scheduler.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import (CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModelWithProjection,
+                              CLIPVisionConfig, CLIPVisionModelWithProjection)
+
+    s = sizes
+    tokenizer = word_tokenizer(words)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=s.text_width, intermediate_size=4 * s.text_width,
+            num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads,
+            projection_dim=s.projection_dim, max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=s.vision_width, intermediate_size=4 * s.vision_width,
+            num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
+            projection_dim=s.projection_dim, image_size=s.clip_image_size, patch_size=s.patch_size,
+        ))
+        n_down = len(s.vae_channels)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=s.vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * n_down, up_block_types=("UpDecoderBlock2D",) * n_down,
+            layers_per_block=1, norm_num_groups=s.norm_groups, sample_size=s.image_size,
+        )
+        n_unet = len(s.unet_channels)
+        unet = UNet2DConditionModel(
+            sample_size=s.image_size // 2 ** (n_down - 1), in_channels=4, out_channels=4,
+            block_out_channels=s.unet_channels, layers_per_block=s.unet_layers,
+            down_block_types=("CrossAttnDownBlock2D",) * (n_unet - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_unet - 1),
+            cross_attention_dim=s.text_width, attention_head_dim=s.unet_heads,
+            norm_num_groups=s.norm_groups,
+        )
+    feature_extractor = CLIPImageProcessorPil(
+        size={"shortest_edge": s.clip_image_size},
+        crop_size={"height": s.clip_image_size, "width": s.clip_image_size},
+    )
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=image_encoder,
+                feature_extractor=feature_extractor, unet=unet, vae=vae, scheduler=sd_v1_scheduler())

@@ -1,0 +1,178 @@
+"""The paper's Eq. 5-8: the inverse text projection, the norm, the pseudo-prompt, and editing.
+
+Symbols (paper Sec. 3.1), with D the text width (T-space) and P the projection width (C-space):
+
+    f_img_c  = W_i CLIP_i(x)                         (B, P)   image embedding in C-space
+    f_txt    = CLIP_t(s)                             (B, 77, D) text states in T-space
+    f_txt_c  = W_t f_txt[eos]                        (B, P)   text embedding in C-space
+    f_cnvrt  = ||f_txt_c|| / ||f_img_c|| W_t^+ f_img_c  (B, D)   Eq. 6, the converted embedding
+    prompt   = [f_txt[sos], f_cnvrt x 76]            (B, 77, D) Eq. 7, the pseudo-prompt
+    edit     = [f_txt[:t], (f_cnvrt + alpha f_txt[t]) x (77 - t)]   Eq. 8, t = the end token's position
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .images import as_rgb_images
+from .lab import Lab
+
+NORM_SPACES = ("c", "t")
+
+
+class InverseProjection:
+    """W_t^+, the Moore-Penrose pseudo-inverse of W_t by SVD, singular values <= `cutoff` zeroed.
+
+    Equal to `torch.linalg.pinv(W_t, atol=cutoff)` (paper footnote 6 uses cutoff 0.3 for ViT-L/14).
+    Computed in float64; `matrix` is (D, P) so that `f_cnvrt = matrix @ f_img_c`.
+    """
+
+    def __init__(self, W_t: torch.Tensor, cutoff: float):
+        if not math.isfinite(cutoff) or cutoff < 0:
+            raise ValueError(f"cutoff must be a finite number >= 0, got {cutoff}")
+        W = W_t.detach().to("cpu", torch.float64)  # (P, D)
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (P, K), (K,), (K, D)
+        keep = S > cutoff
+        if not keep.any():
+            raise ValueError(f"cutoff {cutoff} zeroes every singular value of W_t (they run from "
+                             f"{S.min().item():.4g} to {S.max().item():.4g}); choose a cutoff below "
+                             f"{S.max().item():.4g}, e.g. {S.quantile(0.1).item():.3g} (the 10th percentile)")
+        self.cutoff = float(cutoff)
+        self.singular_values = S  # (K,), descending
+        self.rank = int(keep.sum())
+        self.matrix = (Vh[keep].T / S[keep]) @ U[:, keep].T  # (D, P)
+
+    def __call__(self, f_img_c: torch.Tensor) -> torch.Tensor:  # (B, P) -> (B, D)
+        return f_img_c.to(torch.float64) @ self.matrix.T.to(f_img_c.device)
+
+    def __repr__(self) -> str:
+        return f"InverseProjection(cutoff={self.cutoff}, rank={self.rank}/{len(self.singular_values)})"
+
+
+def inverse_projection(lab: Lab, cutoff: float | None = None) -> InverseProjection:
+    """The lab's W_t^+ at `cutoff` (default: the lab's own), computed once and cached."""
+    cutoff = lab.cutoff if cutoff is None else float(cutoff)
+    key = ("inverse", cutoff)
+    if key not in lab.cache:
+        lab.cache[key] = InverseProjection(lab.W_t, cutoff)
+    return lab.cache[key]
+
+
+@torch.no_grad()
+def encode_text(lab: Lab, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """T-space states of `texts`: f_txt (B, 77, D) and the end-token positions t (B,).
+
+    Refuses (ValueError) a text longer than the encoder's 77 tokens rather than cutting it silently.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a string or a non-empty list of strings")
+    tokens = lab.tokenizer(texts, padding="max_length", max_length=lab.max_length, truncation=False)
+    for i, ids in enumerate(tokens.input_ids):
+        if len(ids) > lab.max_length:
+            raise ValueError(f"text {i} is {len(ids)} tokens long; the CLIP text encoder reads at most "
+                             f"{lab.max_length} (start + {lab.max_length - 2} tokens + end). "
+                             f"Shorten it: {texts[i][:60]!r}...")
+    input_ids = torch.tensor(tokens.input_ids, device=lab.device)  # (B, 77)
+    eos = torch.tensor(tokens.attention_mask).sum(1) - 1  # (B,) position of the end token
+    f_txt = lab.text_encoder.text_model(input_ids).last_hidden_state  # (B, 77, D)
+    return f_txt, eos.to(lab.device)
+
+
+@torch.no_grad()
+def text_embeds(lab: Lab, texts: str | Sequence[str]) -> torch.Tensor:
+    """f_txt_c = W_t f_txt[eos], the C-space text embedding (B, P)."""
+    f_txt, eos = encode_text(lab, texts)
+    f_eos = f_txt[torch.arange(len(eos)), eos]  # (B, D)
+    return lab.text_encoder.text_projection(f_eos)
+
+
+@torch.no_grad()
+def image_embeds(lab: Lab, images) -> torch.Tensor:
+    """f_img_c = W_i CLIP_i(x), the C-space image embedding (B, P)."""
+    pixels = lab.feature_extractor(images=as_rgb_images(images), return_tensors="pt").pixel_values
+    return lab.image_encoder(pixel_values=pixels.to(lab.device, lab.dtype)).image_embeds
+
+
+def sos_state(lab: Lab) -> torch.Tensor:
+    """f_txt^{0,sos} (D,): the start token's state, the same for every prompt of a causal text encoder."""
+    if "sos" not in lab.cache:
+        lab.cache["sos"] = encode_text(lab, "")[0][0, 0]
+    return lab.cache["sos"]
+
+
+def convert(lab: Lab, f_img_c: torch.Tensor, *, cutoff: float | None = None, norm: float | None = None,
+            norm_space: str = "c") -> torch.Tensor:
+    """Eq. 6: f_cnvrt (B, D) from C-space image embeddings (B, P).
+
+    norm_space="c" (the paper): f_cnvrt = norm * W_t^+ (f_img_c / ||f_img_c||), norm = ||f_txt^c||.
+    norm_space="t" (the public code): f_cnvrt = norm * u / ||u||, u = W_t^+ f_img_c, norm = ||f_txt^eos||.
+    """
+    if norm_space not in NORM_SPACES:
+        raise ValueError(f"norm_space must be 'c' (paper's Eq. 6) or 't' (public code), got {norm_space!r}")
+    if norm is None:
+        norm = lab.norm if norm_space == "c" else lab.norm_t
+    if not math.isfinite(norm) or norm <= 0:
+        raise ValueError(f"norm must be a finite number > 0, got {norm}")
+    inverse = inverse_projection(lab, cutoff)
+    f = f_img_c.to(torch.float64)
+    if norm_space == "c":
+        f_cnvrt = inverse(f / f.norm(dim=-1, keepdim=True)) * norm
+    else:
+        u = inverse(f)
+        f_cnvrt = u / u.norm(dim=-1, keepdim=True) * norm
+    return f_cnvrt.to(lab.dtype)
+
+
+def blend(f_img_c: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """One C-space embedding (1, P) from several: the weighted mean of their unit vectors."""
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    if w.shape != (len(f_img_c),):
+        raise ValueError(f"got {len(w)} weights for {len(f_img_c)} images; give one weight per image")
+    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all zero, got {w.tolist()} "
+                         "(to steer away from an image, pass it as a negative image instead)")
+    unit = f_img_c.to(torch.float64) / f_img_c.to(torch.float64).norm(dim=-1, keepdim=True)
+    return ((w[:, None].to(unit.device) * unit).sum(0, keepdim=True) / w.sum()).to(f_img_c.dtype)
+
+
+def image_prompt_embeds(lab: Lab, images, *, cutoff: float | None = None, norm: float | None = None,
+                        norm_space: str = "c", weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Eq. 7: the pseudo-prompt [f_sos, f_cnvrt x 76] (B, 77, D), one per image.
+
+    With `weights`, the images are blended into a single prompt (1, 77, D).
+    """
+    f_img_c = image_embeds(lab, images)  # (B, P)
+    if weights is not None:
+        f_img_c = blend(f_img_c, weights)  # (1, P)
+    f_cnvrt = convert(lab, f_img_c, cutoff=cutoff, norm=norm, norm_space=norm_space)  # (B, D)
+    B, D = f_cnvrt.shape
+    sos = sos_state(lab).to(f_cnvrt.dtype).expand(B, 1, D)  # (B, 1, D)
+    return torch.cat([sos, f_cnvrt[:, None].expand(B, lab.max_length - 1, D)], dim=1)  # (B, 77, D)
+
+
+def edit_prompt_embeds(lab: Lab, images, text: str | Sequence[str], *, alpha: float = 0.9,
+                       cutoff: float | None = None, norm: float | None = None, norm_space: str = "c",
+                       weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Eq. 8: [f_sos, f_w1..f_w(t-1), f_comb x (77 - t)] (B, 77, D), f_comb = f_cnvrt + alpha f_txt[t].
+
+    t is the end token's position in `text` (from the tokenizer's attention mask). One text for all
+    images, or one text per image. alpha = 0.9 is the paper's (Sec. 4.1); the public code uses 0.6.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number (0.9 in the paper), got {alpha!r}")
+    pseudo = image_prompt_embeds(lab, images, cutoff=cutoff, norm=norm, norm_space=norm_space, weights=weights)
+    B = len(pseudo)
+    texts = [text] * B if isinstance(text, str) else list(text)
+    if len(texts) != B:
+        raise ValueError(f"got {len(texts)} edit texts for {B} prompts; give one text, or one per image")
+    f_txt, eos = encode_text(lab, texts)  # (B, 77, D), (B,)
+    f_txt = f_txt.to(pseudo.dtype)
+    rows = torch.arange(B, device=f_txt.device)
+    f_comb = pseudo[:, 1] + alpha * f_txt[rows, eos]  # (B, D)
+    positions = torch.arange(lab.max_length, device=f_txt.device)[None, :, None]  # (1, 77, 1)
+    return torch.where(positions >= eos[:, None, None], f_comb[:, None], f_txt)  # (B, 77, D)
+

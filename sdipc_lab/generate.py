@@ -1,0 +1,85 @@
+"""Image variation, editing and text-to-image, all through the stock `StableDiffusionPipeline`.
+
+SD-IPC needs no sampler of its own: the pseudo-prompt goes in as `prompt_embeds`, a negative
+image's pseudo-prompt as `negative_prompt_embeds`, and the pipeline's own empty-prompt embedding
+is the unconditional branch otherwise. The initial noise comes from a CPU generator seeded with
+`seed`, so the same seed gives the same images on the same machine, on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .convert import edit_prompt_embeds, encode_text, image_prompt_embeds
+from .lab import Lab
+
+
+def sample(lab: Lab, prompt_embeds: torch.Tensor, *, negative_prompt_embeds: torch.Tensor | None = None,
+           n: int = 4, seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
+           cross_attention_kwargs: dict | None = None, output_type: str = "pil"):
+    """Generate `n` images per prompt from prompt embeddings (B, 77, D); returns a flat list (B * n)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (images per prompt) must be a whole number >= 1, got {n!r}")
+    steps = lab.steps if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+    guidance_scale = lab.guidance_scale if guidance_scale is None else guidance_scale
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    B = len(prompt_embeds)
+    if negative_prompt_embeds is not None and len(negative_prompt_embeds) == 1 and B > 1:
+        negative_prompt_embeds = negative_prompt_embeds.expand(B, -1, -1)
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    result = lab.pipe(
+        prompt_embeds=prompt_embeds.to(lab.device, lab.dtype),
+        negative_prompt_embeds=None if negative_prompt_embeds is None else negative_prompt_embeds.to(lab.device, lab.dtype),
+        num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance_scale,
+        generator=generator, output_type=output_type, cross_attention_kwargs=cross_attention_kwargs,
+    )
+    return list(result.images) if output_type == "pil" else result.images
+
+
+def vary(lab: Lab, images, *, n: int = 4, seed: int = 0, steps: int | None = None,
+         guidance_scale: float | None = None, negative_images=None, weights: Sequence[float] | None = None,
+         cutoff: float | None = None, norm: float | None = None, norm_space: str = "c") -> list:
+    """SD-IPC image variation: `n` images for each reference image (or for their blend, with `weights`).
+
+    `negative_images` are converted the same way (blended into one) and steer generation away.
+    Returns a flat list of PIL images, reference by reference.
+    """
+    convert_kwargs = dict(cutoff=cutoff, norm=norm, norm_space=norm_space)
+    prompt = image_prompt_embeds(lab, images, weights=weights, **convert_kwargs)  # (B, 77, D)
+    negative = _negative(lab, negative_images, convert_kwargs)
+    return sample(lab, prompt, negative_prompt_embeds=negative, n=n, seed=seed, steps=steps,
+                  guidance_scale=guidance_scale)
+
+
+def edit(lab: Lab, image, text: str, *, alpha: float = 0.9, n: int = 4, seed: int = 0,
+         steps: int | None = None, guidance_scale: float | None = None, negative_images=None,
+         cutoff: float | None = None, norm: float | None = None, norm_space: str = "c") -> list:
+    """SD-IPC editing (Eq. 8): `n` images of the reference image changed by `text`, strength `alpha`."""
+    convert_kwargs = dict(cutoff=cutoff, norm=norm, norm_space=norm_space)
+    prompt = edit_prompt_embeds(lab, image, text, alpha=alpha, **convert_kwargs)  # (B, 77, D)
+    negative = _negative(lab, negative_images, convert_kwargs)
+    return sample(lab, prompt, negative_prompt_embeds=negative, n=n, seed=seed, steps=steps,
+                  guidance_scale=guidance_scale)
+
+
+def generate(lab: Lab, prompts: str | Sequence[str], *, n: int = 4, seed: int = 0, steps: int | None = None,
+             guidance_scale: float | None = None, cross_attention_kwargs: dict | None = None) -> list:
+    """Plain text-to-image with the same pipeline, steps and noise: the reference SD-IPC is compared with."""
+    f_txt, _ = encode_text(lab, prompts)  # (B, 77, D), refuses texts over 77 tokens
+    return sample(lab, f_txt, n=n, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                  cross_attention_kwargs=cross_attention_kwargs)
+
+
+def _negative(lab: Lab, negative_images, convert_kwargs: dict) -> torch.Tensor | None:
+    if negative_images is None:
+        return None
+    from .images import as_rgb_images
+
+    negatives = as_rgb_images(negative_images)
+    return image_prompt_embeds(lab, negatives, weights=[1.0] * len(negatives), **convert_kwargs)  # (1, 77, D)

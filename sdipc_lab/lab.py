@@ -1,0 +1,327 @@
+"""`load_lab()`: one bundle of tokenizer, CLIP towers, U-Net, VAE, scheduler and pipeline.
+
+Every source goes through the same `from_pretrained` calls; only *where* each component lives differs:
+
+| source       | CLIP parts (tokenizer, towers, W_t, W_i, image processor) | U-Net, VAE, scheduler          |
+|--------------|------------------------------------------------------------|--------------------------------|
+| `"sd-v1-4"`  | `openai/clip-vit-large-patch14`                            | `CompVis/stable-diffusion-v1-4` |
+| `"sd-v1-5"`  | `openai/clip-vit-large-patch14`                            | `stable-diffusion-v1-5/...`    |
+| a folder     | its sub-folders, as written by `save_lab`                  | its sub-folders                |
+| `"toy"`      | the teaching-scale lab shipped in the package (a folder)   |                                |
+| `"tiny"`     | random, built on the fly, saved to a temporary folder      |                                |
+
+SD v1.x's text encoder *is* the text tower of CLIP ViT-L/14 (same weights, same tokenizer), so
+loading `CLIPTextModelWithProjection` once gives both the pipeline's text encoder
+(`.text_model`) and the text projection `W_t` the converter inverts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+LAB_FILE = "sdipc_lab.json"
+COMPONENTS = ("tokenizer", "text_encoder", "image_encoder", "feature_extractor", "unet", "vae", "scheduler")
+CLIP_PARTS = ("tokenizer", "text_encoder", "image_encoder", "feature_extractor")
+
+CLIP_L14 = "openai/clip-vit-large-patch14"
+HUB_SOURCES = {
+    "sd-v1-4": "CompVis/stable-diffusion-v1-4",
+    "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
+# The paper's constants for CLIP ViT-L/14 (footnote 6, Eq. 6) and the public code's T-space norm.
+HUB_CONSTANTS = dict(cutoff=0.3, norm=27.0, norm_t=27.5, steps=50, guidance_scale=7.5)
+TOY_FOLDER = Path(__file__).parent / "toyworld" / "lab"
+KNOWN_SOURCES = ("toy", "tiny", *HUB_SOURCES)
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Model weights are not on this machine (and the hub was not, or could not be, asked)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Lab:
+    """Everything SD-IPC needs, on one device.
+
+    Symbols follow the paper: `W_t` maps the end-token state (T-space, width D) to C-space (width P);
+    `W_i` maps the image tower's class token to C-space.
+    """
+
+    tokenizer: object  # CLIPTokenizer, model_max_length 77, pads with the end token
+    text_encoder: object  # CLIPTextModelWithProjection: .text_model (T-space) + .text_projection (W_t)
+    image_encoder: object  # CLIPVisionModelWithProjection: vision tower + .visual_projection (W_i)
+    feature_extractor: object  # CLIPImageProcessorPil: PIL image -> (3, H, W) pixel values
+    unet: object  # UNet2DConditionModel, cross-attends to (B, 77, D)
+    vae: object  # AutoencoderKL
+    scheduler: object
+    pipe: object  # a stock StableDiffusionPipeline built from the parts above
+    cutoff: float  # singular values of W_t at or below this are treated as zero
+    norm: float  # ||f_txt^c||, the C-space text norm of Eq. 6
+    norm_t: float  # ||f_txt^{eos}||, the T-space end-token norm (public code's convention)
+    steps: int = 50  # default denoising steps
+    guidance_scale: float = 7.5
+    source: str = ""
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    cache: dict = dataclasses.field(default_factory=dict, repr=False)  # e.g. W_t^+ per cutoff
+
+    @property
+    def W_t(self) -> torch.Tensor:  # (P, D)
+        return self.text_encoder.text_projection.weight
+
+    @property
+    def W_i(self) -> torch.Tensor:  # (P, D_vision)
+        return self.image_encoder.visual_projection.weight
+
+    @property
+    def max_length(self) -> int:  # 77
+        return self.tokenizer.model_max_length
+
+    @property
+    def image_size(self) -> int:  # pixels of a generated image
+        return self.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    @property
+    def constants(self) -> dict:
+        return dict(cutoff=self.cutoff, norm=self.norm, norm_t=self.norm_t,
+                    steps=self.steps, guidance_scale=self.guidance_scale)
+
+    def __repr__(self) -> str:
+        P, D = self.W_t.shape
+        return (f"Lab(source={self.source!r}, D={D}, P={P}, image={self.image_size}px, "
+                f"device={self.device}, dtype={self.dtype}, {self.constants})")
+
+
+def pick_device() -> torch.device:
+    """CUDA, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_lab(source: str | os.PathLike = "toy", *, device=None, dtype=None, download: bool = False) -> Lab:
+    """Load a lab: `"toy"` (default, shipped), `"tiny"` (random), `"sd-v1-4"`, `"sd-v1-5"`, or a folder.
+
+    Hub sources are read from the local Hugging Face cache only, unless `download=True`.
+    The device defaults to CUDA, then MPS, then CPU; the dtype to fp16 on a GPU, fp32 on CPU.
+    """
+    device = torch.device(device) if device is not None else pick_device()
+    dtype = dtype or (torch.float16 if device.type in ("cuda", "mps") else torch.float32)
+    name = os.fspath(source)
+    if name == "tiny":
+        return _load_tiny(device, dtype)
+    if name == "toy":
+        if not (TOY_FOLDER / LAB_FILE).exists():
+            _warn_once("The teaching-scale 'toy' lab is not in this installation yet; using the random 'tiny' "
+                       "lab instead. Its images are noise until the toy world is trained.")
+            return _load_tiny(device, dtype, name="toy (tiny fallback)")
+        return _load(_folder_places(TOY_FOLDER), _read_constants(TOY_FOLDER), "toy", device, dtype, local_only=True)
+    if name in HUB_SOURCES:
+        places = {part: (CLIP_L14, None) for part in CLIP_PARTS}
+        places.update({part: (HUB_SOURCES[name], part) for part in ("unet", "vae", "scheduler")})
+        return _load(places, HUB_CONSTANTS, name, device, dtype, local_only=not download)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / LAB_FILE).exists():
+            raise ValueError(f"{folder} is a folder but not a lab: it has no {LAB_FILE}. "
+                             "Write labs with sdipc_lab.save_lab(lab, folder).")
+        return _load(_folder_places(folder), _read_constants(folder), str(folder), device, dtype, local_only=True)
+    raise ValueError(f"unknown lab source {name!r}: use one of {', '.join(map(repr, KNOWN_SOURCES))}, "
+                     "or the path of a folder written by sdipc_lab.save_lab")
+
+
+def save_lab(lab: Lab, folder: str | os.PathLike) -> Path:
+    """Write every component with `save_pretrained` (safetensors) plus the lab's constants."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with quiet():
+        for part in COMPONENTS:
+            component = getattr(lab, part)
+            if isinstance(component, torch.nn.Module):
+                component.save_pretrained(folder / part, safe_serialization=True)
+            else:
+                component.save_pretrained(folder / part)
+    tmp = folder / (LAB_FILE + ".tmp")
+    tmp.write_text(json.dumps(lab.constants, indent=2) + "\n")
+    os.replace(tmp, folder / LAB_FILE)
+    return folder
+
+
+def download(source: str) -> None:
+    """Fetch a hub source's weights (safetensors and configs only) into the Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+
+    if source not in HUB_SOURCES:
+        raise ValueError(f"only hub sources can be downloaded: {', '.join(HUB_SOURCES)}")
+    snapshot_download(CLIP_L14, allow_patterns=["*.json", "*.txt", "model.safetensors"])
+    weights = [f"{part}/diffusion_pytorch_model.safetensors" for part in ("unet", "vae")]
+    configs = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"]
+    snapshot_download(HUB_SOURCES[source], allow_patterns=weights + configs)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _folder_places(folder: Path) -> dict:
+    return {part: (str(folder / part), None) for part in COMPONENTS}
+
+
+def _read_constants(folder: Path) -> dict:
+    constants = json.loads((folder / LAB_FILE).read_text())
+    missing = {"cutoff", "norm", "norm_t"} - set(constants)
+    if missing:
+        raise ValueError(f"{folder / LAB_FILE} lacks {sorted(missing)}; re-save the lab with save_lab")
+    return constants
+
+
+def _component_class(part: str, where: str, subfolder: str | None, local_only: bool):
+    import diffusers
+    import transformers
+
+    fixed = {
+        "tokenizer": transformers.CLIPTokenizer,
+        "text_encoder": transformers.CLIPTextModelWithProjection,
+        "image_encoder": transformers.CLIPVisionModelWithProjection,
+        "feature_extractor": transformers.CLIPImageProcessorPil,
+        "unet": diffusers.UNet2DConditionModel,
+        "vae": diffusers.AutoencoderKL,
+    }
+    if part in fixed:
+        return fixed[part]
+    # The scheduler's class is whatever the folder says (SD v1.4 ships PNDM, the toy lab DDIM).
+    config = diffusers.DDIMScheduler.load_config(where, subfolder=subfolder, local_files_only=local_only)
+    name = config.get("_class_name", "")
+    if not name.endswith("Scheduler") or not hasattr(diffusers, name):
+        raise ValueError(f"{where}: scheduler class {name!r} is not a diffusers scheduler")
+    return getattr(diffusers, name)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the libraries' load reports and shard bars while a lab is loaded or saved.
+
+    (The CLIP checkpoint holds both towers; loading one reports the other's keys as unexpected.)
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    t_level, d_level = transformers_logging.get_verbosity(), diffusers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(t_level)
+        diffusers_logging.set_verbosity(d_level)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _load(places: dict, constants: dict, source: str, device, dtype, *, local_only: bool) -> Lab:
+    parts = {}
+    with quiet():
+        for part, (where, subfolder) in places.items():
+            kwargs = dict(local_files_only=local_only)
+            if subfolder:
+                kwargs["subfolder"] = subfolder
+            try:
+                cls = _component_class(part, where, subfolder, local_only)
+                if part in ("text_encoder", "image_encoder", "unet", "vae"):
+                    kwargs["use_safetensors"] = True  # never unpickle
+                parts[part] = cls.from_pretrained(where, **kwargs)
+                if part == "tokenizer" and len(parts[part]) <= 2:
+                    # transformers 5 builds an empty tokenizer when its files are missing, silently.
+                    raise OSError("no tokenizer files (vocabulary and merges) there")
+            except (OSError, ValueError) as error:  # hub/cache misses surface as OSError subclasses
+                raise _missing(part, where, subfolder, source, local_only, error) from None
+        return assemble(parts, constants, source=source, device=device, dtype=dtype)
+
+
+def _missing(part, where, subfolder, source, local_only, error) -> Exception:
+    place = f"{where}" + (f" (sub-folder {subfolder!r})" if subfolder else "")
+    if Path(where).is_absolute() or os.path.exists(where) or source not in HUB_SOURCES:
+        return WeightsNotFoundError(
+            f"cannot load the lab's {part} from {place}: {type(error).__name__}: {str(error)[:300]}\n"
+            "A lab folder needs tokenizer/, text_encoder/, image_encoder/, feature_extractor/, unet/, vae/, "
+            "scheduler/ and sdipc_lab.json, as written by sdipc_lab.save_lab(lab, folder).")
+    cache = os.environ.get("HF_HOME") or os.environ.get("HF_HUB_CACHE") or "~/.cache/huggingface"
+    how = ("The hub was not asked (load_lab reads the local cache only unless download=True)."
+           if local_only else "Downloading failed (no network, or the repository needs you to log in).")
+    return WeightsNotFoundError(
+        f"The weights for {source!r} are not on this machine: {part} from {place} is missing from the "
+        f"Hugging Face cache at {cache}. {how}\n"
+        f"To get them, on a machine with internet run once:\n"
+        f"    python -m sdipc_lab download {source}\n"
+        f"(or load_lab({source!r}, download=True)), or set HF_HOME to a cache that already holds "
+        f"{CLIP_L14} and {HUB_SOURCES[source]}. Offline, use load_lab('toy').")
+
+
+def assemble(parts: dict, constants: dict, *, source: str = "", device=None, dtype=None) -> Lab:
+    """Put loaded (or freshly built) components together into a `Lab` with a stock pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    device = torch.device(device) if device is not None else pick_device()
+    dtype = dtype or torch.float32
+    check_consistent(parts)
+    for part in ("text_encoder", "image_encoder", "unet", "vae"):
+        parts[part].to(device=device, dtype=dtype).eval().requires_grad_(False)
+    pipe = StableDiffusionPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"].text_model, tokenizer=parts["tokenizer"],
+        unet=parts["unet"], scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None,
+        image_encoder=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(leave=False)
+    known = {f.name for f in dataclasses.fields(Lab)}
+    return Lab(**parts, pipe=pipe, source=source, device=device, dtype=dtype,
+               **{k: v for k, v in constants.items() if k in known})
+
+
+def check_consistent(parts: dict) -> None:
+    """The tokenizer, the text tower and the U-Net must agree, or results are silently wrong."""
+    tok, text = parts["tokenizer"], parts["text_encoder"].config
+    problems = []
+    if tok.model_max_length != text.max_position_embeddings:
+        problems.append(f"tokenizer pads to {tok.model_max_length} tokens, the text encoder has "
+                        f"{text.max_position_embeddings} positions")
+    if len(tok) > text.vocab_size:
+        problems.append(f"tokenizer has {len(tok)} tokens, the text encoder's vocabulary {text.vocab_size}")
+    for name in ("bos", "eos"):
+        if getattr(tok, f"{name}_token_id") != getattr(text, f"{name}_token_id"):
+            problems.append(f"{name}_token_id: tokenizer {getattr(tok, f'{name}_token_id')}, "
+                            f"text encoder config {getattr(text, f'{name}_token_id')}")
+    if parts["unet"].config.cross_attention_dim != text.hidden_size:
+        problems.append(f"U-Net cross-attends to width {parts['unet'].config.cross_attention_dim}, "
+                        f"the text encoder is {text.hidden_size} wide")
+    if problems:
+        raise ValueError("the lab's components do not fit together: " + "; ".join(problems))
+
+
+def _load_tiny(device, dtype, name: str = "tiny") -> Lab:
+    from .build import random_components
+
+    constants = dict(cutoff=0.05, norm=10.0, norm_t=5.0, steps=4, guidance_scale=3.0)
+    with quiet():
+        lab = assemble(random_components(), constants, source=name, device="cpu")
+    # Round-trip through a folder so that "tiny" exercises the very loader the other sources use.
+    with tempfile.TemporaryDirectory(prefix="sdipc_tiny_") as folder:
+        save_lab(lab, folder)
+        return _load(_folder_places(Path(folder)), constants, name, device, dtype, local_only=True)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)

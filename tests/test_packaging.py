@@ -1,0 +1,62 @@
+"""The set-up files agree with each other: pyproject.toml, environment.yml, the README and CI."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pip_section(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
+    return [line.strip()[2:] for line in lines[start + 1:] if line.strip().startswith("- ")]
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["dev"])
+    env = (ROOT / "environment.yml").read_text()
+    pip = set(_pip_section(env)) - {"-e ."}
+    assert pip == wanted, f"only in environment.yml: {pip - wanted}; only in pyproject.toml: {wanted - pip}"
+    assert "-e ." in _pip_section(env) and "python=3.11" in env and "conda-forge" in env
+
+
+def test_torch_is_pinned_and_torchvision_is_not_used():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch==2.13.0" in deps and not any(d.startswith("torchvision") for d in deps)
+    for path in (ROOT / "sdipc_lab").rglob("*.py"):
+        assert "torchvision" not in path.read_text(), path
+
+
+def _readme_commands() -> list[str]:
+    return re.findall(r"```(?:bash|sh)\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def test_ci_runs_the_readme_test_command():
+    setup, test = (block.strip() for block in _readme_commands()[:2])
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test in ci.splitlines(), f"CI must run the README's test command {test!r}"
+    assert "pytest" in test and "python -m sdipc_lab demo" in setup
+
+
+def test_notebooks_are_stripped_and_parameterised():
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
+        assert "parameters" in code[0].metadata.get("tags", []), f"{path.name}: first code cell must be tagged"
+        assert "pip install" not in "".join(c.source for c in code)
+        assert path.name in (ROOT / "README.md").read_text(), f"README must list {path.name}"
+
+
+def test_no_pickles_and_no_remote_code():
+    for path in (ROOT / "sdipc_lab").rglob("*"):
+        assert path.suffix not in (".bin", ".pt", ".pth", ".ckpt", ".pkl"), path
+        if path.suffix == ".py":
+            text = path.read_text()
+            assert "trust_remote_code=True" not in text and "torch.load(" not in text, path
