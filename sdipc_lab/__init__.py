@@ -5,7 +5,7 @@
     images = edit(lab, reference, "on a black background", alpha=0.9)   # Eq. 8
 """
 
-from .convert import (InverseProjection, blend, convert, edit_prompt_embeds, encode_text, image_embeds,
+from .convert import (InverseProjection, blend, convert, edit_prompt_embeds, encode_text, eos_prompt_embeds, image_embeds,
                       image_prompt_embeds, inverse_projection, sos_state, text_embeds)
 from .generate import edit, generate, sample, vary
 from .images import as_rgb_images
@@ -14,7 +14,7 @@ from .plots import show_images
 
 __all__ = [
     "InverseProjection", "KNOWN_SOURCES", "Lab", "WeightsNotFoundError", "as_rgb_images", "assemble", "blend",
-    "convert", "download", "edit", "edit_prompt_embeds", "encode_text", "generate", "image_embeds",
+    "convert", "download", "edit", "edit_prompt_embeds", "encode_text", "eos_prompt_embeds", "generate", "image_embeds",
     "image_prompt_embeds", "inverse_projection", "load_lab", "pick_device", "sample", "save_lab", "show_images",
     "sos_state", "text_embeds", "vary",
 ]

@@ -154,6 +154,17 @@ def image_prompt_embeds(lab: Lab, images, *, cutoff: float | None = None, norm: 
     return torch.cat([sos, f_cnvrt[:, None].expand(B, lab.max_length - 1, D)], dim=1)  # (B, 77, D)
 
 
+def eos_prompt_embeds(lab: Lab, texts: str | Sequence[str]) -> torch.Tensor:
+    """[f_sos, f_txt[eos] x 76] (B, 77, D): what SD-IPC would give with a perfect converter.
+
+    The best SD-IPC can do: the true caption's end-token state in place of f_cnvrt (Eq. 7's layout).
+    """
+    f_txt, eos = encode_text(lab, texts)  # (B, 77, D)
+    B, _, D = f_txt.shape
+    f_eos = f_txt[torch.arange(B), eos]  # (B, D)
+    return torch.cat([f_txt[:, :1], f_eos[:, None].expand(B, lab.max_length - 1, D)], dim=1)
+
+
 def edit_prompt_embeds(lab: Lab, images, text: str | Sequence[str], *, alpha: float = 0.9,
                        cutoff: float | None = None, norm: float | None = None, norm_space: str = "c",
                        weights: Sequence[float] | None = None) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""How good is the teaching-scale lab? One table: judge, CLIP, VAE, text-to-image, SD-IPC variation, speed.
+
+    python bench/toyworld_quality.py [--source toy] [--n 48] [--pool 100]
+
+Targets are issue 3's. The judge (analytic pixels + a shape CNN) is independent of the CLIP studied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import median_seconds, table  # noqa: E402
+
+import sdipc_lab as S  # noqa: E402
+from sdipc_lab.toyworld import samples  # noqa: E402
+from sdipc_lab.toyworld.evaluate import (judge_conditions, psnr, reconstruct, retrieval,  # noqa: E402
+                                         text_features, zero_shot)
+from sdipc_lab.toyworld.judge import Judge, agreement  # noqa: E402
+
+ATTRS = ("shape", "colour", "size", "position", "background")
+
+
+def pct(scores: dict, keys=ATTRS) -> list[str]:
+    return [f"{100 * scores[k]:.0f}" if k in scores else "" for k in keys]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--source", default="toy")
+    parser.add_argument("--n", type=int, default=48, help="references per generation row")
+    parser.add_argument("--pool", type=int, default=100, help="images for CLIP accuracy and retrieval")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge", default=None, help="judge weights (default: the shipped ones)")
+    args = parser.parse_args()
+    start = time.time()
+    lab = S.load_lab(args.source)
+    lab.pipe.set_progress_bar_config(disable=True)
+    judge = Judge(args.judge) if args.judge else Judge()
+    test = samples(args.pool, "test", two_objects=0)
+    held = samples(args.pool, "heldout", two_objects=0)
+    rows = []
+    truth_t, truth_h = [s.attributes for s in test], [s.attributes for s in held]
+    rows.append(["judge on drawn images (test)", *pct(agreement(judge([s.image for s in test]), truth_t)), "", "100 %"])
+    rows.append(["judge on drawn images (held-out combos)", *pct(agreement(judge([s.image for s in held]), truth_h)), "", ""])
+    for space in ("c", "t"):
+        name = "C-space" if space == "c" else f"T-space (W_t^+, cutoff {lab.cutoff})"
+        r = retrieval(lab, test, space)
+        rows.append([f"CLIP zero-shot, {name}, test", *pct(zero_shot(lab, test, space)),
+                     f"i2t {100 * r['i2t R@1']:.0f} / t2i {100 * r['t2i R@1']:.0f}",
+                     "colour 95, shape 90, size/pos 90" if space == "c" else "~ C-space (Table 1)"])
+    rows.append(["CLIP zero-shot, C-space, held-out combos", *pct(zero_shot(lab, held)), "", ""])
+    recon = reconstruct(lab, [s.image for s in test])
+    vae_psnr = np.mean([psnr(np.asarray(a), np.asarray(s.image)) for a, s in zip(recon, test)])
+    rows.append([f"VAE reconstruction (PSNR {vae_psnr:.1f} dB)", *pct(agreement(judge(recon), truth_t)), "", "98 %"])
+    refs_t, refs_h = test[: args.n], held[: args.n]
+    gen_t = judge_conditions(lab, refs_t, judge, seed=args.seed)
+    gen_h = judge_conditions(lab, refs_h, judge, seed=args.seed)
+    targets = {"true caption": "colour 90, shape 80, pos 80", "SD-IPC (vary)": "colour 80, shape 70"}
+    for name, scores in gen_t.items():
+        rows.append([f"generated: {name}, test", *pct(scores), "", targets.get(name, "")])
+    for name in ("true caption", "SD-IPC (vary)"):
+        rows.append([f"generated: {name}, held-out combos", *pct(gen_h[name]), "", targets.get(name, "")])
+    print(f"## Teaching-scale lab quality ({lab.source}, {args.pool} images for CLIP, {args.n} references per "
+          f"generation row, {lab.steps} steps, guidance {lab.guidance_scale}; judge agreement in %)\n")
+    print(table(["measure", *ATTRS, "retrieval R@1 (pool %d)" % args.pool, "target"], rows))
+    cos = torch.nn.functional.cosine_similarity
+    f_eos = text_features(lab, [s.caption for s in test], "t")
+    print(f"\nSpeed: 4 images at {lab.image_size}px, {lab.steps} steps, on {lab.device} "
+          f"({torch.get_num_threads()} threads): {median_seconds(lambda: S.vary(lab, test[0].image, n=4), 3):.2f} s "
+          f"(target <= 2 s on 2 cores).")
+    print(f"Padding states: cosine(end-token state, padding state at k) over {len(test)} test captions:")
+    f_txt, eos = S.encode_text(lab, [s.caption for s in test])
+    ks = [int(e) for e in eos]
+    rows = []
+    for offset in (1, 5, 10, 20, 40):
+        vals = [cos(f_txt[i, ks[i]], f_txt[i, min(76, ks[i] + offset)], dim=0).item() for i in range(len(test))]
+        rows.append([f"eos + {offset}", f"{np.mean(vals):.3f}"])
+    rows.append(["k = 76", f"{np.mean([cos(f_txt[i, ks[i]], f_txt[i, 76], dim=0).item() for i in range(len(test))]):.3f}"])
+    print(table(["position", "mean cosine"], rows))
+    del f_eos
+    print(f"\n(total {time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

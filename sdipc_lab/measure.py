@@ -1,0 +1,73 @@
+"""Measurements on a lab's CLIP spaces: the norm constants, the cutoff sweep, zero-shot accuracy.
+
+Functions take a lab plus images and captions, so they serve the teaching lab and SD v1.4 alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .convert import InverseProjection, convert, encode_text, image_embeds
+from .lab import Lab
+
+
+@torch.no_grad()
+def eos_states(lab: Lab, captions: Sequence[str], batch: int = 256) -> torch.Tensor:
+    """f_txt^{t,eos} (N, D), the end-token states of `captions`."""
+    out = []
+    for i in range(0, len(captions), batch):
+        f_txt, eos = encode_text(lab, list(captions[i:i + batch]))
+        out.append(f_txt[torch.arange(len(eos)), eos].float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def norms(lab: Lab, captions: Sequence[str]) -> dict:
+    """The C-space text norm ||f_txt^c|| (paper Eq. 6) and the T-space end-token norm, over captions."""
+    f_eos = eos_states(lab, captions)
+    f_txt_c = f_eos @ lab.W_t.float().T  # (N, P)
+    c, t = f_txt_c.norm(dim=1), f_eos.norm(dim=1)
+    return dict(norm=c.mean().item(), norm_std=c.std().item(), norm_t=t.mean().item(), norm_t_std=t.std().item())
+
+
+@torch.no_grad()
+def cutoff_sweep(lab: Lab, images, captions: Sequence[str], cutoffs: Sequence[float]) -> list[dict]:
+    """For each cutoff: rank kept and mean cosine(f_cnvrt, the true caption's end-token state)."""
+    f_img_c = torch.cat([image_embeds(lab, images[i:i + 256]) for i in range(0, len(images), 256)]).float()
+    f_eos = eos_states(lab, captions)
+    rows = []
+    for cutoff in cutoffs:
+        try:
+            inverse = InverseProjection(lab.W_t, cutoff)
+        except ValueError:
+            continue
+        f_cnvrt = convert(lab, f_img_c, cutoff=cutoff).float()
+        cos = F.cosine_similarity(f_cnvrt, f_eos).mean().item()
+        rows.append(dict(cutoff=float(cutoff), rank=inverse.rank, cosine=cos))
+    return rows
+
+
+def singular_value_quantiles(lab: Lab, qs=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)) -> list[float]:
+    s = torch.linalg.svdvals(lab.W_t.detach().double().cpu())
+    return [0.0] + [float(np.quantile(s.numpy(), q)) * 0.999 for q in qs[1:]]
+
+
+def measure_constants(lab: Lab, n: int = 512) -> dict:
+    """The teaching lab's `cutoff`, `norm`, `norm_t`, measured on the toy world's test split.
+
+    cutoff: the candidate (a quantile of W_t's singular values) whose converted vectors are closest in
+    cosine to the true end-token states; norms: means over test captions.
+    """
+    from .toyworld import samples
+
+    data = samples(n, "test", two_objects=0)
+    captions = [s.caption for s in data]
+    measured = norms(lab, captions)
+    sweep = cutoff_sweep(lab, [s.image for s in data], captions, singular_value_quantiles(lab))
+    best = max(sweep, key=lambda row: row["cosine"])
+    return dict(cutoff=round(best["cutoff"], 4), norm=round(measured["norm"], 3), norm_t=round(measured["norm_t"], 3),
+                cutoff_sweep=sweep, norms=measured)

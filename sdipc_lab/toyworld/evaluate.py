@@ -1,0 +1,120 @@
+"""Quality of a lab on the toy world, judged by ground truth and by the independent judge.
+
+Used by `bench/toyworld_quality.py` and the notebooks. Every function takes a list of `Sample`s
+(single-object ones: the judge reads one object).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..convert import convert, encode_text, eos_prompt_embeds, image_embeds, image_prompt_embeds
+from ..generate import sample as generate_from_embeds
+from ..lab import Lab
+from .judge import agreement
+from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Thing, caption
+
+VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS),
+          "background": tuple(BACKGROUNDS)}
+
+
+@torch.no_grad()
+def text_features(lab: Lab, texts: list[str], space: str = "c", batch: int = 512) -> torch.Tensor:
+    """Unit-norm text features: C-space f_txt^c, or T-space end-token states ("t")."""
+    out = []
+    for i in range(0, len(texts), batch):
+        f_txt, eos = encode_text(lab, texts[i:i + batch])
+        f = f_txt[torch.arange(len(eos)), eos].float()
+        out.append(f @ lab.W_t.float().T if space == "c" else f)
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+@torch.no_grad()
+def image_features(lab: Lab, images, space: str = "c", batch: int = 256) -> torch.Tensor:
+    """Unit-norm image features: C-space f_img^c, or T-space f_cnvrt ("t", after W_t^+)."""
+    f = torch.cat([image_embeds(lab, images[i:i + batch]) for i in range(0, len(images), batch)]).float()
+    return F.normalize(f if space == "c" else convert(lab, f).float(), dim=-1)
+
+
+def _with(s, attribute: str, value: str) -> str:
+    thing = s.things[0]
+    if attribute == "background":
+        return caption((thing,), value)
+    return caption((dataclasses.replace(thing, **{attribute: value}),), s.background)
+
+
+def zero_shot(lab: Lab, data, space: str = "c") -> dict:
+    """Per attribute: how often the image is closest to its canonical caption with the true value,
+    among the captions that differ from it in that attribute alone."""
+    f_img = image_features(lab, [s.image for s in data], space)
+    scores = {}
+    for attribute, values in VALUES.items():
+        texts = [_with(s, attribute, v) for s in data for v in values]
+        f_txt = text_features(lab, texts, space).view(len(data), len(values), -1)
+        pred = torch.einsum("bd,bvd->bv", f_img, f_txt).argmax(1)
+        truth = torch.tensor([values.index(s.attributes[attribute]) for s in data])
+        scores[attribute] = (pred == truth).float().mean().item()
+    return scores
+
+
+def retrieval(lab: Lab, data, space: str = "c") -> dict:
+    """Image->text and text->image recall@1 and @5 in the pool `data` (its canonical captions)."""
+    f_img = image_features(lab, [s.image for s in data], space)
+    f_txt = text_features(lab, [caption(s.things, s.background) for s in data], space)
+    sim = f_img @ f_txt.T
+    truth = torch.arange(len(data))
+
+    def recall(scores, k):
+        return (scores.topk(k, dim=1).indices == truth[:, None]).any(1).float().mean().item()
+
+    return {"i2t R@1": recall(sim, 1), "i2t R@5": recall(sim, 5), "t2i R@1": recall(sim.T, 1),
+            "t2i R@5": recall(sim.T, 5)}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * math.log10(255**2 / max(mse, 1e-10))
+
+
+@torch.no_grad()
+def reconstruct(lab: Lab, images) -> list:
+    """Encode and decode through the lab's VAE (posterior mean)."""
+    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
+    z = lab.vae.encode(x.to(lab.device, lab.dtype)).latent_dist.mean
+    y = lab.vae.decode(z).sample.float().clamp(-1, 1)
+    return lab.pipe.image_processor.postprocess(y, output_type="pil")
+
+
+def prompt_conditions(lab: Lab, data, *, seed: int = 0) -> dict:
+    """Prompt embeddings (N, 77, D) for each row of the variation table."""
+    captions = [s.caption for s in data]
+    images = [s.image for s in data]
+    shuffled = np.random.default_rng(seed).permutation(len(data))
+    while len(data) > 1 and (shuffled == np.arange(len(data))).any():
+        shuffled = np.random.default_rng(seed := seed + 1).permutation(len(data))
+    sd_ipc = image_prompt_embeds(lab, images)
+    return {
+        "true caption": encode_text(lab, captions)[0],
+        "[sos, true EOS x 76]": eos_prompt_embeds(lab, captions),
+        "SD-IPC (vary)": sd_ipc,
+        "shuffled reference (baseline)": sd_ipc[torch.as_tensor(shuffled)],
+    }
+
+
+def judge_conditions(lab: Lab, data, judge, *, seed: int = 0, batch: int = 16, steps: int | None = None) -> dict:
+    """For each condition: the judge's agreement between generated images and the references' truth."""
+    from tqdm.auto import tqdm
+
+    truths = [s.attributes for s in data]
+    rows = {}
+    for name, embeds in tqdm(prompt_conditions(lab, data, seed=seed).items(), desc="conditions", leave=False):
+        images = []
+        for i in range(0, len(data), batch):
+            images += generate_from_embeds(lab, embeds[i:i + batch], n=1, seed=seed + i, steps=steps)
+        rows[name] = agreement(judge(images), truths)
+    return rows

@@ -1,0 +1,112 @@
+"""The independent judge: what a toy-world image shows, measured without the CLIP being studied.
+
+Colour, size, position and background are read analytically from the pixels (the foreground is
+whatever differs from the border's colour); the shape comes from a small CNN trained on the
+foreground masks of drawn images (`train.py judge`). Its accuracy on drawn images is reported by
+`bench/toyworld_quality.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES
+
+JUDGE_FILE = Path(__file__).parent / "judge.safetensors"
+THRESHOLD = 50.0  # RGB distance from the background colour that counts as foreground
+MIN_PIXELS = 12
+LARGE_EXTENT = 25  # pixels: small objects span about 17-20, large ones 29-34
+
+
+def _as_array(images) -> np.ndarray:  # (N, 64, 64, 3) float32
+    if isinstance(images, torch.Tensor):
+        return images.numpy().astype(np.float32)
+    return np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+
+
+def _smooth(x: np.ndarray) -> np.ndarray:  # 3x3 mean, per channel: tames generated images' speckle
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    t = F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return t.permute(0, 2, 3, 1).numpy()
+
+
+def foreground(images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks (N, H, W) bool, background colours (N, 3) and the smoothed images (N, H, W, 3)."""
+    x = _smooth(_as_array(images))
+    border = np.concatenate([x[:, :2].reshape(len(x), -1, 3), x[:, -2:].reshape(len(x), -1, 3),
+                             x[:, :, :2].reshape(len(x), -1, 3), x[:, :, -2:].reshape(len(x), -1, 3)], axis=1)
+    background = np.median(border, axis=1)  # (N, 3)
+    distance = np.linalg.norm(x - background[:, None, None], axis=-1)
+    return distance > THRESHOLD, background, x
+
+
+def mask_crops(images, size: int = 32) -> torch.Tensor:
+    """The foreground mask of each image, cropped square around the object, resized: (N, 1, size, size)."""
+    masks, _, _ = foreground(images)
+    out = torch.zeros(len(masks), 1, size, size)
+    for i, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        if len(ys) < MIN_PIXELS:
+            continue
+        cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+        half = max(ys.max() - ys.min(), xs.max() - xs.min()) / 2 + 2
+        y0, y1 = int(max(0, cy - half)), int(min(m.shape[0], cy + half + 1))
+        x0, x1 = int(max(0, cx - half)), int(min(m.shape[1], cx + half + 1))
+        crop = torch.from_numpy(m[y0:y1, x0:x1].astype(np.float32))[None, None]
+        out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+    return out
+
+
+def _nearest(value: np.ndarray, table: dict) -> str:
+    names = list(table)
+    return names[int(np.argmin([np.linalg.norm(value - np.array(table[n])) for n in names]))]
+
+
+class Judge:
+    """`judge(images)` -> one dict per image: shape, colour, size, position, background (None if no object)."""
+
+    def __init__(self, path: Path = JUDGE_FILE):
+        from safetensors.torch import load_file
+
+        from .train import new_judge_cnn
+
+        self.cnn = new_judge_cnn(len(SHAPES)).eval()
+        if not Path(path).exists():
+            raise FileNotFoundError(f"no judge weights at {path}: train them with "
+                                    "`python -m sdipc_lab.toyworld.train judge`")
+        self.cnn.load_state_dict(load_file(str(path)))
+
+    @torch.no_grad()
+    def __call__(self, images) -> list[dict]:
+        verdicts = analytic(images)
+        shapes = self.cnn(mask_crops(images)).argmax(1).tolist()
+        for verdict, shape in zip(verdicts, shapes):
+            if verdict["colour"] is not None:
+                verdict["shape"] = SHAPES[shape]
+        return verdicts
+
+
+def analytic(images) -> list[dict]:
+    """Colour, size, position and background read from the pixels; shape left None (the CNN's job)."""
+    masks, background, x = foreground(images)
+    out = []
+    for i, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        verdict = dict(shape=None, colour=None, size=None, position=None,
+                       background=_nearest(background[i], BACKGROUNDS))
+        if len(ys) >= MIN_PIXELS:
+            extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+            centre = np.array([(xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2])
+            verdict.update(colour=_nearest(x[i][m].mean(0), COLOURS), position=_nearest(centre, POSITIONS),
+                           size="large" if extent >= LARGE_EXTENT else "small")
+        out.append(verdict)
+    return out
+
+
+def agreement(verdicts: list[dict], truths: list[dict], attributes=("shape", "colour", "size", "position", "background")) -> dict:
+    """Fraction of images on which the judge finds each true attribute."""
+    return {a: float(np.mean([v[a] == t[a] for v, t in zip(verdicts, truths)])) for a in attributes}

@@ -1,0 +1,500 @@
+"""Train the teaching-scale lab: CLIP, VAE, U-Net and the judge's shape classifier, then export the lab.
+
+    python -m sdipc_lab.toyworld.train all   --out runs/toyworld     # everything, then export
+    python -m sdipc_lab.toyworld.train clip  --out runs/toyworld     # one model (clip, vae, unet, judge)
+    python -m sdipc_lab.toyworld.train export --out runs/toyworld    # write the lab into the package
+    accelerate launch -m sdipc_lab.toyworld.train all ...             # several GPUs, same command
+
+Every stage is seeded, shows a progress bar, writes an atomic checkpoint every few hundred steps and
+resumes from it when run again (`--steps` is the total to reach), and saves its loss curve as a PNG.
+`--minutes` stops a stage early (checkpointed) so a run fits a time budget.
+`--size test` trains tiny models for a few steps: what the unit tests run.
+
+Design choices, each answering a finding of the pilot (shared notes, toyworld_pilot.md):
+- The text tower is trained at the full 77 positions, and its contrastive loss is taken both at the
+  end token and at a random padding position after it, so the padding states carry the caption the
+  way SD v1's do. The U-Net never sees pseudo-prompts or anything else derived from SD-IPC.
+- The noise schedule is SD v1's scaled-linear betas rescaled to zero terminal SNR, with v-prediction
+  and trailing timesteps (Lin et al. 2024): SD v1's own schedule cannot produce flat backgrounds.
+- A VAE (latents 16x16x4, scaling factor measured on the data) as in SD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import multiprocessing
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..build import sd_v1_scheduler, word_tokenizer
+from .checkpoint import load_checkpoint, save_checkpoint
+from .world import SIZE, caption, sample, vocabulary
+
+LAB_DIR = Path(__file__).parent / "lab"
+JUDGE_FILE = Path(__file__).parent / "judge.safetensors"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass
+class Sizes:
+    width: int = 192  # text width = projection width: W_t is square, as in ViT-L/14
+    text_layers: int = 4
+    vision_layers: int = 4
+    heads: int = 4
+    patch: int = 4
+    vae_channels: tuple = (32, 64, 128)
+    unet_channels: tuple = (64, 128, 192)
+    unet_layers: int = 2
+    unet_heads: int = 8
+    norm_groups: int = 32
+    train_images: int = 100000
+
+
+SIZES = {
+    "full": Sizes(),  # for a GPU: about 30 minutes on one
+    # What fits a 2-core CPU in about an hour (the shipped lab, when no GPU was at hand).
+    "cpu": Sizes(width=128, text_layers=4, vision_layers=4, heads=4, patch=8, vae_channels=(16, 32, 32),
+                 unet_channels=(32, 64, 64), unet_layers=1, unet_heads=8, norm_groups=16, train_images=20000),
+    "test": Sizes(width=32, text_layers=1, vision_layers=1, heads=2, patch=16, vae_channels=(8, 16, 16),
+                  unet_channels=(16, 32, 32), unet_layers=1, unet_heads=2, norm_groups=8, train_images=64),
+}
+# steps, batch, learning rate per stage
+BUDGETS = {
+    "full": {"clip": (6000, 512, 5e-4), "vae": (4000, 128, 1e-3), "unet": (30000, 256, 4e-4), "judge": (1500, 256, 2e-3)},
+    "cpu": {"clip": (100000, 128, 5e-4), "vae": (100000, 32, 1e-3), "unet": (100000, 64, 4e-4), "judge": (100000, 128, 2e-3)},
+    "test": {"clip": (6, 8, 1e-3), "vae": (6, 4, 1e-3), "unet": (6, 8, 1e-3), "judge": (6, 8, 1e-3)},
+}
+
+
+# ---------------------------------------------------------------------------------- data
+
+@dataclasses.dataclass
+class World:
+    images: torch.Tensor  # (N, 64, 64, 3) uint8
+    things: list
+    backgrounds: list
+
+    def pixels(self, index: torch.Tensor, device) -> torch.Tensor:  # (B, 3, 64, 64) in [-1, 1]
+        return self.images[index].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def captions(self, index: torch.Tensor, rng: random.Random) -> list[str]:
+        return [caption(self.things[i], self.backgrounds[i], rng) for i in index.tolist()]
+
+
+def _draw(args):
+    i, split = args
+    s = sample(i, split)
+    return np.asarray(s.image), s.things, s.background
+
+
+def render(n: int, split: str = "train", workers: int | None = None) -> World:
+    """Draw samples 0..n-1 of `split` (in parallel); deterministic whatever the worker count."""
+    jobs = [(i, split) for i in range(n)]
+    if n >= 2000 and (workers or multiprocessing.cpu_count()) > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            out = pool.map(_draw, jobs, chunksize=256)
+    else:
+        out = [_draw(job) for job in jobs]
+    images = torch.from_numpy(np.stack([o[0] for o in out]))
+    return World(images, [o[1] for o in out], [o[2] for o in out])
+
+
+def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:  # [-1, 1] -> CLIP's normalisation
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=pixels.device)[:, None, None]
+    return ((pixels + 1) / 2 - mean) / std
+
+
+# ---------------------------------------------------------------------------------- models
+
+def new_tokenizer():
+    return word_tokenizer(vocabulary())
+
+
+def new_clip(s: Sizes, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    text = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=s.width, intermediate_size=4 * s.width, num_hidden_layers=s.text_layers,
+        num_attention_heads=s.heads, projection_dim=s.width, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=s.width, intermediate_size=4 * s.width, num_hidden_layers=s.vision_layers, num_attention_heads=s.heads,
+        projection_dim=s.width, image_size=SIZE, patch_size=s.patch))
+    return text, vision
+
+
+class ClipTrainer(torch.nn.Module):
+    """Contrastive loss pooled at the end token and at a random padding position after it."""
+
+    def __init__(self, text, vision):
+        super().__init__()
+        self.text, self.vision = text, vision
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, input_ids, eos, pad_pos, pixels):
+        f_txt = self.text.text_model(input_ids).last_hidden_state  # (B, 77, D)
+        rows = torch.arange(len(eos), device=eos.device)
+        f_img_c = F.normalize(self.vision(pixel_values=pixels).image_embeds, dim=-1)  # (B, P)
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        labels = rows
+        loss = 0
+        for pos in (eos, pad_pos):
+            f_txt_c = F.normalize(self.text.text_projection(f_txt[rows, pos]), dim=-1)  # (B, P)
+            logits = scale * f_img_c @ f_txt_c.T
+            loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 4
+        return loss
+
+
+def new_vae(s: Sizes):
+    from diffusers import AutoencoderKL
+
+    n = len(s.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=s.vae_channels,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         layers_per_block=1, norm_num_groups=s.norm_groups, sample_size=SIZE)
+
+
+class VaeTrainer(torch.nn.Module):
+    def __init__(self, vae, kl_weight: float = 1e-6):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, x):
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + self.kl_weight * posterior.kl().mean()
+
+
+def new_unet(s: Sizes, cross_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    n = len(s.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=SIZE // 2 ** (len(s.vae_channels) - 1), in_channels=4, out_channels=4,
+        block_out_channels=s.unet_channels, layers_per_block=s.unet_layers,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_dim, attention_head_dim=s.unet_heads, norm_num_groups=s.norm_groups)
+
+
+def toy_scheduler():
+    """SD v1's betas rescaled to zero terminal SNR, v-prediction, trailing timesteps."""
+    return sd_v1_scheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+
+
+def new_judge_cnn(n_classes: int) -> torch.nn.Module:
+    """Shape classifier on a 32x32 foreground mask (see judge.py)."""
+    def block(i, o):
+        return [torch.nn.Conv2d(i, o, 3, padding=1), torch.nn.GELU(), torch.nn.MaxPool2d(2)]
+    return torch.nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 64), torch.nn.Flatten(),
+                               torch.nn.Linear(64 * 16, 128), torch.nn.GELU(), torch.nn.Linear(128, n_classes))
+
+
+# ---------------------------------------------------------------------------------- the loop
+
+def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, out: Path, accelerator,
+        minutes: float | None = None, ema_decay: float | None = None, every: int = 250) -> torch.nn.Module:
+    """AdamW with warm-up and cosine decay; `loss_fn(module, step)` returns the loss of one batch.
+
+    Resumes from `out/name.ckpt.safetensors`; returns the trained module (its EMA copy if asked).
+    """
+    import copy
+
+    ckpt = out / f"{name}.ckpt.safetensors"
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema = copy.deepcopy(module).requires_grad_(False) if ema_decay else None
+    step, losses = 0, []
+    if ckpt.exists():
+        step, losses = load_checkpoint(ckpt, model=module, optimizer=optimizer, ema=ema)
+        print(f"{name}: resumed at step {step} from {ckpt}")
+    warmup = max(1, min(500 if minutes is None else 100, steps // 20))
+    first = step
+
+    def progress(k):  # 0 -> 1 over the stage; with --minutes, the clock counts too, so lr always decays
+        by_time = (time.time() - start) / (60 * minutes) if minutes else 0.0
+        return min(1.0, max(k / steps, by_time))
+
+    def lr_at(k):
+        return lr * min(1.0, (k - first + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress(k)))
+
+    module, optimizer = accelerator.prepare(module, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+    start = time.time()
+    bar = tqdm(total=steps, initial=step, desc=name, disable=not accelerator.is_main_process)
+    module.train()
+
+    def save():
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt, model=accelerator.unwrap_model(module), optimizer=optimizer, step=step,
+                            losses=losses, ema=ema)
+
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss = loss_fn(module, step)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), accelerator.unwrap_model(module).parameters()):
+                    e.lerp_(p, 1 - ema_decay)
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step % every == 0 or step == steps:
+            save()
+        if minutes is not None and progress(step) >= 1.0:
+            print(f"{name}: time budget reached at step {step} of {steps} ({minutes} min, "
+                  f"{(step - first) / (time.time() - start):.1f} steps/s)")
+            break
+    save()
+    bar.close()
+    plot_losses(name, losses, out / f"{name}_loss.png")
+    final = ema if ema is not None else accelerator.unwrap_model(module)
+    return final.eval()
+
+
+def plot_losses(name: str, losses: list[float], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    k = max(1, len(losses) // 200)
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid") if len(losses) > k else losses
+    ax.plot(losses, alpha=0.25, lw=0.5)
+    ax.plot(np.arange(len(smooth)) + k - 1, smooth)
+    ax.set(title=f"{name} training loss", xlabel="step", ylabel="loss", yscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def batch_index(n: int, batch: int, step: int, seed: int, accelerator) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + accelerator.process_index)
+    return torch.randint(0, n, (batch,), generator=g)
+
+
+def tokenize(tokenizer, texts: list[str], device):
+    tokens = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    return tokens.input_ids.to(device), (tokens.attention_mask.sum(1) - 1).to(device)
+
+
+# ---------------------------------------------------------------------------------- stages
+
+def train_clip(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
+    steps, batch, lr = budget
+    tokenizer = new_tokenizer()
+    torch.manual_seed(seed)
+    text, vision = new_clip(s, tokenizer)
+    trainer = ClipTrainer(text, vision)
+
+    def loss_fn(module, step):
+        index = batch_index(len(world.images), batch, step, seed, accelerator)
+        rng = random.Random(f"clip:{seed}:{step}")
+        ids, eos = tokenize(tokenizer, world.captions(index, rng), accelerator.device)
+        pad = eos + (torch.rand(len(eos), device=eos.device) * (77 - eos)).long().clamp(max=76 - eos)
+        return module(ids, eos, pad, clip_normalize(world.pixels(index, accelerator.device)))
+
+    trainer = fit("clip", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes)
+    tokenizer.save_pretrained(out / "tokenizer")
+    trainer.text.save_pretrained(out / "text_encoder")
+    trainer.vision.save_pretrained(out / "image_encoder")
+    return trainer
+
+
+def train_vae(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
+    steps, batch, lr = budget
+    torch.manual_seed(seed + 1)
+    trainer = VaeTrainer(new_vae(s))
+
+    def loss_fn(module, step):
+        index = batch_index(len(world.images), batch, step, seed + 1, accelerator)
+        return module(world.pixels(index, accelerator.device))
+
+    vae = fit("vae", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes).vae
+    # SD's scaling factor: 1 / std of sampled latents, measured on the data.
+    with torch.no_grad():
+        x = world.pixels(torch.arange(min(2048, len(world.images))), accelerator.device)
+        z = torch.cat([vae.encode(chunk).latent_dist.sample() for chunk in x.split(256)])
+    vae.register_to_config(scaling_factor=float(1 / z.std()))
+    print(f"vae: scaling_factor {vae.config.scaling_factor:.4f} (latent std {z.std():.3f})")
+    vae.save_pretrained(out / "vae")
+    return vae
+
+
+def train_unet(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    steps, batch, lr = budget
+    device = accelerator.device
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(out / "vae").to(device).eval().requires_grad_(False)
+    with torch.no_grad():  # the posterior of every training image, once
+        params = [vae.encode(world.pixels(torch.arange(i, min(i + 512, len(world.images))), device)).latent_dist.parameters
+                  for i in range(0, len(world.images), 512)]
+        posterior = torch.cat(params)  # (N, 8, 16, 16): mean and log-variance
+    scheduler = toy_scheduler()
+    alphas = scheduler.alphas_cumprod.to(device)
+    torch.manual_seed(seed + 2)
+    unet = new_unet(s, text.config.hidden_size)
+
+    def loss_fn(module, step):
+        index = batch_index(len(world.images), batch, step, seed + 2, accelerator)
+        rng = random.Random(f"unet:{seed}:{step}")
+        texts = [c if rng.random() >= 0.1 else "" for c in world.captions(index, rng)]  # 10 % caption dropout
+        ids, _ = tokenize(tokenizer, texts, device)
+        with torch.no_grad():
+            f_txt = text.text_model(ids).last_hidden_state  # (B, 77, D): all 77 states, as SD
+            mean, logvar = posterior[index.to(device)].chunk(2, dim=1)
+            z0 = (mean + torch.randn_like(mean) * (0.5 * logvar).exp()) * vae.config.scaling_factor
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), device=device)
+        a = alphas[t][:, None, None, None]
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        v = a.sqrt() * noise - (1 - a).sqrt() * z0  # v-prediction target
+        return F.mse_loss(module(zt, t, encoder_hidden_states=f_txt).sample, v)
+
+    unet = fit("unet", unet, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
+               ema_decay=0.999 if steps > 1000 else None)
+    unet.save_pretrained(out / "unet")
+    return unet
+
+
+def train_judge(s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
+    """The independent judge's shape classifier, on foreground masks of freshly drawn images."""
+    from safetensors.torch import save_file
+
+    from .judge import mask_crops
+    from .world import SHAPES
+
+    steps, batch, lr = budget
+    n = max(batch * 8, 4000 if steps > 100 else batch * 2)
+    world = render(n, "train")
+    shapes = torch.tensor([SHAPES.index(t[0].shape) for t in world.things])
+    masks = mask_crops(world.images)  # (N, 1, 32, 32)
+    torch.manual_seed(seed + 3)
+    cnn = new_judge_cnn(len(SHAPES))
+
+    def loss_fn(module, step):
+        index = batch_index(n, batch, step, seed + 3, accelerator)
+        x = masks[index].to(accelerator.device)
+        x = (x + 0.15 * torch.randn_like(x)).clamp(0, 1)  # robustness to generated images' noise
+        return F.cross_entropy(module(x), shapes[index].to(accelerator.device))
+
+    cnn = fit("judge", cnn, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes)
+    save_file({k: v.contiguous().cpu() for k, v in cnn.state_dict().items()}, str(out / "judge.safetensors"))
+    return cnn
+
+
+def export(out: Path, lab_dir: Path = LAB_DIR, *, steps: int = 20, guidance_scale: float = 5.0) -> Path:
+    """Assemble the trained parts into a lab folder (fp16 weights), with its measured constants."""
+    import shutil
+
+    from ..lab import assemble, load_lab, quiet, save_lab
+    from ..measure import measure_constants
+
+    with quiet():
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPImageProcessorPil, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+        parts = dict(
+            tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(out / "text_encoder"),
+            image_encoder=CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder"),
+            feature_extractor=CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                                                    image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)),
+            unet=UNet2DConditionModel.from_pretrained(out / "unet"),
+            vae=AutoencoderKL.from_pretrained(out / "vae"),
+            scheduler=toy_scheduler(),
+        )
+    constants = dict(cutoff=0.0, norm=1.0, norm_t=1.0, steps=steps, guidance_scale=guidance_scale)
+    with quiet():
+        lab = assemble(parts, constants, source="toy", device="cpu", dtype=torch.float32)
+    constants.update(measure_constants(lab))
+    for key in ("cutoff", "norm", "norm_t"):
+        setattr(lab, key, constants[key])
+    tmp = lab_dir.with_name(lab_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with quiet():
+        half = assemble(dict(parts), constants, source="toy", device="cpu", dtype=torch.float16)
+    save_lab(half, tmp)
+    shutil.rmtree(lab_dir, ignore_errors=True)
+    tmp.rename(lab_dir)
+    if (out / "judge.safetensors").exists() and lab_dir == LAB_DIR:
+        shutil.copy(out / "judge.safetensors", JUDGE_FILE)
+    (lab_dir / "constants_measured.json").write_text(json.dumps(constants, indent=2) + "\n")
+    load_lab(lab_dir, device="cpu")  # it must load
+    size = sum(f.stat().st_size for f in lab_dir.rglob("*.safetensors"))
+    print(f"exported the lab to {lab_dir} ({size / 2**20:.1f} MB of weights): {constants}")
+    return lab_dir
+
+
+def main(argv=None) -> None:
+    from accelerate import Accelerator
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", help="all, export, or one or more of clip,vae,judge,unet (comma-separated)")
+    parser.add_argument("--out", type=Path, default=Path("runs/toyworld"))
+    parser.add_argument("--size", choices=list(SIZES), default="full")
+    parser.add_argument("--steps", type=int, help="total steps for the stage (default: the size's budget)")
+    parser.add_argument("--minutes", help="time budget per stage, e.g. 8 or clip=4,vae=2 (the lr decays by it)")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lab-dir", type=Path, default=LAB_DIR, help="where export writes the lab")
+    args = parser.parse_args(argv)
+    s = SIZES[args.size]
+    args.out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    minutes = _parse_minutes(args.minutes)
+    stages = ["clip", "vae", "judge", "unet"] if args.stage == "all" else args.stage.split(",")
+    unknown = set(stages) - {"clip", "vae", "judge", "unet", "export"}
+    if unknown:
+        parser.error(f"unknown stage(s) {sorted(unknown)}: use all, export, or clip,vae,judge,unet")
+    world = render(s.train_images, "train") if set(stages) & {"clip", "vae", "unet"} else None
+    for stage in stages:
+        if stage == "export":
+            continue
+        steps, batch, lr = BUDGETS[args.size][stage]
+        budget = (args.steps or steps, batch, lr)
+        start = time.time()
+        if stage == "judge":
+            train_judge(s, budget, args.out, accelerator, args.seed, minutes.get(stage))
+        else:
+            globals()[f"train_{stage}"](world, s, budget, args.out, accelerator, args.seed, minutes.get(stage))
+        print(f"{stage}: {time.time() - start:.0f} s on {accelerator.device}")
+    if args.stage in ("all", "export") and accelerator.is_main_process:
+        export(args.out, args.lab_dir)
+
+
+def _parse_minutes(text: str | None) -> dict:
+    if not text:
+        return {}
+    if "=" not in text:
+        return {stage: float(text) for stage in ("clip", "vae", "unet", "judge")}
+    return {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The teaching-scale world: deterministic sampling, held-out combinations, captions, the judge, training."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from sdipc_lab.build import word_tokenizer
+from sdipc_lab.toyworld import HELD_OUT, caption, sample, samples, vocabulary
+from sdipc_lab.toyworld.judge import agreement, analytic
+
+
+def test_sampling_is_deterministic():
+    a, b = sample(5, "train"), sample(5, "train")
+    assert a.caption == b.caption and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert sample(5, "test").caption != a.caption or not np.array_equal(np.asarray(sample(5, "test").image),
+                                                                         np.asarray(a.image))
+    assert a.image.size == (64, 64) and a.image.mode == "RGB"
+
+
+def test_held_out_combinations_never_in_train():
+    train = samples(400, "train")
+    held = samples(100, "heldout")
+    pairs = {(t.shape, t.colour) for s in train for t in s.things}
+    assert not pairs & set(HELD_OUT)
+    assert all((t.shape, t.colour) in HELD_OUT for s in held for t in s.things)
+    with pytest.raises(ValueError, match="split"):
+        sample(0, "validation")
+
+
+def test_captions_use_only_the_vocabulary_and_fit_77_tokens():
+    tokenizer = word_tokenizer(vocabulary())
+    words = set(vocabulary())
+    for s in samples(300, "train"):
+        assert set(s.caption.split()) <= words, s.caption
+        ids = tokenizer(s.caption).input_ids
+        assert len(ids) <= 77 and tokenizer.unk_token_id not in ids[1:-1]
+    one = sample(0, "test", two_objects=0)
+    assert caption(one.things, one.background) == caption(one.things, one.background)  # canonical wording
+    assert len({caption(one.things, one.background, random.Random(k)) for k in range(20)}) > 3  # synonyms
+
+
+def test_analytic_judge_on_drawn_images():
+    data = samples(200, "test", two_objects=0)
+    scores = agreement(analytic([s.image for s in data]), [s.attributes for s in data],
+                       ("colour", "size", "position", "background"))
+    assert min(scores.values()) >= 0.97, scores
+
+
+def test_judge_sees_nothing_on_an_empty_image():
+    from PIL import Image
+
+    [verdict] = analytic([Image.new("RGB", (64, 64), (128, 128, 128))])
+    assert verdict["colour"] is None and verdict["background"] == "gray"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from accelerate import Accelerator
+
+    from sdipc_lab.toyworld import train as T
+
+    out = tmp_path_factory.mktemp("run")
+    world = T.render(64, "train")
+    acc = Accelerator(cpu=True)
+    s = T.SIZES["test"]
+    T.train_clip(world, s, (20, 8, 2e-3), out, acc, seed=0)
+    T.train_vae(world, s, (20, 8, 2e-3), out, acc, seed=0)
+    T.train_unet(world, s, (20, 8, 2e-3), out, acc, seed=0)
+    T.train_judge(s, (20, 16, 2e-3), out, acc, seed=0)
+    return out, world, acc
+
+
+def _losses(path):
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    return int(meta["step"]), json.loads(meta["losses"])
+
+
+@pytest.mark.parametrize("stage", ["clip", "vae", "unet", "judge"])
+def test_training_loss_falls(tiny_run, stage):
+    out, _, _ = tiny_run
+    step, losses = _losses(out / f"{stage}.ckpt.safetensors")
+    assert step == 20 and len(losses) == 20
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+    assert (out / f"{stage}_loss.png").exists()
+
+
+def test_training_resumes_from_the_checkpoint(tiny_run, capsys):
+    from sdipc_lab.toyworld import train as T
+
+    out, world, acc = tiny_run
+    _, before = _losses(out / "clip.ckpt.safetensors")
+    T.train_clip(world, T.SIZES["test"], (24, 8, 2e-3), out, acc, seed=0)
+    assert "resumed at step 20" in capsys.readouterr().out
+    step, after = _losses(out / "clip.ckpt.safetensors")
+    assert step == 24 and after[:20] == before and len(after) == 24
+    assert not list(out.glob("*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from sdipc_lab.toyworld.checkpoint import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c.safetensors", model=model, optimizer=opt, step=7, losses=[1.0, 0.5])
+    model2 = torch.nn.Linear(4, 3)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    assert load_checkpoint(tmp_path / "c.safetensors", model=model2, optimizer=opt2) == (7, [1.0, 0.5])
+    torch.testing.assert_close(model2.weight, model.weight)
+    s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
+    torch.testing.assert_close(s2["exp_avg"], s1["exp_avg"])
+
+
+def test_export_makes_a_loadable_lab(tiny_run, tmp_path):
+    import sdipc_lab as S
+    from sdipc_lab.toyworld import train as T
+
+    out, _, _ = tiny_run
+    folder = T.export(out, tmp_path / "lab")
+    lab = S.load_lab(folder, device="cpu")
+    constants = json.loads((folder / "sdipc_lab.json").read_text())
+    assert constants["cutoff"] == lab.cutoff and constants["norm"] > 0 and constants["norm_t"] > 0
+    assert lab.scheduler.config.prediction_type == "v_prediction"
+    assert lab.scheduler.config.rescale_betas_zero_snr
+    assert len(S.vary(lab, sample(0, "test").image, n=1, steps=2)) == 1
