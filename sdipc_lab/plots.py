@@ -30,3 +30,86 @@ def show_images(images: Sequence, titles: Sequence[str] | None = None, *, ncols:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+class Table:
+    """Rows of dicts shown as a Markdown table in a notebook (and as text with print)."""
+
+    def __init__(self, rows: Sequence[dict], digits: int = 3):
+        self.rows, self.digits = list(rows), digits
+
+    def _cell(self, value) -> str:
+        if isinstance(value, float):
+            return f"{value:.{self.digits}g}" if abs(value) >= 1 or value == 0 else f"{value:.{self.digits}f}"
+        return str(value)
+
+    def __str__(self) -> str:
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(self._cell(row.get(c, "")) for c in columns) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
+def table(rows: Sequence[dict], digits: int = 3) -> Table:
+    return Table(rows, digits)
+
+
+def plot_curves(rows: Sequence[dict], x: str, ys: Sequence[str], *, logx: bool = False, title: str = "",
+                ylabel: str = ""):
+    """One line per column `ys` against column `x`; returns the figure."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for y in ys:
+        ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o", label=y)
+    if logx:
+        ax.set_xscale("symlog", linthresh=1e-2)
+    ax.set(xlabel=x, ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_spectrum(singular_values, cutoff: float | None = None, title: str = "singular values of W_t"):
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.semilogy(range(1, len(singular_values) + 1), singular_values, marker=".", lw=1)
+    if cutoff is not None:
+        ax.axhline(cutoff, color="C3", ls="--", label=f"cutoff {cutoff:g}: rank {(singular_values > cutoff).sum()}")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="index", ylabel="singular value", title=title)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def plot_token_maps(maps, tokens: Sequence[str], image=None, *, size: float = 1.3):
+    """Cross-attention map per token (T, h, w) beside the generated image; returns the figure."""
+    n = len(tokens) + (image is not None)
+    fig, axes = plt.subplots(1, n, figsize=(size * n, size * 1.25), squeeze=False)
+    axes = axes[0]
+    if image is not None:
+        axes[0].imshow(image)
+        axes[0].set_title("image", fontsize=8)
+        axes = axes[1:]
+    for ax, m, token in zip(axes, maps, tokens):
+        ax.imshow(m, cmap="magma")
+        ax.set_title(token, fontsize=8)
+    for ax in fig.axes:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def plot_histograms(values: dict, bins: int = 30, title: str = ""):
+    fig, axes = plt.subplots(1, len(values), figsize=(4 * len(values), 2.8), squeeze=False)
+    for ax, (name, v) in zip(axes[0], values.items()):
+        ax.hist(v, bins=bins, color="C0", alpha=0.8)
+        ax.axvline(float(v.mean()), color="C3", ls="--", label=f"mean {v.mean():.3g} ± {v.std():.2g}")
+        ax.set(title=name, xlabel="norm")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -35,10 +35,10 @@ def text_features(lab: Lab, texts: list[str], space: str = "c", batch: int = 512
 
 
 @torch.no_grad()
-def image_features(lab: Lab, images, space: str = "c", batch: int = 256) -> torch.Tensor:
-    """Unit-norm image features: C-space f_img^c, or T-space f_cnvrt ("t", after W_t^+)."""
+def image_features(lab: Lab, images, space: str = "c", batch: int = 256, cutoff: float | None = None) -> torch.Tensor:
+    """Unit-norm image features: C-space f_img^c, or T-space f_cnvrt ("t", after W_t^+ at `cutoff`)."""
     f = torch.cat([image_embeds(lab, images[i:i + batch]) for i in range(0, len(images), batch)]).float()
-    return F.normalize(f if space == "c" else convert(lab, f).float(), dim=-1)
+    return F.normalize(f if space == "c" else convert(lab, f, cutoff=cutoff).float(), dim=-1)
 
 
 def _with(s, attribute: str, value: str) -> str:
@@ -48,10 +48,10 @@ def _with(s, attribute: str, value: str) -> str:
     return caption((dataclasses.replace(thing, **{attribute: value}),), s.background)
 
 
-def zero_shot(lab: Lab, data, space: str = "c") -> dict:
+def zero_shot(lab: Lab, data, space: str = "c", cutoff: float | None = None) -> dict:
     """Per attribute: how often the image is closest to its canonical caption with the true value,
     among the captions that differ from it in that attribute alone."""
-    f_img = image_features(lab, [s.image for s in data], space)
+    f_img = image_features(lab, [s.image for s in data], space, cutoff=cutoff)
     scores = {}
     for attribute, values in VALUES.items():
         texts = [_with(s, attribute, v) for s in data for v in values]
@@ -62,9 +62,9 @@ def zero_shot(lab: Lab, data, space: str = "c") -> dict:
     return scores
 
 
-def retrieval(lab: Lab, data, space: str = "c") -> dict:
+def retrieval(lab: Lab, data, space: str = "c", cutoff: float | None = None) -> dict:
     """Image->text and text->image recall@1 and @5 in the pool `data` (its canonical captions)."""
-    f_img = image_features(lab, [s.image for s in data], space)
+    f_img = image_features(lab, [s.image for s in data], space, cutoff=cutoff)
     f_txt = text_features(lab, [caption(s.things, s.background) for s in data], space)
     sim = f_img @ f_txt.T
     truth = torch.arange(len(data))

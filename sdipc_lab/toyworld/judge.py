@@ -22,10 +22,15 @@ MIN_PIXELS = 12
 LARGE_EXTENT = 25  # pixels: small objects span about 17-20, large ones 29-34
 
 
-def _as_array(images) -> np.ndarray:  # (N, 64, 64, 3) float32
+def _as_array(images) -> np.ndarray:  # (N, 64, 64, 3) float32; larger images (SD's 512 px) are resized
+    from PIL import Image
+
+    from .world import SIZE
+
     if isinstance(images, torch.Tensor):
         return images.numpy().astype(np.float32)
-    return np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return np.stack([np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC) if im.size != (SIZE, SIZE)
+                                else im.convert("RGB"), dtype=np.float32) for im in images])
 
 
 def _smooth(x: np.ndarray) -> np.ndarray:  # 3x3 mean, per channel: tames generated images' speckle

@@ -1,0 +1,53 @@
+"""Interactive panels for the notebooks (ipywidgets): move a knob, watch the images change."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+
+from .generate import edit, vary
+from .lab import Lab
+from .plots import show_images
+
+
+def _show(images, title: str) -> None:
+    show_images(images, suptitle=title)
+    plt.show()
+
+
+def cutoff_slider(lab: Lab, image, cutoffs: Sequence[float], *, n: int = 4, seed: int = 0):
+    """Variations of `image` at the chosen singular-value cutoff."""
+    import ipywidgets as w
+
+    options = [(f"{c:.3g}", c) for c in cutoffs]
+    value = min(cutoffs, key=lambda c: abs(c - lab.cutoff))
+    return w.interact(lambda cutoff: _show(vary(lab, image, n=n, seed=seed, cutoff=cutoff), f"cutoff {cutoff:.3g}"),
+                      cutoff=w.SelectionSlider(options=options, value=value, description="cutoff"))
+
+
+def norm_slider(lab: Lab, image, *, n: int = 4, seed: int = 0):
+    """Variations of `image` with the norm of Eq. 6 scaled by a factor, in either convention."""
+    import ipywidgets as w
+
+    def show(scale, convention):
+        base = lab.norm if convention == "c" else lab.norm_t
+        _show(vary(lab, image, n=n, seed=seed, norm=base * scale, norm_space=convention),
+              f"norm = {scale:g} x {base:.3g} ({'paper, C-space' if convention == 'c' else 'public code, T-space'})")
+
+    return w.interact(show, scale=w.FloatLogSlider(value=1.0, base=2, min=-3, max=3, step=0.5, description="scale"),
+                      convention=w.ToggleButtons(options=[("paper (C)", "c"), ("public (T)", "t")], description="norm"))
+
+
+def edit_panel(lab: Lab, references: dict, *, n: int = 4):
+    """Pick a reference image, type an edit text, move alpha and the seed (Eq. 8)."""
+    import ipywidgets as w
+
+    def show(reference, text, alpha, seed):
+        image = references[reference]
+        _show([image, *edit(lab, image, text, alpha=alpha, n=n, seed=seed)], f"'{text}', alpha {alpha:.2f}")
+
+    return w.interact(show, reference=w.Dropdown(options=list(references), description="reference"),
+                      text=w.Text(value="a blue disk", description="edit text", continuous_update=False),
+                      alpha=w.FloatSlider(value=0.9, min=0.0, max=2.0, step=0.1, description="alpha"),
+                      seed=w.IntSlider(value=0, min=0, max=20, description="seed"))
