@@ -139,6 +139,15 @@ def blend(f_img_c: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     return ((w[:, None].to(unit.device) * unit).sum(0, keepdim=True) / w.sum()).to(f_img_c.dtype)
 
 
+def pseudo_prompt(lab: Lab, f_img_c: torch.Tensor, *, cutoff: float | None = None, norm: float | None = None,
+                  norm_space: str = "c") -> torch.Tensor:
+    """Eq. 7 from C-space image embeddings (B, P): [f_sos, f_cnvrt x 76] (B, 77, D). Differentiable."""
+    f_cnvrt = convert(lab, f_img_c, cutoff=cutoff, norm=norm, norm_space=norm_space)  # (B, D)
+    B, D = f_cnvrt.shape
+    sos = sos_state(lab).to(f_cnvrt.dtype).expand(B, 1, D)  # (B, 1, D)
+    return torch.cat([sos, f_cnvrt[:, None].expand(B, lab.max_length - 1, D)], dim=1)  # (B, 77, D)
+
+
 def image_prompt_embeds(lab: Lab, images, *, cutoff: float | None = None, norm: float | None = None,
                         norm_space: str = "c", weights: Sequence[float] | None = None) -> torch.Tensor:
     """Eq. 7: the pseudo-prompt [f_sos, f_cnvrt x 76] (B, 77, D), one per image.
@@ -148,10 +157,7 @@ def image_prompt_embeds(lab: Lab, images, *, cutoff: float | None = None, norm: 
     f_img_c = image_embeds(lab, images)  # (B, P)
     if weights is not None:
         f_img_c = blend(f_img_c, weights)  # (1, P)
-    f_cnvrt = convert(lab, f_img_c, cutoff=cutoff, norm=norm, norm_space=norm_space)  # (B, D)
-    B, D = f_cnvrt.shape
-    sos = sos_state(lab).to(f_cnvrt.dtype).expand(B, 1, D)  # (B, 1, D)
-    return torch.cat([sos, f_cnvrt[:, None].expand(B, lab.max_length - 1, D)], dim=1)  # (B, 77, D)
+    return pseudo_prompt(lab, f_img_c, cutoff=cutoff, norm=norm, norm_space=norm_space)
 
 
 def eos_prompt_embeds(lab: Lab, texts: str | Sequence[str]) -> torch.Tensor:

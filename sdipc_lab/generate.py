@@ -44,28 +44,35 @@ def sample(lab: Lab, prompt_embeds: torch.Tensor, *, negative_prompt_embeds: tor
 
 def vary(lab: Lab, images, *, n: int = 4, seed: int = 0, steps: int | None = None,
          guidance_scale: float | None = None, negative_images=None, weights: Sequence[float] | None = None,
-         cutoff: float | None = None, norm: float | None = None, norm_space: str = "c") -> list:
+         cutoff: float | None = None, norm: float | None = None, norm_space: str = "c", finetuned=None) -> list:
     """SD-IPC image variation: `n` images for each reference image (or for their blend, with `weights`).
 
     `negative_images` are converted the same way (blended into one) and steer generation away.
+    `finetuned` (from `sdipc_lab.finetune`) applies SD-IPC-FT/CT prompts and k/v for this call.
     Returns a flat list of PIL images, reference by reference.
     """
+    from .finetune import applied
+
     convert_kwargs = dict(cutoff=cutoff, norm=norm, norm_space=norm_space)
-    prompt = image_prompt_embeds(lab, images, weights=weights, **convert_kwargs)  # (B, 77, D)
-    negative = _negative(lab, negative_images, convert_kwargs)
-    return sample(lab, prompt, negative_prompt_embeds=negative, n=n, seed=seed, steps=steps,
-                  guidance_scale=guidance_scale)
+    with applied(lab, finetuned):
+        prompt = image_prompt_embeds(lab, images, weights=weights, **convert_kwargs)  # (B, 77, D)
+        negative = _negative(lab, negative_images, convert_kwargs)
+        return sample(lab, prompt, negative_prompt_embeds=negative, n=n, seed=seed, steps=steps,
+                      guidance_scale=guidance_scale)
 
 
 def edit(lab: Lab, image, text: str, *, alpha: float = 0.9, n: int = 4, seed: int = 0,
          steps: int | None = None, guidance_scale: float | None = None, negative_images=None,
-         cutoff: float | None = None, norm: float | None = None, norm_space: str = "c") -> list:
+         cutoff: float | None = None, norm: float | None = None, norm_space: str = "c", finetuned=None) -> list:
     """SD-IPC editing (Eq. 8): `n` images of the reference image changed by `text`, strength `alpha`."""
+    from .finetune import applied
+
     convert_kwargs = dict(cutoff=cutoff, norm=norm, norm_space=norm_space)
-    prompt = edit_prompt_embeds(lab, image, text, alpha=alpha, **convert_kwargs)  # (B, 77, D)
-    negative = _negative(lab, negative_images, convert_kwargs)
-    return sample(lab, prompt, negative_prompt_embeds=negative, n=n, seed=seed, steps=steps,
-                  guidance_scale=guidance_scale)
+    with applied(lab, finetuned):
+        prompt = edit_prompt_embeds(lab, image, text, alpha=alpha, **convert_kwargs)  # (B, 77, D)
+        negative = _negative(lab, negative_images, convert_kwargs)
+        return sample(lab, prompt, negative_prompt_embeds=negative, n=n, seed=seed, steps=steps,
+                      guidance_scale=guidance_scale)
 
 
 def generate(lab: Lab, prompts: str | Sequence[str], *, n: int = 4, seed: int = 0, steps: int | None = None,

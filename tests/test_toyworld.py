@@ -102,7 +102,7 @@ def test_training_resumes_from_the_checkpoint(tiny_run, capsys):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    from sdipc_lab.toyworld.checkpoint import load_checkpoint, save_checkpoint
+    from sdipc_lab.training import load_checkpoint, save_checkpoint
 
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)

@@ -17,7 +17,7 @@ from ..convert import convert, encode_text, eos_prompt_embeds, image_embeds, ima
 from ..generate import sample as generate_from_embeds
 from ..lab import Lab
 from .judge import agreement
-from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Thing, caption
+from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, caption
 
 VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS),
           "background": tuple(BACKGROUNDS)}

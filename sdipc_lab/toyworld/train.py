@@ -33,10 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..build import sd_v1_scheduler, word_tokenizer
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..training import fit
 from .world import SIZE, caption, sample, vocabulary
 
 LAB_DIR = Path(__file__).parent / "lab"
@@ -202,90 +201,6 @@ def new_judge_cnn(n_classes: int) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------- the loop
-
-def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, out: Path, accelerator,
-        minutes: float | None = None, ema_decay: float | None = None, every: int = 250) -> torch.nn.Module:
-    """AdamW with warm-up and cosine decay; `loss_fn(module, step)` returns the loss of one batch.
-
-    Resumes from `out/name.ckpt.safetensors`; returns the trained module (its EMA copy if asked).
-    """
-    import copy
-
-    ckpt = out / f"{name}.ckpt.safetensors"
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    ema = copy.deepcopy(module).requires_grad_(False) if ema_decay else None
-    step, losses = 0, []
-    if ckpt.exists():
-        step, losses = load_checkpoint(ckpt, model=module, optimizer=optimizer, ema=ema)
-        print(f"{name}: resumed at step {step} from {ckpt}")
-    warmup = max(1, min(500 if minutes is None else 100, steps // 20))
-    first = step
-
-    def progress(k):  # 0 -> 1 over the stage; with --minutes, the clock counts too, so lr always decays
-        by_time = (time.time() - start) / (60 * minutes) if minutes else 0.0
-        return min(1.0, max(k / steps, by_time))
-
-    def lr_at(k):
-        return lr * min(1.0, (k - first + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress(k)))
-
-    module, optimizer = accelerator.prepare(module, optimizer)
-    if ema is not None:
-        ema.to(accelerator.device)
-    start = time.time()
-    bar = tqdm(total=steps, initial=step, desc=name, disable=not accelerator.is_main_process)
-    module.train()
-
-    def save():
-        if accelerator.is_main_process:
-            save_checkpoint(ckpt, model=accelerator.unwrap_model(module), optimizer=optimizer, step=step,
-                            losses=losses, ema=ema)
-
-    while step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        loss = loss_fn(module, step)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), accelerator.unwrap_model(module).parameters()):
-                    e.lerp_(p, 1 - ema_decay)
-        losses.append(loss.item())
-        step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step % every == 0 or step == steps:
-            save()
-        if minutes is not None and progress(step) >= 1.0:
-            print(f"{name}: time budget reached at step {step} of {steps} ({minutes} min, "
-                  f"{(step - first) / (time.time() - start):.1f} steps/s)")
-            break
-    save()
-    bar.close()
-    plot_losses(name, losses, out / f"{name}_loss.png")
-    final = ema if ema is not None else accelerator.unwrap_model(module)
-    return final.eval()
-
-
-def plot_losses(name: str, losses: list[float], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    k = max(1, len(losses) // 200)
-    smooth = np.convolve(losses, np.ones(k) / k, mode="valid") if len(losses) > k else losses
-    ax.plot(losses, alpha=0.25, lw=0.5)
-    ax.plot(np.arange(len(smooth)) + k - 1, smooth)
-    ax.set(title=f"{name} training loss", xlabel="step", ylabel="loss", yscale="log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
 
 def batch_index(n: int, batch: int, step: int, seed: int, accelerator) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + accelerator.process_index)

@@ -1,0 +1,381 @@
+"""Few-shot fine-tuning of the converter (paper Sec. 3.2-3.3): SD-IPC-FT and SD-IPC-CT, and a Custom
+Diffusion baseline.
+
+What trains, with everything else frozen (the inverse W_t^+ too):
+- `DeepVisualPrompts`: VPT-deep. N learnable tokens *inserted* after the class token at the input of every
+  layer of the CLIP image transformer and dropped again at its output, so the next layer gets fresh ones.
+  No image token is overwritten (a public port overwrites the first patch tokens: see the tests).
+  Attached with forward hooks, a public PyTorch seam; the model's code is untouched.
+- the U-Net's cross-attention `to_k`/`to_v`, through diffusers' `CustomDiffusionAttnProcessor2_0`
+  (`train_kv=True, train_q_out=False`), initialised from the base weights.
+
+The loss is Eq. 9: the denoising loss of `x_target`'s latents conditioned on the converted prompt of
+`x_ref`, plus (SD-IPC-FT) the ordinary text-to-image loss as a regulariser. `x_target` is `x_ref`, or
+another image of the same concept ("A/B training", App. C.2).
+
+    python -m sdipc_lab.finetune FOLDER --mode ft --out runs/ft      # sub-folders = concepts (A/B)
+    python -m sdipc_lab.finetune FOLDER --mode ct --out runs/ct      # one concept, 5 images, 30 steps
+    accelerate launch -m sdipc_lab.finetune ...                      # several GPUs, same command
+
+The result is one small safetensors file (prompts and k/v only) that `load_finetuned` reads into any lab
+of the same base; `vary(..., finetuned=ft)` and `edit(..., finetuned=ft)` use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .convert import encode_text, pseudo_prompt
+from .images import as_rgb_images
+from .lab import Lab
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MODES = {  # the paper's recipes (Sec. 4.1): steps, learning rate, schedule, text-to-image regulariser
+    "ft": dict(steps=1000, lr=1e-4, schedule="cosine", text_weight=1.0),
+    "ct": dict(steps=30, lr=5e-5, schedule="constant", text_weight=0.0),
+}
+
+
+class DeepVisualPrompts(torch.nn.Module):
+    """VPT-deep prompts (layers, N, width) for a `CLIPVisionModelWithProjection`."""
+
+    def __init__(self, image_encoder, n_tokens: int = 8, dropout: float = 0.1, seed: int = 0):
+        super().__init__()
+        config = image_encoder.config
+        width, patch = config.hidden_size, config.patch_size
+        bound = math.sqrt(6 / (3 * patch * patch + width))  # VPT's uniform initialisation
+        g = torch.Generator().manual_seed(seed)
+        prompts = (torch.rand(config.num_hidden_layers, n_tokens, width, generator=g) * 2 - 1) * bound
+        self.prompts = torch.nn.Parameter(prompts)  # (L, N, D)
+        self.dropout = torch.nn.Dropout(dropout)
+        self._handles: list = []
+
+    @property
+    def n_tokens(self) -> int:
+        return self.prompts.shape[1]
+
+    def attach(self, image_encoder) -> None:
+        """Insert prompts before every encoder layer, drop them after it (forward hooks)."""
+        self.detach()
+        layers = image_encoder.vision_model.encoder.layers
+        if len(layers) != len(self.prompts):
+            raise ValueError(f"prompts are for {len(self.prompts)} layers, the image tower has {len(layers)}")
+        for i, layer in enumerate(layers):
+            self._handles.append(layer.register_forward_pre_hook(self._inserter(i), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(self._dropper()))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _inserter(self, i: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, 1 + HW, D)
+            prompts = self.dropout(self.prompts[i]).to(hidden.dtype).expand(len(hidden), -1, -1)  # (B, N, D)
+            hidden = torch.cat([hidden[:, :1], prompts, hidden[:, 1:]], dim=1)  # (B, 1 + N + HW, D)
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+        return hook
+
+    def _dropper(self):
+        def hook(module, args, kwargs_or_output, output=None):
+            out = kwargs_or_output if output is None else output
+            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = torch.cat([hidden[:, :1], hidden[:, 1 + self.n_tokens:]], dim=1)  # (B, 1 + HW, D)
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+        return hook
+
+
+def kv_processors(lab: Lab) -> dict:
+    """Custom Diffusion k/v processors for every cross-attention layer, initialised from the base."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    processors = {}
+    for name in lab.unet.attn_processors:
+        if not name.endswith("attn2.processor"):
+            continue
+        attn = lab.unet.get_submodule(name.rsplit(".processor", 1)[0])
+        proc = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False, hidden_size=attn.to_k.out_features,
+                                               cross_attention_dim=attn.to_k.in_features)
+        proc.to_k_custom_diffusion.weight.data.copy_(attn.to_k.weight.data)
+        proc.to_v_custom_diffusion.weight.data.copy_(attn.to_v.weight.data)
+        processors[name] = proc.to(lab.device, lab.dtype)
+    return processors
+
+
+@dataclasses.dataclass
+class FineTuned:
+    """What SD-IPC-FT/CT trained: deep visual prompts and/or k/v weights per cross-attention layer."""
+
+    prompts: DeepVisualPrompts | None
+    kv: dict  # processor name -> CustomDiffusionAttnProcessor2_0
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def tensors(self) -> dict:
+        out = {}
+        if self.prompts is not None:
+            out["prompts"] = self.prompts.prompts.detach().float().cpu().contiguous()
+        for name, proc in self.kv.items():
+            out[f"kv.{name}.to_k"] = proc.to_k_custom_diffusion.weight.detach().float().cpu().contiguous()
+            out[f"kv.{name}.to_v"] = proc.to_v_custom_diffusion.weight.detach().float().cpu().contiguous()
+        return out
+
+
+def new_finetuned(lab: Lab, *, n_tokens: int = 8, train_prompts: bool = True, train_kv: bool = True,
+                  seed: int = 0) -> FineTuned:
+    prompts = DeepVisualPrompts(lab.image_encoder, n_tokens, seed=seed).to(lab.device).eval() if train_prompts else None
+    return FineTuned(prompts, kv_processors(lab) if train_kv else {}, info=_fingerprint(lab))
+
+
+def _fingerprint(lab: Lab) -> dict:
+    return {"W_t": list(lab.W_t.shape), "vision_layers": lab.image_encoder.config.num_hidden_layers,
+            "vision_width": lab.image_encoder.config.hidden_size, "cross_attention_dim": lab.unet.config.cross_attention_dim}
+
+
+def save_finetuned(ft: FineTuned, path: str | os.PathLike) -> Path:
+    """One safetensors file (prompts and k/v only), written atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(ft.tensors(), str(tmp), metadata={"sdipc_lab": json.dumps(ft.info)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_finetuned(lab: Lab, path: str | os.PathLike) -> FineTuned:
+    """Read a fine-tuned file into new modules for `lab`; refuses a file made for another base."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no fine-tuned file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads(f.metadata().get("sdipc_lab", "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    base = _fingerprint(lab)
+    if {k: info.get(k) for k in base} != base:
+        raise ValueError(f"{path} was trained on a lab with {info}; this lab has {base}. Load it into a lab of the same base.")
+    prompts = None
+    if "prompts" in tensors:
+        prompts = DeepVisualPrompts(lab.image_encoder, tensors["prompts"].shape[1]).to(lab.device).eval()
+        prompts.prompts.data.copy_(tensors["prompts"])
+    kv = {}
+    names = sorted({k[3:].rsplit(".", 1)[0] for k in tensors if k.startswith("kv.")})
+    procs = kv_processors(lab) if names else {}
+    for name in names:
+        procs[name].to_k_custom_diffusion.weight.data.copy_(tensors[f"kv.{name}.to_k"])
+        procs[name].to_v_custom_diffusion.weight.data.copy_(tensors[f"kv.{name}.to_v"])
+        kv[name] = procs[name]
+    return FineTuned(prompts, kv, info)
+
+
+@contextlib.contextmanager
+def applied(lab: Lab, ft: FineTuned | None):
+    """Use `ft` inside the block: prompts hooked into the image tower, k/v processors in the U-Net."""
+    if ft is None:
+        yield lab
+        return
+    from .attention import TokenAttnProcessor
+
+    before = dict(lab.unet.attn_processors)
+    if ft.kv:
+        procs = {}
+        for name, proc in before.items():
+            new = ft.kv.get(name, proc)
+            wrapped = isinstance(proc, TokenAttnProcessor)
+            procs[name] = TokenAttnProcessor(new, cross=proc.cross) if wrapped and name in ft.kv else new
+        lab.unet.set_attn_processor(procs)
+    if ft.prompts is not None:
+        ft.prompts.attach(lab.image_encoder)
+    try:
+        yield lab
+    finally:
+        if ft.prompts is not None:
+            ft.prompts.detach()
+        if ft.kv:
+            lab.unet.set_attn_processor(before)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+@dataclasses.dataclass
+class Concepts:
+    """Images grouped by concept: {concept: [PIL images]}."""
+
+    images: dict
+
+    @property
+    def flat(self) -> list:
+        return [(c, im) for c, ims in self.images.items() for im in ims]
+
+
+def read_folder(folder: str | os.PathLike) -> Concepts:
+    """A folder of images (one concept) or of sub-folders of images (one concept each)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder at {folder}")
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    groups = {p.name: _images_in(p) for p in subfolders} if subfolders else {folder.name: _images_in(folder)}
+    groups = {k: v for k, v in groups.items() if v}
+    if not groups:
+        raise ValueError(f"{folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                         "put the images in it, or one sub-folder of images per concept")
+    return Concepts(groups)
+
+
+def _images_in(folder: Path) -> list:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return [as_rgb_images(p)[0] for p in files]  # a broken file raises with its name
+
+
+# ------------------------------------------------------------------------------------------ training
+
+class Eq9(torch.nn.Module):
+    """The loss of Eq. 9 for a batch; holds the lab's frozen modules and the trainable parts."""
+
+    def __init__(self, lab: Lab, ft: FineTuned):
+        super().__init__()
+        self.lab = lab
+        self.prompts = ft.prompts
+        self.kv = torch.nn.ModuleDict({k.replace(".", "/"): v for k, v in ft.kv.items()})
+
+    def forward(self, ref_pixels, target_latents, text_states=None, text_latents=None):
+        lab = self.lab
+        f_img_c = lab.image_encoder(pixel_values=ref_pixels).image_embeds  # (B, P), through the prompts
+        prompt = pseudo_prompt(lab, f_img_c)  # (B, 77, D), W_t^+ fixed
+        loss = denoising_loss(lab, target_latents, prompt)
+        if text_states is not None:
+            loss = loss + denoising_loss(lab, text_latents, text_states)
+        return loss
+
+
+def denoising_loss(lab: Lab, z0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The U-Net's training loss on latents z0 (B, 4, h, w) under `context` (B, 77, D)."""
+    sched = lab.scheduler
+    noise = torch.randn_like(z0)
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), device=z0.device)
+    zt = sched.add_noise(z0, noise, t)
+    target = sched.get_velocity(z0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+    return F.mse_loss(lab.unet(zt, t, encoder_hidden_states=context).sample.float(), target.float())
+
+
+@torch.no_grad()
+def latents_of(lab: Lab, images) -> torch.Tensor:
+    """VAE latents (B, 4, h, w), scaled, of images resized to the lab's size."""
+    size = lab.image_size
+    x = torch.stack([torch.from_numpy(np.array(im.resize((size, size)))).permute(2, 0, 1)
+                     for im in images]).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+    return lab.vae.encode(x.to(lab.device, lab.dtype)).latent_dist.mean * lab.vae.config.scaling_factor
+
+
+def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.PathLike = "runs/finetune",
+             steps: int | None = None, lr: float | None = None, batch: int = 4, ab: bool | None = None,
+             captions: dict | None = None, n_tokens: int = 8, train_prompts: bool = True, train_kv: bool = True,
+             seed: int = 0, minutes: float | None = None, accelerator=None) -> FineTuned:
+    """Train SD-IPC-FT (`mode="ft"`) or SD-IPC-CT (`mode="ct"`) on `concepts`; resumable from `out`.
+
+    `ab=True` (default when every concept has >= 2 images in FT) picks x_target among the other images of
+    x_ref's concept. `captions` ({concept: text}) feeds the text-to-image regulariser of FT; without it the
+    regulariser is off. Returns the trained parts, also saved to `out/finetuned.safetensors`.
+    """
+    from .training import fit
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'ft' (SD-IPC-FT) or 'ct' (SD-IPC-CT), got {mode!r}")
+    recipe = MODES[mode]
+    steps, lr = steps or recipe["steps"], lr or recipe["lr"]
+    counts = {c: len(v) for c, v in concepts.images.items()}
+    if ab is None:
+        ab = mode == "ft" and min(counts.values()) >= 2
+    if ab and min(counts.values()) < 2:
+        raise ValueError(f"A/B training needs at least 2 images per concept; got {counts}. Add images or pass ab=False.")
+    out = Path(out)
+    torch.manual_seed(seed)
+    ft = new_finetuned(lab, n_tokens=n_tokens, train_prompts=train_prompts, train_kv=train_kv, seed=seed)
+    module = Eq9(lab, ft)
+    for p in lab.unet.parameters():
+        p.requires_grad_(False)
+    for p in lab.image_encoder.parameters():
+        p.requires_grad_(False)
+    for part in [*(ft.kv.values()), *([ft.prompts] if ft.prompts is not None else [])]:
+        for p in part.parameters():
+            p.requires_grad_(True)
+    flat = concepts.flat
+    latents = latents_of(lab, [im for _, im in flat])  # (N, 4, h, w)
+    pixels = lab.feature_extractor(images=[im for _, im in flat], return_tensors="pt").pixel_values.to(lab.device, lab.dtype)
+    text_weight = recipe["text_weight"] if captions else 0.0
+    text_states = None
+    if text_weight:
+        missing = set(concepts.images) - set(captions)
+        if missing:
+            raise ValueError(f"captions are missing for concepts {sorted(missing)}")
+        f_txt, _ = encode_text(lab, [captions[c] for c, _ in flat])
+        text_states = f_txt.to(lab.dtype)
+    by_concept = {}
+    for i, (c, _) in enumerate(flat):
+        by_concept.setdefault(c, []).append(i)
+
+    def loss_fn(m, step):
+        rng = random.Random(f"ft:{seed}:{step}")
+        ref = [rng.randrange(len(flat)) for _ in range(batch)]
+        target = [rng.choice([j for j in by_concept[flat[i][0]] if j != i]) if ab else i for i in ref]
+        idx, tgt = torch.tensor(ref, device=lab.device), torch.tensor(target, device=lab.device)
+        if text_states is None:
+            return m(pixels[idx], latents[tgt])
+        return m(pixels[idx], latents[tgt], text_states[idx], latents[idx])
+
+    lab.image_encoder.train(ft.prompts is not None)  # prompt dropout on
+    with applied(lab, ft):
+        fit(f"sdipc-{mode}", module, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator,
+            minutes=minutes, schedule=recipe["schedule"], weight_decay=0.0, every=max(10, steps // 10))
+    lab.image_encoder.eval()
+    for part in [*(ft.kv.values()), *([ft.prompts] if ft.prompts is not None else [])]:
+        part.requires_grad_(False).eval()
+    ft.info.update(mode=mode, steps=steps, lr=lr, ab=bool(ab), concepts=counts)
+    save_finetuned(ft, out / "finetuned.safetensors")
+    return ft
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdipc_lab.finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="images of one concept, or one sub-folder of images per concept")
+    parser.add_argument("--mode", choices=list(MODES), default="ft")
+    parser.add_argument("--lab", default="toy", help="toy, sd-v1-4, or a lab folder")
+    parser.add_argument("--out", default="runs/finetune")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--no-ab", action="store_true", help="x_target = x_ref even with several images per concept")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from .lab import load_lab
+
+    try:
+        concepts = read_folder(args.folder)
+        lab = load_lab(args.lab)
+        ft = finetune(lab, concepts, mode=args.mode, out=args.out, steps=args.steps, lr=args.lr, batch=args.batch,
+                      ab=False if args.no_ab else None, seed=args.seed)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"saved {Path(args.out) / 'finetuned.safetensors'}: {ft.info}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

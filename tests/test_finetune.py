@@ -1,0 +1,131 @@
+"""SD-IPC-FT/CT: prompts inserted (never overwriting image tokens), k/v from the base, Eq. 9 trains, files round-trip."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sdipc_lab as S
+from sdipc_lab import finetune as FT
+from sdipc_lab.toyworld import sample
+
+
+@pytest.fixture()
+def fresh_lab():
+    return S.load_lab("tiny", device="cpu")
+
+
+def _layer_inputs(image_encoder, pixels):
+    seen = []
+    handles = [layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+               for layer in image_encoder.vision_model.encoder.layers]
+    out = image_encoder(pixel_values=pixels)
+    for h in handles:
+        h.remove()
+    return seen, out
+
+
+def test_prompts_are_inserted_not_overwriting(fresh_lab):
+    enc = fresh_lab.image_encoder
+    pixels = fresh_lab.feature_extractor(images=[sample(0, "test").image], return_tensors="pt").pixel_values
+    plain_inputs, plain = _layer_inputs(enc, pixels)
+    vpt = FT.DeepVisualPrompts(enc, n_tokens=3).eval()
+    vpt.attach(enc)
+    try:
+        inputs, prompted = _layer_inputs(enc, pixels)
+    finally:
+        vpt.detach()
+    n_img = plain_inputs[0].shape[1]  # 1 + HW
+    for i, x in enumerate(inputs):
+        assert x.shape[1] == n_img + 3  # inserted: every image token is still there
+        torch.testing.assert_close(x[:, 1:4], vpt.prompts[i][None])  # fresh prompts at each layer
+    torch.testing.assert_close(inputs[0][:, :1], plain_inputs[0][:, :1])  # class token untouched
+    torch.testing.assert_close(inputs[0][:, 4:], plain_inputs[0][:, 1:])  # patch tokens untouched
+    assert prompted.last_hidden_state.shape == plain.last_hidden_state.shape  # dropped again after each layer
+    assert not torch.allclose(prompted.image_embeds, plain.image_embeds)
+    torch.testing.assert_close(enc(pixel_values=pixels).image_embeds, plain.image_embeds)  # detach restores
+
+
+def test_kv_processors_start_from_the_base(fresh_lab):
+    ref = sample(0, "test").image
+    before = S.vary(fresh_lab, ref, n=1, seed=1)[0]
+    ft = FT.new_finetuned(fresh_lab, train_prompts=False)
+    assert ft.kv and all(n.endswith("attn2.processor") for n in ft.kv)
+    same = S.vary(fresh_lab, ref, n=1, seed=1, finetuned=ft)[0]
+    assert np.abs(np.asarray(same, int) - np.asarray(before, int)).max() <= 1
+    after = S.vary(fresh_lab, ref, n=1, seed=1)[0]  # nothing left behind
+    assert np.array_equal(np.asarray(after), np.asarray(before))
+
+
+def _concepts(n_per=3, concepts=("a", "b")):
+    return FT.Concepts({c: [sample(i + 10 * k, "test", two_objects=0).image for i in range(n_per)]
+                        for k, c in enumerate(concepts)})
+
+
+def _eval_loss(lab, ft, concepts):
+    flat = [im for _, im in concepts.flat]
+    torch.manual_seed(123)
+    pixels = lab.feature_extractor(images=flat, return_tensors="pt").pixel_values
+    with FT.applied(lab, ft), torch.no_grad():
+        return FT.Eq9(lab, ft)(pixels, FT.latents_of(lab, flat)).item()
+
+
+def test_training_lowers_the_eq9_loss_and_resumes(fresh_lab, tmp_path, capsys):
+    concepts = _concepts()
+    untrained = FT.new_finetuned(fresh_lab, n_tokens=4)
+    before = _eval_loss(fresh_lab, untrained, concepts)
+    ft = FT.finetune(fresh_lab, concepts, mode="ct", steps=12, lr=3e-3, batch=6, out=tmp_path, n_tokens=4)
+    assert _eval_loss(fresh_lab, ft, concepts) < before
+    assert (tmp_path / "finetuned.safetensors").exists() and (tmp_path / "sdipc-ct_loss.png").exists()
+    FT.finetune(fresh_lab, concepts, mode="ct", steps=15, lr=3e-3, batch=6, out=tmp_path, n_tokens=4)
+    assert "resumed at step 12" in capsys.readouterr().out
+
+
+def test_ft_mode_with_ab_and_text_regulariser(fresh_lab, tmp_path):
+    concepts = _concepts()
+    ft = FT.finetune(fresh_lab, concepts, mode="ft", steps=3, batch=2, out=tmp_path,
+                     captions={"a": "a red disk", "b": "a blue box"})
+    assert ft.info["ab"] and ft.info["mode"] == "ft"
+
+
+def test_file_round_trip_and_wrong_base(fresh_lab, full_lab, tmp_path):
+    ft = FT.new_finetuned(fresh_lab, n_tokens=2)
+    with torch.no_grad():
+        ft.prompts.prompts.add_(1.0)
+    path = FT.save_finetuned(ft, tmp_path / "ft.safetensors")
+    again = FT.load_finetuned(fresh_lab, path)
+    for key, value in ft.tensors().items():
+        torch.testing.assert_close(again.tensors()[key], value)
+    ref = sample(0, "test").image
+    a = S.vary(fresh_lab, ref, n=1, seed=2, finetuned=ft)[0]
+    b = S.vary(fresh_lab, ref, n=1, seed=2, finetuned=again)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="same base"):
+        FT.load_finetuned(full_lab, path)
+
+
+def test_bad_folders(tmp_path):
+    with pytest.raises(ValueError, match="has no images"):
+        FT.read_folder(tmp_path)
+    broken = tmp_path / "one"
+    broken.mkdir()
+    (broken / "x.png").write_text("not a png")
+    with pytest.raises(ValueError, match="x.png"):
+        FT.read_folder(tmp_path)
+    assert FT.main([str(tmp_path / "missing")]) == 2
+
+
+def test_ab_needs_two_images_per_concept(fresh_lab, tmp_path):
+    one = FT.Concepts({"a": [sample(0, "test").image]})
+    with pytest.raises(ValueError, match="at least 2 images"):
+        FT.finetune(fresh_lab, one, mode="ft", ab=True, steps=1, out=tmp_path)
+
+
+def test_read_folder_groups_by_subfolder(tmp_path):
+    for concept in ("cat", "dog"):
+        (tmp_path / concept).mkdir()
+        for i in range(2):
+            sample(i, "test").image.save(tmp_path / concept / f"{i}.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "cat" / "extra.jpg")
+    concepts = FT.read_folder(tmp_path)
+    assert {k: len(v) for k, v in concepts.images.items()} == {"cat": 3, "dog": 2}
