@@ -157,3 +157,66 @@ def alpha_experiment(lab: Lab, data, edit_text: str, alphas, *, target: dict | N
                 [all(v[a] == s.attributes[a] for a in kept) for v, s in zip(verdicts, data)]))
         rows.append(row)
     return rows, images
+
+
+def concept_fidelity(lab: Lab, images, concept, references, *, judge=None) -> dict:
+    """How well generated `images` show `concept` ((shape, colour)): the judge's shape and colour
+    agreement, and CLIP-I to the concept's reference images (mean over all pairs)."""
+    row = {"CLIP-I": float(np.mean([clip_i(lab, images, [r] * len(images)).mean() for r in references]))}
+    if judge is not None:
+        verdicts = judge(images)
+        row["judge shape"] = float(np.mean([v["shape"] == concept[0] for v in verdicts]))
+        row["judge colour"] = float(np.mean([v["colour"] == concept[1] for v in verdicts]))
+        row["judge both"] = float(np.mean([v["shape"] == concept[0] and v["colour"] == concept[1] for v in verdicts]))
+    return row
+
+
+def finetune_comparison(lab: Lab, test_concepts, finetuned, *, n_refs: int = 2, judge=None, seed=0,
+                        steps=None) -> list[dict]:
+    """Table 5 analogue: SD-IPC vs SD-IPC-FT variations of references from held-out concepts."""
+    from .toyworld import concept_samples
+
+    rows = []
+    for name, ft in (("SD-IPC", None), ("SD-IPC-FT", finetuned)):
+        scores = []
+        for shape, colour in test_concepts:
+            refs = concept_samples(shape, colour, n_refs, start=100)
+            out = vary(lab, [r.image for r in refs], n=1, seed=seed, steps=steps, finetuned=ft)
+            row = concept_fidelity(lab, out, (shape, colour), [r.image for r in refs], judge=judge)
+            row["CLIP-T"] = float(clip_t(lab, out, [r.caption for r in refs]).mean())
+            scores.append(row)
+        rows.append({"method": name, **{k: float(np.mean([s[k] for s in scores])) for k in scores[0]}})
+    return rows
+
+
+def fidelity_curve(lab: Lab, concept, train_images, iterations, *, out, judge=None, class_word: str | None = None,
+                   n_eval: int = 8, seed=0, steps=None, batch: int = 4) -> list[dict]:
+    """Table 3 analogue: fidelity to a concept learnt from `train_images` after each number of iterations,
+    for SD-IPC-CT (variations of the training images) and Custom Diffusion ("a <new1> {class_word}")."""
+    from pathlib import Path
+
+    from .finetune import Concepts, custom_diffusion, finetune
+
+    out = Path(out)
+    class_word = class_word or concept[0]
+    refs = [train_images[i % len(train_images)] for i in range(n_eval)]
+    rows = []
+    for it in iterations:
+        if it == 0:
+            ct = cd = None
+        else:
+            ct = finetune(lab, Concepts({"concept": list(train_images)}), mode="ct", steps=it, batch=batch,
+                          out=out / "ct", seed=seed)
+            cd = custom_diffusion(lab, train_images, class_word=class_word, steps=it, batch=batch, out=out / "cd",
+                                  seed=seed)
+        ct_images = vary(lab, refs, n=1, seed=seed, steps=steps, finetuned=ct)
+        if cd is None:
+            cd_images = generate(lab, [f"a {class_word}"] * n_eval, n=1, seed=seed, steps=steps)
+        else:
+            from .finetune import applied
+            with applied(lab, cd):
+                cd_images = generate(lab, [f"a <new1> {class_word}"] * n_eval, n=1, seed=seed, steps=steps)
+        for method, images in (("SD-IPC-CT", ct_images), ("Custom Diffusion", cd_images)):
+            rows.append({"method": method, "iterations": it,
+                         **concept_fidelity(lab, images, concept, train_images, judge=judge)})
+    return rows

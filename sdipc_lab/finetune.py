@@ -122,11 +122,16 @@ class FineTuned:
     prompts: DeepVisualPrompts | None
     kv: dict  # processor name -> CustomDiffusionAttnProcessor2_0
     info: dict = dataclasses.field(default_factory=dict)
+    text: tuple | None = None  # Custom Diffusion: (tokenizer, text encoder) that know the new token
 
     def tensors(self) -> dict:
         out = {}
         if self.prompts is not None:
             out["prompts"] = self.prompts.prompts.detach().float().cpu().contiguous()
+        if self.text is not None:
+            tokenizer, encoder = self.text
+            row = tokenizer.convert_tokens_to_ids(self.info["token"])
+            out["token_embedding"] = encoder.get_input_embeddings().weight[row].detach().float().cpu().contiguous()
         for name, proc in self.kv.items():
             out[f"kv.{name}.to_k"] = proc.to_k_custom_diffusion.weight.detach().float().cpu().contiguous()
             out[f"kv.{name}.to_v"] = proc.to_v_custom_diffusion.weight.detach().float().cpu().contiguous()
@@ -169,6 +174,9 @@ def load_finetuned(lab: Lab, path: str | os.PathLike) -> FineTuned:
     base = _fingerprint(lab)
     if {k: info.get(k) for k in base} != base:
         raise ValueError(f"{path} was trained on a lab with {info}; this lab has {base}. Load it into a lab of the same base.")
+    text = None
+    if "token_embedding" in tensors:
+        text = _with_new_token(lab, info["token"], tensors["token_embedding"])
     prompts = None
     if "prompts" in tensors:
         prompts = DeepVisualPrompts(lab.image_encoder, tensors["prompts"].shape[1]).to(lab.device).eval()
@@ -180,7 +188,21 @@ def load_finetuned(lab: Lab, path: str | os.PathLike) -> FineTuned:
         procs[name].to_k_custom_diffusion.weight.data.copy_(tensors[f"kv.{name}.to_k"])
         procs[name].to_v_custom_diffusion.weight.data.copy_(tensors[f"kv.{name}.to_v"])
         kv[name] = procs[name]
-    return FineTuned(prompts, kv, info)
+    return FineTuned(prompts, kv, info, text)
+
+
+def _with_new_token(lab: Lab, token: str, init: torch.Tensor):
+    """Copies of the lab's tokenizer and text encoder with one more token, its embedding set to `init`."""
+    import copy
+
+    tokenizer = copy.deepcopy(lab.tokenizer)
+    if tokenizer.add_tokens([token]) != 1:
+        raise ValueError(f"{token!r} is already a word of this tokenizer; choose a new token")
+    encoder = copy.deepcopy(lab.text_encoder)
+    encoder.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight[-1] = init.to(encoder.get_input_embeddings().weight)
+    return tokenizer, encoder.requires_grad_(False).eval()
 
 
 @contextlib.contextmanager
@@ -201,9 +223,13 @@ def applied(lab: Lab, ft: FineTuned | None):
         lab.unet.set_attn_processor(procs)
     if ft.prompts is not None:
         ft.prompts.attach(lab.image_encoder)
+    base_text = (lab.tokenizer, lab.text_encoder)
+    if ft.text is not None:
+        lab.tokenizer, lab.text_encoder = ft.text
     try:
         yield lab
     finally:
+        lab.tokenizer, lab.text_encoder = base_text
         if ft.prompts is not None:
             ft.prompts.detach()
         if ft.kv:
@@ -347,6 +373,67 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
         part.requires_grad_(False).eval()
     ft.info.update(mode=mode, steps=steps, lr=lr, ab=bool(ab), concepts=counts)
     save_finetuned(ft, out / "finetuned.safetensors")
+    return ft
+
+
+class TextToImageLoss(torch.nn.Module):
+    """Custom Diffusion's loss: denoising under the caption, through the new token's embedding."""
+
+    def __init__(self, lab: Lab, ft: FineTuned):
+        super().__init__()
+        self.lab, self.encoder = lab, ft.text[1]
+        self.kv = torch.nn.ModuleDict({k.replace(".", "/"): v for k, v in ft.kv.items()})
+
+    def forward(self, input_ids, latents):
+        f_txt = self.encoder.text_model(input_ids).last_hidden_state  # (B, 77, D)
+        return denoising_loss(self.lab, latents, f_txt.to(latents.dtype))
+
+
+def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>", steps: int = 250,
+                     lr: float = 1e-4, token_lr_scale: float = 10.0, batch: int = 4,
+                     out: str | os.PathLike = "runs/custom_diffusion", seed: int = 0, minutes: float | None = None,
+                     accelerator=None) -> FineTuned:
+    """The baseline (Kumari et al. 2023): a new token, initialised from `class_word`, and the cross-attention
+    k/v, trained with the text-to-image loss on captions "a <new1> {class_word}" (templates below)."""
+    from .training import fit
+
+    images = as_rgb_images(images)
+    class_ids = lab.tokenizer(class_word, add_special_tokens=False).input_ids
+    if len(class_ids) != 1:
+        raise ValueError(f"class_word must be one token of the lab's vocabulary; {class_word!r} is {len(class_ids)}")
+    init = lab.text_encoder.get_input_embeddings().weight[class_ids[0]].detach()
+    tokenizer, encoder = _with_new_token(lab, token, init)
+    ft = FineTuned(None, kv_processors(lab), info={**_fingerprint(lab), "token": token, "class_word": class_word},
+                   text=(tokenizer, encoder))
+    table = encoder.get_input_embeddings().weight
+    table.requires_grad_(True)
+    only_new = torch.zeros(len(table), 1, device=table.device)
+    only_new[-1] = token_lr_scale  # the token learns faster than k/v, as in Custom Diffusion's recipe
+    table.register_hook(lambda grad: grad * only_new)
+    for proc in ft.kv.values():
+        proc.requires_grad_(True)
+    for p in lab.unet.parameters():
+        p.requires_grad_(False)
+    templates = ["a {} {}", "a picture of a {} {}", "an image showing a {} {}", "a drawing of a {} {}"]
+    captions = [t.format(token, class_word) for t in templates]
+    ids = torch.tensor(tokenizer(captions, padding="max_length", max_length=lab.max_length).input_ids, device=lab.device)
+    latents = latents_of(lab, images)
+    module = TextToImageLoss(lab, ft)
+
+    def loss_fn(m, step):
+        rng = random.Random(f"cd:{seed}:{step}")
+        pick = [rng.randrange(len(images)) for _ in range(batch)]
+        which = [rng.randrange(len(captions)) for _ in range(batch)]
+        return m(ids[torch.tensor(which, device=lab.device)], latents[torch.tensor(pick, device=lab.device)])
+
+    with applied(lab, dataclasses.replace(ft, text=None)):
+        fit("custom-diffusion", module, loss_fn, steps=steps, lr=lr, out=Path(out), accelerator=accelerator,
+            minutes=minutes, schedule="constant", weight_decay=0.0, every=max(10, steps // 10))
+    table.requires_grad_(False)
+    for proc in ft.kv.values():
+        proc.requires_grad_(False)
+    ft.info.update(mode="custom-diffusion", steps=steps, lr=lr)
+    save_finetuned(ft, Path(out) / "finetuned.safetensors")
     return ft
 
 

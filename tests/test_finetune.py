@@ -129,3 +129,22 @@ def test_read_folder_groups_by_subfolder(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "cat" / "extra.jpg")
     concepts = FT.read_folder(tmp_path)
     assert {k: len(v) for k, v in concepts.images.items()} == {"cat": 3, "dog": 2}
+
+
+def test_custom_diffusion_baseline(fresh_lab, tmp_path):
+    images = [sample(i, "test", two_objects=0).image for i in range(3)]
+    ft = FT.custom_diffusion(fresh_lab, images, class_word="heart", steps=6, batch=3, out=tmp_path)
+    tokenizer, encoder = ft.text
+    new_id = tokenizer.convert_tokens_to_ids("<new1>")
+    assert new_id == len(tokenizer) - 1 and "<new1>" not in fresh_lab.tokenizer.get_vocab()
+    base = fresh_lab.text_encoder.get_input_embeddings().weight
+    trained = encoder.get_input_embeddings().weight
+    torch.testing.assert_close(trained[:-1], base)  # only the new token's row moved
+    assert not torch.allclose(trained[-1], base[tokenizer.convert_tokens_to_ids("heart</w>")])
+    with FT.applied(fresh_lab, ft):
+        images = S.generate(fresh_lab, "a <new1> heart", n=1)
+    assert len(images) == 1 and fresh_lab.tokenizer is not tokenizer  # the lab's own tokenizer is back
+    again = FT.load_finetuned(fresh_lab, tmp_path / "finetuned.safetensors")
+    torch.testing.assert_close(again.text[1].get_input_embeddings().weight[-1], trained[-1])
+    with pytest.raises(ValueError, match="one token"):
+        FT.custom_diffusion(fresh_lab, images, class_word="zzzz qqq", steps=1, out=tmp_path / "x")

@@ -93,6 +93,20 @@ def samples(n: int, split: str = "train", start: int = 0, **kwargs) -> list[Samp
     return [sample(i, split, **kwargs) for i in range(start, start + n)]
 
 
+def concept_samples(shape: str, colour: str, n: int, start: int = 0) -> list[Sample]:
+    """`n` images of one concept (a shape in a colour), varying size, position and background."""
+    if shape not in SHAPES or colour not in COLOURS:
+        raise ValueError(f"unknown concept {colour} {shape}: shapes {SHAPES}, colours {tuple(COLOURS)}")
+    out = []
+    for i in range(start, start + n):
+        rng = random.Random(f"concept:{shape}:{colour}:{i}")
+        thing = Thing(shape, colour, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)))
+        background = rng.choice([b for b in BACKGROUNDS if not _close(COLOURS[colour], BACKGROUNDS[b])])
+        out.append(Sample(draw((thing,), background, seed=rng.randrange(2**31)), caption((thing,), background, rng),
+                          (thing,), background))
+    return out
+
+
 def _thing(rng: random.Random, split: str, position: str, size: str | None) -> Thing:
     while True:
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
