@@ -1,0 +1,260 @@
+"""A CLIP image tower that reads VAE latents (companion paper 001, Latent-CLIP), and ReNO with its reward.
+
+- `latent tower`: a ViT (`CLIPVisionModelWithProjection`, 4 input channels) on the lab's scaled, sampled
+  VAE latents, trained contrastively against the lab's *frozen* text tower, so it lives in the same C-space.
+- `pixel tower`: the same ViT on pixels with a patch size that gives the same token count: the control.
+- `reno()`: reward-based noise optimisation (ReNO): optimise the initial noise of a one-step generator so
+  that a CLIP reward rises, with the norm prior in fp32, gradient clipping, SGD with Nesterov momentum, and
+  the best image kept. The latent reward needs no VAE decode inside the loop.
+
+    python -m sdipc_lab.latent_clip train --out runs/latent_clip     # both towers, then export (<= 10 MB)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .lab import Lab
+
+TOWERS_DIR = Path(__file__).parent / "toyworld" / "latent_clip"
+KINDS = ("latent", "pixel")
+
+
+def new_tower(lab: Lab, kind: str, *, width: int = 128, layers: int = 4, heads: int = 4, tokens_side: int = 8):
+    """A ViT whose patch embedding takes latent channels (kind="latent") or RGB ("pixel"), with
+    `tokens_side`^2 patches either way, projecting into the lab's C-space."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    latent_side = lab.unet.config.sample_size
+    side, channels = (latent_side, lab.vae.config.latent_channels) if kind == "latent" else (lab.image_size, 3)
+    if side % tokens_side:
+        raise ValueError(f"{side} px is not divisible into {tokens_side} x {tokens_side} patches")
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+        projection_dim=lab.W_t.shape[0], image_size=side, patch_size=side // tokens_side, num_channels=channels))
+
+
+@torch.no_grad()
+def encode_latents(lab: Lab, images, sample: bool = True) -> torch.Tensor:
+    """Scaled VAE latents (B, 4, h, w) of PIL images; sampled from the posterior by default (as trained)."""
+    import numpy as np
+
+    x = torch.stack([torch.from_numpy(np.array(im.resize((lab.image_size,) * 2))).permute(2, 0, 1)
+                     for im in images]).float().to(lab.device) / 127.5 - 1
+    dist = lab.vae.encode(x.to(lab.dtype)).latent_dist
+    return (dist.sample() if sample else dist.mean) * lab.vae.config.scaling_factor
+
+
+def pixels_of(images, device, size: int) -> torch.Tensor:  # (B, 3, size, size) in [-1, 1]
+    import numpy as np
+
+    return torch.stack([torch.from_numpy(np.array(im.resize((size, size)))).permute(2, 0, 1)
+                        for im in images]).float().to(device) / 127.5 - 1
+
+
+def tower_embeds(tower, x: torch.Tensor) -> torch.Tensor:
+    """Unit C-space embeddings (B, P) from latents or pixels in [-1, 1]."""
+    return F.normalize(tower(pixel_values=x).image_embeds.float(), dim=-1)
+
+
+class TowerTrainer(torch.nn.Module):
+    def __init__(self, tower):
+        super().__init__()
+        self.tower = tower
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, x, f_txt_c):  # f_txt_c: (B, P) unit text embeddings from the frozen lab
+        f_img = tower_embeds(self.tower, x)
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * f_img @ f_txt_c.T
+        labels = torch.arange(len(x), device=x.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def train_tower(lab: Lab, kind: str, *, out: Path, n_images: int = 20000, steps: int = 2000, batch: int = 128,
+                lr: float = 5e-4, minutes: float | None = None, seed: int = 0, width: int = 128, layers: int = 4,
+                accelerator=None):
+    """Contrastive training against the lab's frozen text tower on toy-world images (resumable)."""
+    from .convert import text_embeds
+    from .toyworld.train import render
+    from .training import fit
+
+    world = render(n_images, "train")
+    torch.manual_seed(seed)
+    tower = new_tower(lab, kind, width=width, layers=layers)
+    trainer = TowerTrainer(tower).to(lab.device)
+    def pixels(index):  # (B, 3, S, S) in [-1, 1] at the lab's image size
+        x = world.pixels(index, lab.device)
+        return x if x.shape[-1] == lab.image_size else F.interpolate(x, size=(lab.image_size,) * 2, mode="area")
+
+    posterior = None
+    if kind == "latent":  # the posterior (mean, log-variance) of every image, once
+        with torch.no_grad():
+            posterior = torch.cat([lab.vae.encode(pixels(torch.arange(i, min(i + 256, n_images))).to(lab.dtype))
+                                   .latent_dist.parameters for i in range(0, n_images, 256)])  # (N, 8, h, w)
+
+    def loss_fn(module, step):
+        rng = random.Random(f"{kind}:{seed}:{step}")
+        index = torch.tensor([rng.randrange(n_images) for _ in range(batch)])
+        with torch.no_grad():
+            f_txt_c = F.normalize(text_embeds(lab, world.captions(index, rng)).float(), dim=-1)
+            if kind == "latent":  # scaled, *sampled* latents: "rescaling is key"
+                mean, logvar = posterior[index.to(lab.device)].chunk(2, dim=1)
+                x = (mean + torch.randn_like(mean) * (0.5 * logvar).exp()) * lab.vae.config.scaling_factor
+            else:
+                x = pixels(index)
+        return module(x, f_txt_c)
+
+    fit(f"{kind}-clip", trainer, loss_fn, steps=steps, lr=lr, out=Path(out), accelerator=accelerator, minutes=minutes)
+    tower.eval().requires_grad_(False)
+    tower.save_pretrained(Path(out) / kind)
+    return tower
+
+
+def load_towers(folder: Path = TOWERS_DIR, device="cpu") -> dict:
+    """The committed latent and pixel towers of the teaching lab: {"latent": tower, "pixel": tower}."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from .lab import quiet
+
+    missing = [k for k in KINDS if not (Path(folder) / k / "config.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no {', '.join(missing)} tower in {folder}: train them with "
+                                "`python -m sdipc_lab.latent_clip train`")
+    with quiet():
+        return {k: CLIPVisionModelWithProjection.from_pretrained(Path(folder) / k, use_safetensors=True).to(device).eval()
+                for k in KINDS}
+
+
+@torch.no_grad()
+def zero_shot(lab: Lab, towers: dict, data) -> dict:
+    """Per tower: zero-shot accuracy per attribute (captions differing in one attribute), as in Notebook 04."""
+    from .toyworld.evaluate import VALUES, _with
+
+    from .convert import image_embeds, text_embeds
+
+    images = [s.image for s in data]
+    feats = {"pixel CLIP (the lab's)": F.normalize(image_embeds(lab, images).float(), dim=-1)}
+    latents = encode_latents(lab, images, sample=False)
+    feats["latent tower"] = tower_embeds(towers["latent"], latents)
+    feats["pixel tower (control)"] = tower_embeds(towers["pixel"], pixels_of(images, lab.device, lab.image_size))
+
+    out = {}
+    for name, f_img in feats.items():
+        scores = {}
+        for attribute, values in VALUES.items():
+            texts = [_with(s, attribute, v) for s in data for v in values]
+            f_txt = F.normalize(text_embeds(lab, texts).float(), dim=-1).view(len(data), len(values), -1)
+            pred = torch.einsum("bd,bvd->bv", f_img, f_txt).argmax(1)
+            truth = torch.tensor([values.index(s.attributes[attribute]) for s in data])
+            scores[attribute] = (pred.cpu() == truth).float().mean().item()
+        out[name] = scores
+    return out
+
+
+def one_step(lab: Lab, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """A differentiable one-step generator: the U-Net's clean-latent estimate from noise z at the last timestep."""
+    sched = lab.scheduler
+    t = torch.full((len(z),), sched.config.num_train_timesteps - 1, device=z.device, dtype=torch.long)
+    a = sched.alphas_cumprod.to(z.device)[t][:, None, None, None].to(z.dtype)
+    out = lab.unet(z, t, encoder_hidden_states=context).sample
+    if sched.config.prediction_type == "v_prediction":
+        return a.sqrt() * z - (1 - a).sqrt() * out
+    return (z - (1 - a).sqrt() * out) / a.sqrt().clamp(min=1e-4)
+
+
+def norm_prior(z: torch.Tensor) -> torch.Tensor:
+    """-log p(||z||) of a standard Gaussian's norm, in fp32: 1/2 ||z||^2 - (d - 1) log ||z||."""
+    z = z.float().flatten(1)
+    r = z.norm(dim=1)
+    return (0.5 * r**2 - (z.shape[1] - 1) * torch.log(r)).mean()
+
+
+def reno(lab: Lab, prompt: str, *, reward: str = "latent", towers: dict | None = None, iterations: int = 20,
+         lr: float = 5.0, prior_weight: float = 0.01, clip: float = 0.1, seed: int = 0, avoid: str | None = None):
+    """ReNO: optimise the initial noise so the CLIP reward of the one-step image rises.
+
+    reward: "latent" (latent tower on the latent: no decode) or "pixel" (decode, then the lab's CLIP).
+    `avoid`: a concept text to push away from (the safety analogue). prior_weight=0 drops the norm prior.
+    Returns (best image, history of dicts with reward, seconds per iteration).
+    """
+    from .convert import encode_text, text_embeds
+
+    if reward not in KINDS:
+        raise ValueError(f"reward must be 'latent' or 'pixel', got {reward!r}")
+    if reward == "latent" and towers is None:
+        raise ValueError("the latent reward needs the latent tower: towers=load_towers()")
+    g = torch.Generator("cpu").manual_seed(seed)
+    shape = (1, lab.unet.config.in_channels, lab.unet.config.sample_size, lab.unet.config.sample_size)
+    z = torch.nn.Parameter(torch.randn(shape, generator=g).to(lab.device, lab.dtype))
+    optimizer = torch.optim.SGD([z], lr=lr, momentum=0.9, nesterov=True)
+    context = encode_text(lab, prompt)[0]
+    with torch.no_grad():
+        target = F.normalize(text_embeds(lab, prompt).float(), dim=-1)
+        away = F.normalize(text_embeds(lab, avoid).float(), dim=-1) if avoid else None
+    best, best_reward, history = None, -float("inf"), []
+    for it in range(iterations + 1):
+        start = time.perf_counter()
+        x0 = one_step(lab, z, context)  # (1, 4, h, w) scaled latents
+        if reward == "latent":
+            f = tower_embeds(towers["latent"], x0)
+        else:
+            pixels = lab.vae.decode(x0 / lab.vae.config.scaling_factor).sample.clamp(-1, 1)
+            f = _pixel_clip(lab, pixels)
+        cos = (f * target).sum()
+        score = cos - ((f * away).sum() if away is not None else 0)
+        loss = 100 * (1 - score) + prior_weight * norm_prior(z)
+        if score.item() > best_reward:
+            best_reward, best = score.item(), x0.detach()
+        if it < iterations:
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([z], clip)
+            optimizer.step()
+        history.append({"iteration": it, "reward": score.item(), "seconds": time.perf_counter() - start})
+    with torch.no_grad():
+        image = lab.pipe.image_processor.postprocess(
+            lab.vae.decode(best / lab.vae.config.scaling_factor).sample.float().clamp(-1, 1), output_type="pil")[0]
+    return image, history
+
+
+def _pixel_clip(lab: Lab, pixels: torch.Tensor) -> torch.Tensor:
+    """The lab's CLIP image embedding of pixels in [-1, 1], differentiably (resize + CLIP normalisation)."""
+    fe = lab.feature_extractor
+    size = fe.crop_size["height"]
+    x = F.interpolate((pixels + 1) / 2, size=(size, size), mode="bilinear", align_corners=False)
+    mean = torch.tensor(fe.image_mean, device=x.device)[:, None, None]
+    std = torch.tensor(fe.image_std, device=x.device)[:, None, None]
+    return F.normalize(lab.image_encoder(pixel_values=((x - mean) / std).to(lab.dtype)).image_embeds.float(), dim=-1)
+
+
+def main(argv=None) -> None:
+    from .lab import load_lab
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["train"])
+    parser.add_argument("--lab", default="toy")
+    parser.add_argument("--out", type=Path, default=Path("runs/latent_clip"))
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--minutes", type=float, help="time budget per tower")
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--export", type=Path, default=TOWERS_DIR)
+    args = parser.parse_args(argv)
+    lab = load_lab(args.lab)
+    for kind in KINDS:
+        tower = train_tower(lab, kind, out=args.out, steps=args.steps, minutes=args.minutes, n_images=args.images)
+        tower.half().save_pretrained(args.export / kind, safe_serialization=True)
+    size = sum(f.stat().st_size for f in Path(args.export).rglob("*.safetensors"))
+    print(f"exported both towers to {args.export} ({size / 2**20:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
