@@ -25,13 +25,19 @@ def main() -> None:
     for path in paths:
         nb = nbformat.read(path, as_version=4)
         start = time.perf_counter()
-        ExecutePreprocessor(timeout=1800, kernel_name="python3").preprocess(nb, {"metadata": {"path": str(path.parent)}})
+        status = "ok"
+        try:
+            ExecutePreprocessor(timeout=1800, kernel_name="python3").preprocess(nb, {"metadata": {"path": str(path.parent)}})
+        except Exception as error:  # report every notebook, then fail
+            status = "FAILED: " + str(error).strip().splitlines()[-1][:200]
         seconds = time.perf_counter() - start
         total += seconds
-        rows.append([path.name, seconds])
-    rows.append(["total", total])
+        rows.append([path.name, seconds, status])
+    rows.append(["total", total, ""])
     print(f"{os.cpu_count()} CPU cores\n")
-    print(table(["notebook", "seconds"], rows))
+    print(table(["notebook", "seconds", "status"], rows))
+    if any(r[2].startswith("FAILED") for r in rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

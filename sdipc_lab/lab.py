@@ -295,10 +295,11 @@ def check_consistent(parts: dict) -> None:
                         f"{text.max_position_embeddings} positions")
     if len(tok) > text.vocab_size:
         problems.append(f"tokenizer has {len(tok)} tokens, the text encoder's vocabulary {text.vocab_size}")
-    for name in ("bos", "eos"):
-        if getattr(tok, f"{name}_token_id") != getattr(text, f"{name}_token_id"):
-            problems.append(f"{name}_token_id: tokenizer {getattr(tok, f'{name}_token_id')}, "
-                            f"text encoder config {getattr(text, f'{name}_token_id')}")
+    # ViT-L/14's config carries the legacy eos_token_id 2, for which transformers pools at the highest id:
+    # right while the end token is the last of the vocabulary. (sdipc_lab finds the end token itself.)
+    legacy = text.eos_token_id == 2 and tok.eos_token_id == max(tok.get_vocab().values())
+    if tok.eos_token_id != text.eos_token_id and not legacy:
+        problems.append(f"eos_token_id: tokenizer {tok.eos_token_id}, text encoder config {text.eos_token_id}")
     if parts["unet"].config.cross_attention_dim != text.hidden_size:
         problems.append(f"U-Net cross-attends to width {parts['unet'].config.cross_attention_dim}, "
                         f"the text encoder is {text.hidden_size} wide")

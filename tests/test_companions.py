@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-import sdipc_lab as S
 from sdipc_lab import latent_clip as LC
 from sdipc_lab import probing as P
 from sdipc_lab.toyworld import samples

@@ -105,3 +105,15 @@ def test_components_that_do_not_fit(lab):
     parts["tokenizer"] = word_tokenizer(["red"], model_max_length=20)
     with pytest.raises(ValueError, match="pads to 20 tokens"):
         S.assemble(parts, lab.constants, device="cpu")
+
+
+def test_vit_l14_legacy_eos_id_is_accepted(lab):
+    """openai/clip-vit-large-patch14's config says eos_token_id=2 (pre-2023 legacy); that lab must load."""
+    from sdipc_lab.build import random_components
+
+    parts = random_components()
+    parts["text_encoder"].config.eos_token_id = 2
+    S.assemble(parts, lab.constants, device="cpu")  # no error
+    parts["text_encoder"].config.eos_token_id = 5
+    with pytest.raises(ValueError, match="eos_token_id"):
+        S.assemble(parts, lab.constants, device="cpu")

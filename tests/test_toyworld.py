@@ -129,3 +129,12 @@ def test_export_makes_a_loadable_lab(tiny_run, tmp_path):
     assert lab.scheduler.config.prediction_type == "v_prediction"
     assert lab.scheduler.config.rescale_betas_zero_snr
     assert len(S.vary(lab, sample(0, "test").image, n=1, steps=2)) == 1
+
+
+def test_shipped_judge_reads_drawn_images():
+    """The independent judge that scores generated images must itself be right on drawn ones."""
+    from sdipc_lab.toyworld.judge import Judge
+
+    data = samples(150, "test", two_objects=0)
+    scores = agreement(Judge()([s.image for s in data]), [s.attributes for s in data])
+    assert min(scores.values()) >= 0.95, scores
