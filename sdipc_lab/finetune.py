@@ -33,7 +33,6 @@ import random
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -299,13 +298,11 @@ def denoising_loss(lab: Lab, z0: torch.Tensor, context: torch.Tensor) -> torch.T
     return F.mse_loss(lab.unet(zt, t, encoder_hidden_states=context).sample.float(), target.float())
 
 
-@torch.no_grad()
 def latents_of(lab: Lab, images) -> torch.Tensor:
-    """VAE latents (B, 4, h, w), scaled, of images resized to the lab's size."""
-    size = lab.image_size
-    x = torch.stack([torch.from_numpy(np.array(im.resize((size, size)))).permute(2, 0, 1)
-                     for im in images]).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-    return lab.vae.encode(x.to(lab.device, lab.dtype)).latent_dist.mean * lab.vae.config.scaling_factor
+    """VAE latents (B, 4, h, w), scaled, of images resized to the lab's size (posterior means)."""
+    from .latent_clip import encode_latents
+
+    return encode_latents(lab, images, sample=False)
 
 
 def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.PathLike = "runs/finetune",

@@ -43,22 +43,19 @@ def new_tower(lab: Lab, kind: str, *, width: int = 128, layers: int = 4, heads: 
         projection_dim=lab.W_t.shape[0], image_size=side, patch_size=side // tokens_side, num_channels=channels))
 
 
-@torch.no_grad()
-def encode_latents(lab: Lab, images, sample: bool = True) -> torch.Tensor:
-    """Scaled VAE latents (B, 4, h, w) of PIL images; sampled from the posterior by default (as trained)."""
-    import numpy as np
-
-    x = torch.stack([torch.from_numpy(np.array(im.resize((lab.image_size,) * 2))).permute(2, 0, 1)
-                     for im in images]).float().to(lab.device) / 127.5 - 1
-    dist = lab.vae.encode(x.to(lab.dtype)).latent_dist
-    return (dist.sample() if sample else dist.mean) * lab.vae.config.scaling_factor
-
-
 def pixels_of(images, device, size: int) -> torch.Tensor:  # (B, 3, size, size) in [-1, 1]
     import numpy as np
 
     return torch.stack([torch.from_numpy(np.array(im.resize((size, size)))).permute(2, 0, 1)
                         for im in images]).float().to(device) / 127.5 - 1
+
+
+@torch.no_grad()
+def encode_latents(lab: Lab, images, sample: bool = True) -> torch.Tensor:
+    """Scaled VAE latents (B, 4, h, w) of PIL images at the lab's size; sampled from the posterior by
+    default (as the latent tower was trained), its mean with `sample=False`."""
+    dist = lab.vae.encode(pixels_of(images, lab.device, lab.image_size).to(lab.dtype)).latent_dist
+    return (dist.sample() if sample else dist.mean) * lab.vae.config.scaling_factor
 
 
 def tower_embeds(tower, x: torch.Tensor) -> torch.Tensor:
