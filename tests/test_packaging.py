@@ -1,5 +1,6 @@
 """The set-up files agree with each other: pyproject.toml, environment.yml, the README and CI."""
 
+import fnmatch
 import re
 import tomllib
 from pathlib import Path
@@ -60,3 +61,20 @@ def test_no_pickles_and_no_remote_code():
         if path.suffix == ".py":
             text = path.read_text()
             assert "trust_remote_code=True" not in text and "torch.load(" not in text, path
+
+
+def test_package_data_ships_every_weight_and_config():
+    """A non-editable install gets only what package-data names: every shipped weight, config and tokenizer
+    file under sdipc_lab/toyworld must match one of its patterns."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    base = ROOT / "sdipc_lab" / "toyworld"
+    shipped = [p for p in base.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".json", ".txt"}]
+    assert any(p.name == "judge.safetensors" for p in shipped)
+
+    def matches(path: Path, glob: str) -> bool:  # setuptools' globs: "*" never crosses a "/"
+        parts, globs = path.parts, glob.split("/")
+        return len(parts) == len(globs) and all(fnmatch.fnmatchcase(p, g) for p, g in zip(parts, globs))
+
+    missing = [str(p.relative_to(base)) for p in shipped
+               if not any(matches(p.relative_to(base), g) for g in patterns["sdipc_lab.toyworld"])]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
