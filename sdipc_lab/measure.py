@@ -36,18 +36,22 @@ def norms(lab: Lab, captions: Sequence[str]) -> dict:
 
 @torch.no_grad()
 def cutoff_sweep(lab: Lab, images, captions: Sequence[str], cutoffs: Sequence[float]) -> list[dict]:
-    """For each cutoff: rank kept and mean cosine(f_cnvrt, the true caption's end-token state)."""
-    f_img_c = torch.cat([image_embeds(lab, images[i:i + 256]) for i in range(0, len(images), 256)]).float()
-    f_eos = eos_states(lab, captions)
+    """For each cutoff that keeps at least one singular value: the rank kept, the reconstruction error
+    ||W_t W_t^+ f - f|| of unit image embeddings (how much of f_img^c the kept subspace holds), and the mean
+    cosine of f_cnvrt to the true caption's end-token state."""
+    f_img_c = torch.cat([image_embeds(lab, images[i:i + 256]) for i in range(0, len(images), 256)]).double().cpu()
+    f_eos = eos_states(lab, captions).double().cpu()
+    W = lab.W_t.detach().double().cpu()  # (P, D)
+    unit = F.normalize(f_img_c, dim=-1)  # (N, P)
     rows = []
     for cutoff in cutoffs:
         try:
-            inverse = InverseProjection(lab.W_t, cutoff)
+            inverse = InverseProjection(W, cutoff)
         except ValueError:
             continue
-        f_cnvrt = convert(lab, f_img_c, cutoff=cutoff).float()
-        cos = F.cosine_similarity(f_cnvrt, f_eos).mean().item()
-        rows.append(dict(cutoff=float(cutoff), rank=inverse.rank, cosine=cos))
+        error = (unit @ (W @ inverse.matrix).T - unit).norm(dim=-1).mean().item()
+        cos = F.cosine_similarity(convert(lab, f_img_c, cutoff=cutoff).double().cpu(), f_eos).mean().item()
+        rows.append(dict(cutoff=float(cutoff), rank=inverse.rank, reconstruction_error=error, cosine=cos))
     return rows
 
 

@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -69,6 +70,8 @@ def tiny_run(tmp_path_factory):
     s = T.SIZES["test"]
     T.train_clip(world, s, (20, 8, 2e-3), out, acc, seed=0)
     T.train_vae(world, s, (20, 8, 2e-3), out, acc, seed=0)
+    shutil.copytree(out / "vae", out / "vae_before_decoder")
+    T.train_decoder(world, s, (20, 16, 2e-3), out, acc, seed=0)
     T.train_unet(world, s, (20, 8, 2e-3), out, acc, seed=0)
     T.train_judge(s, (20, 16, 2e-3), out, acc, seed=0)
     return out, world, acc
@@ -87,6 +90,24 @@ def test_training_loss_falls(tiny_run, stage):
     assert step == 20 and len(losses) == 20
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
     assert (out / f"{stage}_loss.png").exists()
+
+
+def test_decoder_stage_trains_the_decoder_and_keeps_the_latent_space(tiny_run):
+    """The decoder stage must not move the encoder (the U-Net and latent towers were trained on its latents),
+    and must lower the reconstruction error. Judged on a fixed batch: at this scale, the per-batch training
+    loss is dominated by which images were drawn."""
+    from diffusers import AutoencoderKL
+
+    out, world, _ = tiny_run
+    x = world.pixels(torch.arange(16), "cpu")
+    before, after = (AutoencoderKL.from_pretrained(out / name) for name in ("vae_before_decoder", "vae"))
+    with torch.no_grad():
+        z_before, z_after = before.encode(x).latent_dist.mean, after.encode(x).latent_dist.mean
+        assert torch.equal(z_before, z_after)
+        error = [(vae.decode(z_before).sample - x).abs().mean().item() for vae in (before, after)]
+    assert error[1] < error[0]
+    assert before.config.scaling_factor == after.config.scaling_factor
+    assert _losses(out / "decoder.ckpt.safetensors")[0] == 20
 
 
 def test_training_resumes_from_the_checkpoint(tiny_run, capsys):
@@ -138,3 +159,43 @@ def test_shipped_judge_reads_drawn_images():
     data = samples(150, "test", two_objects=0)
     scores = agreement(Judge()([s.image for s in data]), [s.attributes for s in data])
     assert min(scores.values()) >= 0.95, scores
+
+
+def test_zero_shot_is_perfect_for_the_true_captions_own_features(lab):
+    """Feeding each sample's canonical-caption text features as its 'image' features must score 1.0 on every
+    attribute: the true-value caption *is* that caption. A permuted assignment must not."""
+    from sdipc_lab.toyworld.evaluate import text_features, zero_shot_of
+
+    data = samples(12, "test", two_objects=0)
+    f = text_features(lab, [caption(s.things, s.background) for s in data])
+    assert all(v == 1.0 for v in zero_shot_of(lab, f, data).values())
+    shuffled = zero_shot_of(lab, f.roll(1, dims=0), data)
+    assert min(shuffled.values()) < 1.0
+
+
+def test_cutoff_sweep_against_numpy(lab):
+    from sdipc_lab.convert import image_embeds
+    from sdipc_lab.measure import cutoff_sweep, eos_states
+
+    data = samples(6, "test", two_objects=0)
+    W = lab.W_t.detach().double().numpy()
+    s = np.linalg.svd(W, compute_uv=False)
+    cutoffs = [0.0, float(np.median(s)), float(s.max()) * 2]  # the last keeps nothing: skipped
+    rows = cutoff_sweep(lab, [d.image for d in data], [d.caption for d in data], cutoffs)
+    assert [r["cutoff"] for r in rows] == cutoffs[:2]
+    f = image_embeds(lab, [d.image for d in data]).double().numpy()
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    eos = eos_states(lab, [d.caption for d in data]).double().numpy()
+    for row in rows:
+        pinv = np.linalg.pinv(W, rcond=None) if row["cutoff"] == 0 else None
+        if pinv is None:
+            U, sv, Vt = np.linalg.svd(W)
+            keep = sv > row["cutoff"]
+            pinv = (Vt[keep].T / sv[keep]) @ U[:, keep].T
+            assert row["rank"] == keep.sum()
+        error = np.linalg.norm(f @ (W @ pinv).T - f, axis=1).mean()
+        assert row["reconstruction_error"] == pytest.approx(error, abs=1e-6)
+        converted = f @ pinv.T  # f_cnvrt up to its (positive) norm constant
+        cos = (converted * eos).sum(1) / np.linalg.norm(converted, axis=1) / np.linalg.norm(eos, axis=1)
+        assert row["cosine"] == pytest.approx(cos.mean(), abs=1e-4)
+    assert rows[0]["reconstruction_error"] < 1e-6  # full rank: W_t W_t^+ = I

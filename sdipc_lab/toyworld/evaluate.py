@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..convert import convert, encode_text, eos_prompt_embeds, image_embeds, image_prompt_embeds
 from ..generate import sample as generate_from_embeds
 from ..lab import Lab
+from ..measure import eos_states
 from .judge import agreement
 from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, caption
 
@@ -26,12 +27,8 @@ VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "posi
 @torch.no_grad()
 def text_features(lab: Lab, texts: list[str], space: str = "c", batch: int = 512) -> torch.Tensor:
     """Unit-norm text features: C-space f_txt^c, or T-space end-token states ("t")."""
-    out = []
-    for i in range(0, len(texts), batch):
-        f_txt, eos = encode_text(lab, texts[i:i + batch])
-        f = f_txt[torch.arange(len(eos)), eos].float()
-        out.append(f @ lab.W_t.float().T if space == "c" else f)
-    return F.normalize(torch.cat(out), dim=-1)
+    f_eos = eos_states(lab, texts, batch)  # (N, D)
+    return F.normalize(f_eos @ lab.W_t.float().T if space == "c" else f_eos, dim=-1)
 
 
 @torch.no_grad()
@@ -51,12 +48,17 @@ def _with(s, attribute: str, value: str) -> str:
 def zero_shot(lab: Lab, data, space: str = "c", cutoff: float | None = None) -> dict:
     """Per attribute: how often the image is closest to its canonical caption with the true value,
     among the captions that differ from it in that attribute alone."""
-    f_img = image_features(lab, [s.image for s in data], space, cutoff=cutoff)
+    return zero_shot_of(lab, image_features(lab, [s.image for s in data], space, cutoff=cutoff), data, space)
+
+
+@torch.no_grad()
+def zero_shot_of(lab: Lab, f_img: torch.Tensor, data, space: str = "c") -> dict:
+    """`zero_shot` for given unit image features (N, P) of `data`: any image encoder in the lab's space."""
     scores = {}
     for attribute, values in VALUES.items():
         texts = [_with(s, attribute, v) for s in data for v in values]
         f_txt = text_features(lab, texts, space).view(len(data), len(values), -1)
-        pred = torch.einsum("bd,bvd->bv", f_img, f_txt).argmax(1)
+        pred = torch.einsum("bd,bvd->bv", f_img.to(f_txt), f_txt).argmax(1).cpu()
         truth = torch.tensor([values.index(s.attributes[attribute]) for s in data])
         scores[attribute] = (pred == truth).float().mean().item()
     return scores
@@ -84,8 +86,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 @torch.no_grad()
 def reconstruct(lab: Lab, images) -> list:
     """Encode and decode through the lab's VAE (posterior mean)."""
-    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
-    z = lab.vae.encode(x.to(lab.device, lab.dtype)).latent_dist.mean
+    from ..latent_clip import encode_latents
+
+    z = encode_latents(lab, images, sample=False) / lab.vae.config.scaling_factor
     y = lab.vae.decode(z).sample.float().clamp(-1, 1)
     return lab.pipe.image_processor.postprocess(y, output_type="pil")
 

@@ -2,6 +2,7 @@
 
     python -m sdipc_lab.toyworld.train all   --out runs/toyworld     # everything, then export
     python -m sdipc_lab.toyworld.train clip  --out runs/toyworld     # one model (clip, vae, unet, judge)
+    python -m sdipc_lab.toyworld.train decoder --out runs/toyworld   # more decoder training, latents unchanged
     python -m sdipc_lab.toyworld.train export --out runs/toyworld    # write the lab into the package
     accelerate launch -m sdipc_lab.toyworld.train all ...             # several GPUs, same command
 
@@ -69,9 +70,12 @@ SIZES = {
 }
 # steps, batch, learning rate per stage
 BUDGETS = {
-    "full": {"clip": (6000, 512, 5e-4), "vae": (4000, 128, 1e-3), "unet": (30000, 256, 4e-4), "judge": (1500, 256, 2e-3)},
-    "cpu": {"clip": (100000, 128, 5e-4), "vae": (100000, 32, 1e-3), "unet": (100000, 64, 4e-4), "judge": (100000, 128, 2e-3)},
-    "test": {"clip": (6, 8, 1e-3), "vae": (6, 4, 1e-3), "unet": (6, 8, 1e-3), "judge": (6, 8, 1e-3)},
+    "full": {"clip": (6000, 512, 5e-4), "vae": (4000, 128, 1e-3), "decoder": (2000, 128, 5e-4),
+             "judge": (1500, 256, 2e-3), "unet": (30000, 256, 4e-4)},
+    "cpu": {"clip": (100000, 128, 5e-4), "vae": (100000, 32, 1e-3), "decoder": (100000, 32, 5e-4),
+            "judge": (100000, 128, 2e-3), "unet": (100000, 64, 4e-4)},
+    "test": {"clip": (6, 8, 1e-3), "vae": (6, 4, 1e-3), "decoder": (6, 4, 1e-3), "judge": (6, 8, 1e-3),
+             "unet": (6, 8, 1e-3)},
 }
 
 
@@ -255,6 +259,43 @@ def train_vae(world: World, s: Sizes, budget, out: Path, accelerator, seed: int,
     return vae
 
 
+class DecoderTrainer(torch.nn.Module):
+    """Reconstruction loss through a frozen encoder: only the decoder (and post_quant_conv) learn."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.sample()
+        recon = self.vae.decode(z).sample
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x)
+
+
+def train_decoder(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
+    """Train the VAE's decoder further with its encoder frozen: sharper images, and the latent space (hence the
+    U-Net and the latent CLIP tower trained on it) unchanged. Needs `vae` first; overwrites out/vae."""
+    from diffusers import AutoencoderKL
+
+    steps, batch, lr = budget
+    vae = AutoencoderKL.from_pretrained(out / "vae").to(accelerator.device)
+    encoder_before = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    trainer = DecoderTrainer(vae)
+
+    def loss_fn(module, step):
+        index = batch_index(len(world.images), batch, step, seed + 4, accelerator)
+        return module(world.pixels(index, accelerator.device))
+
+    vae = fit("decoder", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes).vae
+    assert all(torch.equal(v, encoder_before[k]) for k, v in vae.encoder.state_dict().items()), "the encoder moved"
+    vae.save_pretrained(out / "vae")  # same config, same scaling_factor: only the decoder changed
+    return vae
+
+
 def train_unet(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
@@ -368,7 +409,7 @@ def main(argv=None) -> None:
     from accelerate import Accelerator
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", help="all, export, or one or more of clip,vae,judge,unet (comma-separated)")
+    parser.add_argument("stage", help="all, export, or one or more of clip,vae,decoder,judge,unet (comma-separated)")
     parser.add_argument("--out", type=Path, default=Path("runs/toyworld"))
     parser.add_argument("--size", choices=list(SIZES), default="full")
     parser.add_argument("--steps", type=int, help="total steps for the stage (default: the size's budget)")
@@ -383,11 +424,11 @@ def main(argv=None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     minutes = _parse_minutes(args.minutes)
-    stages = ["clip", "vae", "judge", "unet"] if args.stage == "all" else args.stage.split(",")
-    unknown = set(stages) - {"clip", "vae", "judge", "unet", "export"}
+    stages = ["clip", "vae", "decoder", "judge", "unet"] if args.stage == "all" else args.stage.split(",")
+    unknown = set(stages) - {"clip", "vae", "decoder", "judge", "unet", "export"}
     if unknown:
-        parser.error(f"unknown stage(s) {sorted(unknown)}: use all, export, or clip,vae,judge,unet")
-    world = render(s.train_images, "train") if set(stages) & {"clip", "vae", "unet"} else None
+        parser.error(f"unknown stage(s) {sorted(unknown)}: use all, export, or clip,vae,decoder,judge,unet")
+    world = render(s.train_images, "train") if set(stages) & {"clip", "vae", "decoder", "unet"} else None
     for stage in stages:
         if stage == "export":
             continue
@@ -407,7 +448,7 @@ def _parse_minutes(text: str | None) -> dict:
     if not text:
         return {}
     if "=" not in text:
-        return {stage: float(text) for stage in ("clip", "vae", "unet", "judge")}
+        return {stage: float(text) for stage in ("clip", "vae", "decoder", "unet", "judge")}
     return {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
 
 
