@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attention import masked_generate
-from .convert import InverseProjection, convert, encode_text, image_embeds
+from .convert import convert, image_embeds
 from .generate import edit, generate, sample, vary
 from .lab import Lab
 from .metrics import clip_fid, clip_i, clip_score, clip_t
@@ -64,32 +63,22 @@ def spectrum(lab: Lab) -> np.ndarray:
 def cutoff_experiment(lab: Lab, data, cutoffs) -> list[dict]:
     """Footnote 6: for each cutoff, the rank kept, how much of f_img^c the kept subspace reconstructs,
     the cosine of f_cnvrt to the true end-token state, and T-space zero-shot accuracy."""
+    from .measure import cutoff_sweep
     from .toyworld.evaluate import zero_shot
 
-    f_img_c = torch.cat([image_embeds(lab, [s.image for s in data[i:i + 128]]) for i in range(0, len(data), 128)])
-    f_img_c = f_img_c.double().cpu()
-    f_txt, eos = encode_text(lab, [s.caption for s in data])
-    f_eos = f_txt[torch.arange(len(eos)), eos].double().cpu()
-    W = lab.W_t.detach().double().cpu()
     rows = []
-    for cutoff in cutoffs:
-        try:
-            inverse = InverseProjection(W, cutoff)
-        except ValueError:
-            continue
-        recon = F.normalize(f_img_c, dim=-1) @ (W @ inverse.matrix).T  # W_t W_t^+ f: the part W_t^+ keeps
-        error = (recon - F.normalize(f_img_c, dim=-1)).norm(dim=-1).mean().item()
-        cos = F.cosine_similarity(convert(lab, f_img_c, cutoff=cutoff).double().cpu(), f_eos).mean().item()
-        shot = zero_shot(lab, data, "t", cutoff=cutoff)
-        rows.append({"cutoff": float(cutoff), "rank": inverse.rank, "reconstruction error": error,
-                     "cos(f_cnvrt, true EOS)": cos, **{f"T-space {k}": v for k, v in shot.items()}})
+    for row in cutoff_sweep(lab, [s.image for s in data], [s.caption for s in data], cutoffs):
+        shot = zero_shot(lab, data, "t", cutoff=row["cutoff"])
+        rows.append({"cutoff": row["cutoff"], "rank": row["rank"], "reconstruction error": row["reconstruction_error"],
+                     "cos(f_cnvrt, true EOS)": row["cosine"], **{f"T-space {k}": v for k, v in shot.items()}})
     return rows
 
 
 def norm_distributions(lab: Lab, captions) -> dict:
     """Per caption: the C-space norm ||f_txt^c|| (Eq. 6's constant) and the T-space end-token norm."""
-    f_txt, eos = encode_text(lab, list(captions))
-    f_eos = f_txt[torch.arange(len(eos)), eos].float()
+    from .measure import eos_states
+
+    f_eos = eos_states(lab, captions)  # (N, D)
     return {"C-space ||f_txt^c||": (f_eos @ lab.W_t.float().T).norm(dim=-1).cpu().numpy(),
             "T-space ||f_txt^eos||": f_eos.norm(dim=-1).cpu().numpy()}
 
@@ -220,3 +209,66 @@ def fidelity_curve(lab: Lab, concept, train_images, iterations, *, out, judge=No
             rows.append({"method": method, "iterations": it,
                          **concept_fidelity(lab, images, concept, train_images, judge=judge)})
     return rows
+
+
+RENO_CONDITIONS = {
+    "pixel reward (decode + CLIP)": dict(reward="pixel", prior_weight=0.01),
+    "latent reward (latent tower)": dict(reward="latent", prior_weight=0.01),
+    "latent reward, no norm prior": dict(reward="latent", prior_weight=0.0),
+}
+
+
+def _reno_row(results, data, judge, attributes=("shape", "colour", "position")) -> dict:
+    from .toyworld.judge import agreement
+
+    truths = [s.attributes for s in data]
+    before, after = agreement(judge([r.first for r in results]), truths), agreement(judge([r.image for r in results]), truths)
+    row = {"reward before": float(np.mean([r.history[0]["reward"] for r in results])),
+           "best reward": float(np.mean([max(h["reward"] for h in r.history) for r in results]))}
+    for a in attributes:
+        row[f"{a}: before -> after"] = f"{before[a]:.2f} -> {after[a]:.2f}"
+    row["s / iteration"] = float(np.mean([np.mean([h["seconds"] for h in r.history[1:]]) for r in results]))
+    row["||z|| / sqrt(d) at the end"] = float(np.mean([r.history[-1]["z_norm"] for r in results]))
+    return row
+
+
+def reno_experiment(lab: Lab, towers: dict, data, *, judge, iterations: int = 15, seed: int = 0,
+                    conditions: dict = RENO_CONDITIONS) -> tuple[list[dict], dict]:
+    """Companion paper 001: ReNO on each sample's caption with the pixel reward, the latent reward, and the
+    latent reward without the norm prior. The judge's agreement with the caption before (the initial noise's
+    one-step image) and after (the best iterate), the reward, seconds per iteration, and how far the noise
+    left the Gaussian shell (||z|| / sqrt(d) = 1 is where N(0, I) lives; reward hacking drifts away).
+    Returns the rows and the `RenoResult`s by condition."""
+    from .latent_clip import reno
+
+    rows, results = [], {}
+    for name, kwargs in conditions.items():
+        results[name] = [reno(lab, s.caption, towers=towers, iterations=iterations, seed=seed + i, **kwargs)
+                         for i, s in enumerate(tqdm(data, desc=name, leave=False))]
+        rows.append({"condition": name, **_reno_row(results[name], data, judge)})
+    return rows, results
+
+
+def avoidance_experiment(lab: Lab, towers: dict, data, *, judge, iterations: int = 15, seed: int = 0,
+                         reward: str = "latent") -> tuple[list[dict], dict]:
+    """The safety analogue of ReNO: the generator is asked for each sample's caption (a coloured object), and
+    the reward moves the image toward the caption *without* its colour word and away from the caption itself.
+    How often the judge still finds the avoided colour, and whether shape and position are kept."""
+    from .latent_clip import reno
+
+    def without_colour(s) -> str:
+        return " ".join(w for w in s.caption.split() if w != s.things[0].colour)
+
+    rows, results = [], {}
+    avoided = [s.things[0].colour for s in data]
+    for name, avoid in (("toward the caption without its colour", False), ("... and away from the colour", True)):
+        results[name] = [reno(lab, s.caption, reward=reward, towers=towers, iterations=iterations, seed=seed + i,
+                              target=without_colour(s), avoid=s.caption if avoid else None)
+                         for i, s in enumerate(tqdm(data, desc=name, leave=False))]
+        verdicts = [judge([r.first for r in results[name]]), judge([r.image for r in results[name]])]
+        still = [float(np.mean([v["colour"] == c for v, c in zip(vs, avoided)])) for vs in verdicts]
+        row = {"reward": name, "avoided colour found: before -> after": f"{still[0]:.2f} -> {still[1]:.2f}"}
+        row.update({k: v for k, v in _reno_row(results[name], data, judge, ("shape", "position")).items()
+                    if "->" in k or k == "||z|| / sqrt(d) at the end"})
+        rows.append(row)
+    return rows, results

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import time
@@ -116,8 +117,11 @@ def train_tower(lab: Lab, kind: str, *, out: Path, n_images: int = 20000, steps:
     return tower
 
 
-def load_towers(folder: Path = TOWERS_DIR, device="cpu") -> dict:
-    """The committed latent and pixel towers of the teaching lab: {"latent": tower, "pixel": tower}."""
+def load_towers(folder: Path = TOWERS_DIR, device="cpu", dtype=torch.float32) -> dict:
+    """The committed latent and pixel towers of the teaching lab: {"latent": tower, "pixel": tower}.
+
+    They are stored in fp16 (small files) and loaded as `dtype`: fp32 by default, as fp16 matmuls on a
+    CPU are several times slower. Pass the lab's (`device=lab.device, dtype=lab.dtype`) on a GPU."""
     from transformers import CLIPVisionModelWithProjection
 
     from .lab import quiet
@@ -127,34 +131,43 @@ def load_towers(folder: Path = TOWERS_DIR, device="cpu") -> dict:
         raise FileNotFoundError(f"no {', '.join(missing)} tower in {folder}: train them with "
                                 "`python -m sdipc_lab.latent_clip train`")
     with quiet():
-        return {k: CLIPVisionModelWithProjection.from_pretrained(Path(folder) / k, use_safetensors=True).to(device).eval()
-                for k in KINDS}
+        return {k: CLIPVisionModelWithProjection.from_pretrained(Path(folder) / k, use_safetensors=True)
+                .to(device, dtype).eval() for k in KINDS}
 
 
 @torch.no_grad()
 def zero_shot(lab: Lab, towers: dict, data) -> dict:
-    """Per tower: zero-shot accuracy per attribute (captions differing in one attribute), as in Notebook 04."""
-    from .toyworld.evaluate import VALUES, _with
-
-    from .convert import image_embeds, text_embeds
+    """Per image encoder (the lab's pixel CLIP, the latent tower, the pixel tower): zero-shot accuracy per
+    attribute, as in notebook 04 (captions that differ in one attribute)."""
+    from .convert import image_embeds
+    from .toyworld.evaluate import zero_shot_of
 
     images = [s.image for s in data]
-    feats = {"pixel CLIP (the lab's)": F.normalize(image_embeds(lab, images).float(), dim=-1)}
-    latents = encode_latents(lab, images, sample=False)
-    feats["latent tower"] = tower_embeds(towers["latent"], latents)
-    feats["pixel tower (control)"] = tower_embeds(towers["pixel"], pixels_of(images, lab.device, lab.image_size))
+    feats = {"pixel CLIP (the lab's)": F.normalize(image_embeds(lab, images).float(), dim=-1),
+             "latent tower": tower_embeds(towers["latent"], encode_latents(lab, images, sample=False)),
+             "pixel tower (control)": tower_embeds(towers["pixel"], pixels_of(images, lab.device, lab.image_size))}
+    return {name: zero_shot_of(lab, f_img, data) for name, f_img in feats.items()}
 
-    out = {}
-    for name, f_img in feats.items():
-        scores = {}
-        for attribute, values in VALUES.items():
-            texts = [_with(s, attribute, v) for s in data for v in values]
-            f_txt = F.normalize(text_embeds(lab, texts).float(), dim=-1).view(len(data), len(values), -1)
-            pred = torch.einsum("bd,bvd->bv", f_img, f_txt).argmax(1)
-            truth = torch.tensor([values.index(s.attributes[attribute]) for s in data])
-            scores[attribute] = (pred.cpu() == truth).float().mean().item()
-        out[name] = scores
-    return out
+
+def scoring_cost(lab: Lab, towers: dict, latents: torch.Tensor, repeats: int = 5) -> list[dict]:
+    """Median milliseconds to score a batch of scaled latents (B, 4, h, w): decode + the lab's pixel CLIP,
+    vs the latent tower; with the decode's share of the pixel path."""
+    import statistics
+    import timeit
+
+    def ms(fn):  # one warm-up call, then the median of `repeats`
+        with torch.no_grad():
+            fn()
+            return 1e3 * statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
+
+    def decode():
+        return lab.vae.decode(latents / lab.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+    t_decode, t_pixel = ms(decode), ms(lambda: _pixel_clip(lab, decode()))
+    t_latent = ms(lambda: tower_embeds(towers["latent"], latents))
+    return [{"path": "decode + pixel CLIP", "ms / batch": t_pixel, "decode share": t_decode / t_pixel,
+             "ratio to pixel path": 1.0},
+            {"path": "latent CLIP", "ms / batch": t_latent, "decode share": 0.0, "ratio to pixel path": t_latent / t_pixel}]
 
 
 def one_step(lab: Lab, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -175,13 +188,22 @@ def norm_prior(z: torch.Tensor) -> torch.Tensor:
     return (0.5 * r**2 - (z.shape[1] - 1) * torch.log(r)).mean()
 
 
+@dataclasses.dataclass
+class RenoResult:
+    image: object  # PIL image of the best iterate
+    first: object  # PIL image of the initial noise's one-step result (before any optimisation)
+    history: list  # per iteration: reward, seconds, z_norm (||z|| / sqrt(d): 1.0 is where Gaussian noise lives)
+
+
 def reno(lab: Lab, prompt: str, *, reward: str = "latent", towers: dict | None = None, iterations: int = 20,
-         lr: float = 5.0, prior_weight: float = 0.01, clip: float = 0.1, seed: int = 0, avoid: str | None = None):
+         lr: float = 5.0, prior_weight: float = 0.01, clip: float = 0.1, seed: int = 0, target: str | None = None,
+         avoid: str | None = None) -> RenoResult:
     """ReNO: optimise the initial noise so the CLIP reward of the one-step image rises.
 
+    The one-step generator is conditioned on `prompt`; the reward is the cosine to `target` (default: the
+    prompt) in the lab's C-space, minus the cosine to `avoid` if given (concept avoidance, the safety analogue).
     reward: "latent" (latent tower on the latent: no decode) or "pixel" (decode, then the lab's CLIP).
-    `avoid`: a concept text to push away from (the safety analogue). prior_weight=0 drops the norm prior.
-    Returns (best image, history of dicts with reward, seconds per iteration).
+    prior_weight=0 drops the norm prior (and invites reward hacking).
     """
     from .convert import encode_text, text_embeds
 
@@ -193,11 +215,11 @@ def reno(lab: Lab, prompt: str, *, reward: str = "latent", towers: dict | None =
     shape = (1, lab.unet.config.in_channels, lab.unet.config.sample_size, lab.unet.config.sample_size)
     z = torch.nn.Parameter(torch.randn(shape, generator=g).to(lab.device, lab.dtype))
     optimizer = torch.optim.SGD([z], lr=lr, momentum=0.9, nesterov=True)
-    context = encode_text(lab, prompt)[0]
+    context = encode_text(lab, prompt)[0]  # (1, 77, D)
     with torch.no_grad():
-        target = F.normalize(text_embeds(lab, prompt).float(), dim=-1)
+        goal = F.normalize(text_embeds(lab, target or prompt).float(), dim=-1)  # (1, P)
         away = F.normalize(text_embeds(lab, avoid).float(), dim=-1) if avoid else None
-    best, best_reward, history = None, -float("inf"), []
+    first, best, best_reward, history = None, None, -float("inf"), []
     for it in range(iterations + 1):
         start = time.perf_counter()
         x0 = one_step(lab, z, context)  # (1, 4, h, w) scaled latents
@@ -206,21 +228,27 @@ def reno(lab: Lab, prompt: str, *, reward: str = "latent", towers: dict | None =
         else:
             pixels = lab.vae.decode(x0 / lab.vae.config.scaling_factor).sample.clamp(-1, 1)
             f = _pixel_clip(lab, pixels)
-        cos = (f * target).sum()
-        score = cos - ((f * away).sum() if away is not None else 0)
+        score = (f * goal).sum() - ((f * away).sum() if away is not None else 0)
         loss = 100 * (1 - score) + prior_weight * norm_prior(z)
+        if it == 0:
+            first = x0.detach()
         if score.item() > best_reward:
             best_reward, best = score.item(), x0.detach()
+        z_norm = z.detach().float().norm().item() / z.numel() ** 0.5
         if it < iterations:
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_([z], clip)
             optimizer.step()
-        history.append({"iteration": it, "reward": score.item(), "seconds": time.perf_counter() - start})
-    with torch.no_grad():
-        image = lab.pipe.image_processor.postprocess(
-            lab.vae.decode(best / lab.vae.config.scaling_factor).sample.float().clamp(-1, 1), output_type="pil")[0]
-    return image, history
+        history.append({"iteration": it, "reward": score.item(), "seconds": time.perf_counter() - start,
+                        "z_norm": z_norm})
+    return RenoResult(_decode(lab, best), _decode(lab, first), history)
+
+
+@torch.no_grad()
+def _decode(lab: Lab, x0: torch.Tensor):
+    pixels = lab.vae.decode(x0 / lab.vae.config.scaling_factor).sample.float().clamp(-1, 1)
+    return lab.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
 
 
 def _pixel_clip(lab: Lab, pixels: torch.Tensor) -> torch.Tensor:

@@ -82,13 +82,38 @@ def test_towers_have_matched_token_counts(towers, lab):
     assert latent.projection_dim == pixel.projection_dim == lab.W_t.shape[0]  # the lab's C-space
 
 
-def test_reno_raises_the_reward_and_keeps_the_best(lab, towers):
+def test_reno_raises_the_reward(lab, towers):
     for reward in LC.KINDS:
-        image, history = LC.reno(lab, "a red disk", reward=reward, towers=towers, iterations=4, seed=1)
-        assert image.size == (lab.image_size, lab.image_size)
-        assert history[-1]["reward"] > history[0]["reward"]
+        result = LC.reno(lab, "a red disk", reward=reward, towers=towers, iterations=4, seed=1)
+        assert result.image.size == result.first.size == (lab.image_size, lab.image_size)
+        rewards = [h["reward"] for h in result.history]
+        assert max(rewards[1:]) > rewards[0]
+        z = torch.randn(1, lab.unet.config.in_channels, lab.unet.config.sample_size, lab.unet.config.sample_size,
+                        generator=torch.Generator().manual_seed(1))
+        assert result.history[0]["z_norm"] == pytest.approx(z.norm().item() / z.numel() ** 0.5, rel=1e-5)
     with pytest.raises(ValueError, match="latent tower"):
         LC.reno(lab, "a red disk", reward="latent")
+
+
+def test_reno_keeps_the_best_iterate(lab, towers):
+    """With zero iterations the result is the first image; the kept image is the best iterate's, so a run
+    stopped at the best iteration returns the same image."""
+    result = LC.reno(lab, "a red disk", reward="pixel", iterations=5, seed=2, lr=50.0)
+    assert LC.reno(lab, "a red disk", reward="pixel", iterations=0, seed=2).image == result.first
+    best = max(range(6), key=lambda k: result.history[k]["reward"])
+    assert LC.reno(lab, "a red disk", reward="pixel", iterations=best, seed=2, lr=50.0).image == result.image
+
+
+def test_reno_avoid_raises_the_margin_over_the_avoided_concept(lab, towers):
+    from sdipc_lab.convert import image_embeds, text_embeds
+
+    result = LC.reno(lab, "a red disk", reward="pixel", iterations=6, seed=3, target="a red disk", avoid="a blue star")
+    plain = LC.reno(lab, "a red disk", reward="pixel", iterations=0, seed=3)
+    assert plain.first == result.first  # same start
+    unit = lambda x: torch.nn.functional.normalize(x.float(), dim=-1)  # noqa: E731
+    f = unit(image_embeds(lab, [result.first, result.image]))  # through the feature extractor, from 8-bit pixels
+    margin = (f @ unit(text_embeds(lab, "a red disk")).T - f @ unit(text_embeds(lab, "a blue star")).T).squeeze(1)
+    assert margin[1] > margin[0] - 5e-3  # the reward, recomputed independently, did not fall
 
 
 def test_norm_prior_in_fp32_and_minimal_near_sqrt_d():
@@ -100,6 +125,36 @@ def test_norm_prior_in_fp32_and_minimal_near_sqrt_d():
     assert values[1] < values[0] and values[1] < values[2]
 
 
+def test_towers_stored_in_fp16_load_as_fp32(towers, tmp_path):
+    for kind, tower in towers.items():
+        tower.half().save_pretrained(tmp_path / kind)
+        tower.float()
+    loaded = LC.load_towers(tmp_path)
+    assert all(p.dtype == torch.float32 for t in loaded.values() for p in t.parameters())
+    assert LC.load_towers(tmp_path, dtype=torch.float16)["latent"].dtype == torch.float16
+
+
 def test_missing_towers_say_how_to_train(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m sdipc_lab.latent_clip train"):
         LC.load_towers(tmp_path)
+
+
+def test_scoring_cost_rows(lab, towers):
+    latents = torch.randn(2, lab.vae.config.latent_channels, lab.unet.config.sample_size, lab.unet.config.sample_size)
+    pixel, latent = LC.scoring_cost(lab, towers, latents, repeats=2)
+    assert 0 < pixel["decode share"] <= 1.5 and latent["decode share"] == 0.0  # (medians of separate runs)
+    assert latent["ratio to pixel path"] == pytest.approx(latent["ms / batch"] / pixel["ms / batch"])
+
+
+def test_reno_experiment_starts_every_condition_from_the_same_noise(lab, towers):
+    from sdipc_lab import experiments as E
+    from sdipc_lab.toyworld.judge import Judge
+
+    data = samples(2, "test", two_objects=0)
+    rows, results = E.reno_experiment(lab, towers, data, judge=Judge(), iterations=2)
+    assert [r["condition"] for r in rows] == list(E.RENO_CONDITIONS)
+    firsts = [[r.first for r in rs] for rs in results.values()]
+    assert all(f == firsts[0] for f in firsts)  # the "before" column is one and the same image set
+    assert len({r[k].split(" -> ")[0] for r in rows for k in r if k.startswith("shape")}) == 1
+    rows, results = E.avoidance_experiment(lab, towers, data, judge=Judge(), iterations=2)
+    assert len(rows) == 2 and all("avoided colour found: before -> after" in r for r in rows)
