@@ -1,12 +1,16 @@
 """Wall time of the whole notebook series, executed headless as CI does (nbconvert, one kernel each).
 
-    python bench/notebooks_time.py [notebooks/*.ipynb]
+    python bench/notebooks_time.py [notebooks/*.ipynb] [--set SOURCE='"tiny"' --set N=4]
+
+`--set NAME=VALUE` appends to each notebook's `parameters` cell, as papermill does: the same series on
+another lab (`SOURCE="sd-v1-4"` on a GPU; `SOURCE="tiny"` checks that nothing depends on the toy lab).
 
 Target (issue 4): notebooks 01-05 together in <= 10 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -19,11 +23,22 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import table  # noqa: E402
 
 
+def with_parameters(nb, assignments: list[str]):
+    """Append `NAME = VALUE` lines to the cell tagged `parameters` (papermill's convention)."""
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source += "".join(f"\n{a.split('=', 1)[0].strip()} = {a.split('=', 1)[1].strip()}" for a in assignments)
+    return nb
+
+
 def main() -> None:
-    paths = [Path(p) for p in sys.argv[1:]] or sorted(Path("notebooks").glob("*.ipynb"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebooks", nargs="*", type=Path)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    args = parser.parse_args()
+    paths = args.notebooks or sorted(Path("notebooks").glob("*.ipynb"))
     rows, total = [], 0.0
     for path in paths:
-        nb = nbformat.read(path, as_version=4)
+        nb = with_parameters(nbformat.read(path, as_version=4), args.set)
         start = time.perf_counter()
         status = "ok"
         try:
@@ -34,7 +49,7 @@ def main() -> None:
         total += seconds
         rows.append([path.name, seconds, status])
     rows.append(["total", total, ""])
-    print(f"{os.cpu_count()} CPU cores\n")
+    print(f"{os.cpu_count()} CPU cores" + (f", parameters {args.set}" if args.set else "") + "\n")
     print(table(["notebook", "seconds", "status"], rows))
     if any(r[2].startswith("FAILED") for r in rows):
         sys.exit(1)

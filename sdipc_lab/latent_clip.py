@@ -117,11 +117,13 @@ def train_tower(lab: Lab, kind: str, *, out: Path, n_images: int = 20000, steps:
     return tower
 
 
-def load_towers(folder: Path = TOWERS_DIR, device="cpu", dtype=torch.float32) -> dict:
+def load_towers(folder: Path = TOWERS_DIR, device="cpu", dtype=torch.float32, *, lab: Lab | None = None) -> dict:
     """The committed latent and pixel towers of the teaching lab: {"latent": tower, "pixel": tower}.
 
     They are stored in fp16 (small files) and loaded as `dtype`: fp32 by default, as fp16 matmuls on a
-    CPU are several times slower. Pass the lab's (`device=lab.device, dtype=lab.dtype`) on a GPU."""
+    CPU are several times slower. Pass the lab's (`device=lab.device, dtype=lab.dtype`) on a GPU.
+    With `lab`, the towers are checked against it (C-space width, latent and image sizes): towers trained
+    for one lab mean nothing on another."""
     from transformers import CLIPVisionModelWithProjection
 
     from .lab import quiet
@@ -131,8 +133,19 @@ def load_towers(folder: Path = TOWERS_DIR, device="cpu", dtype=torch.float32) ->
         raise FileNotFoundError(f"no {', '.join(missing)} tower in {folder}: train them with "
                                 "`python -m sdipc_lab.latent_clip train`")
     with quiet():
-        return {k: CLIPVisionModelWithProjection.from_pretrained(Path(folder) / k, use_safetensors=True)
-                .to(device, dtype).eval() for k in KINDS}
+        towers = {k: CLIPVisionModelWithProjection.from_pretrained(Path(folder) / k, use_safetensors=True)
+                  .to(device, dtype).eval() for k in KINDS}
+    if lab is not None:
+        wanted = {k: new_tower(lab, k, width=8, layers=1, heads=1).config for k in KINDS}
+        for k, tower in towers.items():
+            have = {a: getattr(tower.config, a) for a in ("projection_dim", "image_size", "num_channels")}
+            need = {a: getattr(wanted[k], a) for a in have}
+            if have != need:
+                raise ValueError(
+                    f"the {k} tower in {folder} was trained for another lab ({have}; the {lab.source!r} lab needs "
+                    f"{need}). Train towers for this lab: `python -m sdipc_lab.latent_clip train --lab "
+                    f"{lab.source} --export FOLDER`, then load_towers(FOLDER) (notebook 08: TOWERS = FOLDER).")
+    return towers
 
 
 @torch.no_grad()
@@ -267,12 +280,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train"])
     parser.add_argument("--lab", default="toy")
-    parser.add_argument("--out", type=Path, default=Path("runs/latent_clip"))
+    parser.add_argument("--out", type=Path, help="checkpoints (default: runs/latent_clip/<lab>)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--minutes", type=float, help="time budget per tower")
     parser.add_argument("--images", type=int, default=20000)
-    parser.add_argument("--export", type=Path, default=TOWERS_DIR)
+    parser.add_argument("--export", type=Path, help="where the towers go (default for --lab toy: the package's)")
     args = parser.parse_args(argv)
+    if args.export is None and args.lab != "toy":
+        parser.error(f"--export FOLDER is needed for --lab {args.lab}: the package's towers belong to the toy lab")
+    args.export = args.export or TOWERS_DIR
+    args.out = args.out or Path("runs/latent_clip") / Path(args.lab).name
     lab = load_lab(args.lab)
     for kind in KINDS:
         tower = train_tower(lab, kind, out=args.out, steps=args.steps, minutes=args.minutes, n_images=args.images)

@@ -61,7 +61,11 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
             else:
                 index, slot = rest.split(".", 1)
                 optim_state.setdefault(int(index), {})[slot] = f.get_tensor(key)
-    unexpected = model.load_state_dict(model_sd, strict=False).unexpected_keys
+    try:
+        unexpected = model.load_state_dict(model_sd, strict=False).unexpected_keys
+    except RuntimeError as error:  # size mismatches: another model's checkpoint in this folder
+        raise ValueError(f"{path} does not fit this model ({str(error).splitlines()[-1].strip()}). It was written "
+                         "by a run with other sizes: train into another folder (--out), or move it away.") from None
     if unexpected:
         raise ValueError(f"{path} does not fit this model: unexpected {unexpected[:5]}")
     if ema is not None and ema_sd:

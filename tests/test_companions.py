@@ -72,7 +72,7 @@ def towers(lab, tmp_path_factory):
     out = tmp_path_factory.mktemp("towers")
     for kind in LC.KINDS:
         LC.train_tower(lab, kind, out=out, n_images=32, steps=3, batch=8, width=32, layers=1)
-    return LC.load_towers(out)
+    return LC.load_towers(out, lab=lab)  # towers trained for this lab pass the fit check
 
 
 def test_towers_have_matched_token_counts(towers, lab):
@@ -132,6 +132,12 @@ def test_towers_stored_in_fp16_load_as_fp32(towers, tmp_path):
     loaded = LC.load_towers(tmp_path)
     assert all(p.dtype == torch.float32 for t in loaded.values() for p in t.parameters())
     assert LC.load_towers(tmp_path, dtype=torch.float16)["latent"].dtype == torch.float16
+
+
+def test_towers_of_another_lab_are_refused(towers, lab, tmp_path):
+    assert set(LC.load_towers(LC.TOWERS_DIR, lab=None)) == set(LC.KINDS)  # the shipped ones load
+    with pytest.raises(ValueError, match="trained for another lab.*latent_clip train --lab tiny"):
+        LC.load_towers(LC.TOWERS_DIR, lab=lab)  # the toy lab's towers on the tiny lab
 
 
 def test_missing_towers_say_how_to_train(tmp_path):

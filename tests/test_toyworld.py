@@ -122,6 +122,19 @@ def test_training_resumes_from_the_checkpoint(tiny_run, capsys):
     assert not list(out.glob("*.tmp"))  # atomic writes leave nothing behind
 
 
+def test_a_checkpoint_of_other_sizes_is_refused_not_overwritten(tmp_path):
+    from sdipc_lab.training import fit
+
+    def loss_fn(m, step):
+        return m(torch.ones(2, 4)).pow(2).mean()
+
+    fit("m", torch.nn.Linear(4, 3), loss_fn, steps=2, lr=0.1, out=tmp_path)
+    before = (tmp_path / "m.ckpt.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="does not fit this model.*another folder"):
+        fit("m", torch.nn.Linear(4, 5), loss_fn, steps=4, lr=0.1, out=tmp_path)
+    assert (tmp_path / "m.ckpt.safetensors").read_bytes() == before
+
+
 def test_checkpoint_round_trip(tmp_path):
     from sdipc_lab.training import load_checkpoint, save_checkpoint
 
