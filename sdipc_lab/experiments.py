@@ -218,15 +218,16 @@ RENO_CONDITIONS = {
 }
 
 
-def _reno_row(results, data, judge, attributes=("shape", "colour", "position")) -> dict:
+def _reno_row(results, data, verdicts, attributes=("shape", "colour", "position")) -> dict:
+    """One table row from `RenoResult`s and the judge's verdicts on their (first, best) images."""
     from .toyworld.judge import agreement
 
     truths = [s.attributes for s in data]
-    before, after = agreement(judge([r.first for r in results]), truths), agreement(judge([r.image for r in results]), truths)
+    before, after = (agreement(v, truths) for v in verdicts)
     row = {"reward before": float(np.mean([r.history[0]["reward"] for r in results])),
            "best reward": float(np.mean([max(h["reward"] for h in r.history) for r in results]))}
     for a in attributes:
-        row[f"{a}: before -> after"] = f"{before[a]:.2f} -> {after[a]:.2f}"
+        row[f"{a} before"], row[f"{a} after"] = before[a], after[a]
     row["s / iteration"] = float(np.mean([np.mean([h["seconds"] for h in r.history[1:]]) for r in results]))
     row["||z|| / sqrt(d) at the end"] = float(np.mean([r.history[-1]["z_norm"] for r in results]))
     return row
@@ -245,7 +246,8 @@ def reno_experiment(lab: Lab, towers: dict, data, *, judge, iterations: int = 15
     for name, kwargs in conditions.items():
         results[name] = [reno(lab, s.caption, towers=towers, iterations=iterations, seed=seed + i, **kwargs)
                          for i, s in enumerate(tqdm(data, desc=name, leave=False))]
-        rows.append({"condition": name, **_reno_row(results[name], data, judge)})
+        verdicts = [judge([r.first for r in results[name]]), judge([r.image for r in results[name]])]
+        rows.append({"condition": name, **_reno_row(results[name], data, verdicts)})
     return rows, results
 
 
@@ -266,9 +268,10 @@ def avoidance_experiment(lab: Lab, towers: dict, data, *, judge, iterations: int
                               target=without_colour(s), avoid=s.caption if avoid else None)
                          for i, s in enumerate(tqdm(data, desc=name, leave=False))]
         verdicts = [judge([r.first for r in results[name]]), judge([r.image for r in results[name]])]
-        still = [float(np.mean([v["colour"] == c for v, c in zip(vs, avoided)])) for vs in verdicts]
-        row = {"reward": name, "avoided colour found: before -> after": f"{still[0]:.2f} -> {still[1]:.2f}"}
-        row.update({k: v for k, v in _reno_row(results[name], data, judge, ("shape", "position")).items()
-                    if "->" in k or k == "||z|| / sqrt(d) at the end"})
+        found = [float(np.mean([v["colour"] == c for v, c in zip(vs, avoided)])) for vs in verdicts]
+        row = {"reward": name, "avoided colour before": found[0], "avoided colour after": found[1]}
+        row.update({k: v for k, v in _reno_row(results[name], data, verdicts, ("shape", "position")).items()
+                    if k.endswith(("before", "after")) and "reward" not in k})
+        row["||z|| / sqrt(d) at the end"] = float(np.mean([r.history[-1]["z_norm"] for r in results[name]]))
         rows.append(row)
     return rows, results

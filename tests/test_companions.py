@@ -161,6 +161,7 @@ def test_reno_experiment_starts_every_condition_from_the_same_noise(lab, towers)
     assert [r["condition"] for r in rows] == list(E.RENO_CONDITIONS)
     firsts = [[r.first for r in rs] for rs in results.values()]
     assert all(f == firsts[0] for f in firsts)  # the "before" column is one and the same image set
-    assert len({r[k].split(" -> ")[0] for r in rows for k in r if k.startswith("shape")}) == 1
+    assert len({r["shape before"] for r in rows}) == len({r["colour before"] for r in rows}) == 1
     rows, results = E.avoidance_experiment(lab, towers, data, judge=Judge(), iterations=2)
-    assert len(rows) == 2 and all("avoided colour found: before -> after" in r for r in rows)
+    assert len(rows) == 2 and rows[0]["avoided colour before"] == rows[1]["avoided colour before"]
+    assert {"shape before", "shape after", "position after"} <= set(rows[0])
