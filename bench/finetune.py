@@ -85,6 +85,23 @@ def _run_speed(source: str, method: str, steps: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def print_curve(rows: list[dict], source: str, n_eval: int) -> None:
+    """The fidelity table, and when SD-IPC-CT reaches Custom Diffusion's fidelity at its last iteration count:
+    first (any single point, noisy with few judged images) and for good (at that point and every later one)."""
+    print(f"## Fidelity to '{CONCEPT[1]} {CONCEPT[0]}' from 5 images ({source} lab, {n_eval} images judged)\n")
+    print(table(["method", "iterations", "judge shape", "judge colour", "judge both", "CLIP-I"],
+                [[r["method"], r["iterations"], r["judge shape"], r["judge colour"], r["judge both"], r["CLIP-I"]]
+                 for r in rows]))
+    last = max(r["iterations"] for r in rows)
+    cd_best = next(r["judge both"] for r in rows if r["method"] == "Custom Diffusion" and r["iterations"] == last)
+    ct = sorted((r["iterations"], r["judge both"]) for r in rows if r["method"] == "SD-IPC-CT")
+    first = next((it for it, v in ct if v >= cd_best), None)
+    held = next((it for k, (it, _) in enumerate(ct) if all(v >= cd_best for _, v in ct[k:])), None)
+    print(f"\nCustom Diffusion at {last} iterations: judge both {cd_best:.2f}. SD-IPC-CT reaches it first at "
+          f"{first if first is not None else 'never'} and for good at {held if held is not None else 'never'} "
+          f"iterations (target <= 30; one judged image is {1 / n_eval:.2f}).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", default="toy")
@@ -93,6 +110,7 @@ def main() -> None:
     parser.add_argument("--save", default=None, help="write the curve as JSON (the notebook reads docs/results/)")
     parser.add_argument("--speed-steps", type=int, default=10, help="k: timed at k and 2k iterations")
     parser.add_argument("--speed-only", action="store_true", help="skip the fidelity curve")
+    parser.add_argument("--curve", help="print the fidelity table of a saved run (--save) instead of training")
     parser.add_argument("--_speed", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._speed:
@@ -103,20 +121,16 @@ def main() -> None:
     from sdipc_lab.toyworld import concept_samples
     from sdipc_lab.toyworld.judge import Judge
 
+    if args.curve:  # re-read a saved run instead of training again
+        saved = json.loads(Path(args.curve).read_text())
+        return print_curve(saved["rows"], saved["source"], args.n_eval)
     if not args.speed_only:
         lab = S.load_lab(args.source)
         lab.pipe.set_progress_bar_config(disable=True)
         train_images = [x.image for x in concept_samples(*CONCEPT, 5)]
         with tempfile.TemporaryDirectory() as out:
             rows = E.fidelity_curve(lab, CONCEPT, train_images, args.iterations, out=out, judge=Judge(), n_eval=args.n_eval)
-        print(f"## Fidelity to '{CONCEPT[1]} {CONCEPT[0]}' from 5 images ({lab.source} lab, {args.n_eval} images judged)\n")
-        print(table(["method", "iterations", "judge shape", "judge colour", "judge both", "CLIP-I"],
-                    [[r["method"], r["iterations"], r["judge shape"], r["judge colour"], r["judge both"], r["CLIP-I"]]
-                     for r in rows]))
-        cd_best = max(r["judge both"] for r in rows if r["method"] == "Custom Diffusion" and r["iterations"] == max(args.iterations))
-        reached = [r["iterations"] for r in rows if r["method"] == "SD-IPC-CT" and r["judge both"] >= cd_best]
-        print(f"\nCustom Diffusion at {max(args.iterations)} iterations: {cd_best:.2f}; SD-IPC-CT first reaches it at "
-              f"{min(reached) if reached else 'never (within the iterations tried)'} (target <= 30).")
+        print_curve(rows, lab.source, args.n_eval)
         if args.save:
             Path(args.save).parent.mkdir(parents=True, exist_ok=True)
             Path(args.save).write_text(json.dumps({"concept": CONCEPT, "source": lab.source, "rows": rows}, indent=1))

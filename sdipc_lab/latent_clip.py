@@ -162,25 +162,31 @@ def zero_shot(lab: Lab, towers: dict, data) -> dict:
     return {name: zero_shot_of(lab, f_img, data) for name, f_img in feats.items()}
 
 
-def scoring_cost(lab: Lab, towers: dict, latents: torch.Tensor, repeats: int = 5) -> list[dict]:
-    """Median milliseconds to score a batch of scaled latents (B, 4, h, w): decode + the lab's pixel CLIP,
-    vs the latent tower; with the decode's share of the pixel path."""
+def scoring_cost(lab: Lab, towers: dict, latents: torch.Tensor, repeats: int = 7) -> list[dict]:
+    """Milliseconds to score a batch of scaled latents (B, 4, h, w): decode + the lab's pixel CLIP, vs the
+    latent tower. Each repeat times the decode, the pixel CLIP on its output and the latent tower back to
+    back; medians over repeats (after one warm-up), and the decode's share of each repeat's pixel path."""
     import statistics
-    import timeit
 
-    def ms(fn):  # one warm-up call, then the median of `repeats`
-        with torch.no_grad():
-            fn()
-            return 1e3 * statistics.median(timeit.repeat(fn, number=1, repeat=repeats))
+    def timed(fn):
+        start = time.perf_counter()
+        out = fn()
+        return out, 1e3 * (time.perf_counter() - start)
 
-    def decode():
-        return lab.vae.decode(latents / lab.vae.config.scaling_factor).sample.clamp(-1, 1)
-
-    t_decode, t_pixel = ms(decode), ms(lambda: _pixel_clip(lab, decode()))
-    t_latent = ms(lambda: tower_embeds(towers["latent"], latents))
-    return [{"path": "decode + pixel CLIP", "ms / batch": t_pixel, "decode share": t_decode / t_pixel,
-             "ratio to pixel path": 1.0},
-            {"path": "latent CLIP", "ms / batch": t_latent, "decode share": 0.0, "ratio to pixel path": t_latent / t_pixel}]
+    decode_ms, clip_ms, latent_ms = [], [], []
+    with torch.no_grad():
+        for k in range(repeats + 1):
+            pixels, t_decode = timed(lambda: lab.vae.decode(latents / lab.vae.config.scaling_factor).sample)
+            _, t_clip = timed(lambda: _pixel_clip(lab, pixels.clamp(-1, 1)))
+            _, t_latent = timed(lambda: tower_embeds(towers["latent"], latents))
+            if k:  # the first round warms up
+                decode_ms.append(t_decode), clip_ms.append(t_clip), latent_ms.append(t_latent)
+    pixel_ms = [d + c for d, c in zip(decode_ms, clip_ms)]
+    t_pixel, t_latent = statistics.median(pixel_ms), statistics.median(latent_ms)
+    share = statistics.median(d / p for d, p in zip(decode_ms, pixel_ms))
+    return [{"path": "decode + pixel CLIP", "ms / batch": t_pixel, "decode share": share, "ratio to pixel path": 1.0},
+            {"path": "latent CLIP", "ms / batch": t_latent, "decode share": 0.0,
+             "ratio to pixel path": t_latent / t_pixel}]
 
 
 def one_step(lab: Lab, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

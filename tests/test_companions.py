@@ -148,7 +148,7 @@ def test_missing_towers_say_how_to_train(tmp_path):
 def test_scoring_cost_rows(lab, towers):
     latents = torch.randn(2, lab.vae.config.latent_channels, lab.unet.config.sample_size, lab.unet.config.sample_size)
     pixel, latent = LC.scoring_cost(lab, towers, latents, repeats=2)
-    assert 0 < pixel["decode share"] <= 1.5 and latent["decode share"] == 0.0  # (medians of separate runs)
+    assert 0 < pixel["decode share"] < 1 and latent["decode share"] == 0.0
     assert latent["ratio to pixel path"] == pytest.approx(latent["ms / batch"] / pixel["ms / batch"])
 
 
