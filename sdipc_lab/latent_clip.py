@@ -59,6 +59,13 @@ def encode_latents(lab: Lab, images, sample: bool = True) -> torch.Tensor:
     return (dist.sample() if sample else dist.mean) * lab.vae.config.scaling_factor
 
 
+@torch.no_grad()
+def decode_latents(lab: Lab, latents: torch.Tensor) -> list:
+    """PIL images of scaled latents (B, 4, h, w): the inverse of `encode_latents`."""
+    pixels = lab.vae.decode(latents.to(lab.dtype) / lab.vae.config.scaling_factor).sample.float().clamp(-1, 1)
+    return lab.pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
 def tower_embeds(tower, x: torch.Tensor) -> torch.Tensor:
     """Unit C-space embeddings (B, P) from latents or pixels in [-1, 1]."""
     return F.normalize(tower(pixel_values=x).image_embeds.float(), dim=-1)
@@ -261,13 +268,8 @@ def reno(lab: Lab, prompt: str, *, reward: str = "latent", towers: dict | None =
             optimizer.step()
         history.append({"iteration": it, "reward": score.item(), "seconds": time.perf_counter() - start,
                         "z_norm": z_norm})
-    return RenoResult(_decode(lab, best), _decode(lab, first), history)
-
-
-@torch.no_grad()
-def _decode(lab: Lab, x0: torch.Tensor):
-    pixels = lab.vae.decode(x0 / lab.vae.config.scaling_factor).sample.float().clamp(-1, 1)
-    return lab.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+    best_image, first_image = decode_latents(lab, torch.cat([best, first]))
+    return RenoResult(best_image, first_image, history)
 
 
 def _pixel_clip(lab: Lab, pixels: torch.Tensor) -> torch.Tensor:

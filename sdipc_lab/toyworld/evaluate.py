@@ -86,11 +86,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 @torch.no_grad()
 def reconstruct(lab: Lab, images) -> list:
     """Encode and decode through the lab's VAE (posterior mean)."""
-    from ..latent_clip import encode_latents
+    from ..latent_clip import decode_latents, encode_latents
 
-    z = encode_latents(lab, images, sample=False) / lab.vae.config.scaling_factor
-    y = lab.vae.decode(z).sample.float().clamp(-1, 1)
-    return lab.pipe.image_processor.postprocess(y, output_type="pil")
+    return decode_latents(lab, encode_latents(lab, images, sample=False))
 
 
 def prompt_conditions(lab: Lab, data, *, seed: int = 0) -> dict:
