@@ -212,3 +212,11 @@ def test_cutoff_sweep_against_numpy(lab):
         cos = (converted * eos).sum(1) / np.linalg.norm(converted, axis=1) / np.linalg.norm(eos, axis=1)
         assert row["cosine"] == pytest.approx(cos.mean(), abs=1e-4)
     assert rows[0]["reconstruction_error"] < 1e-6  # full rank: W_t W_t^+ = I
+
+
+def test_every_size_budgets_every_stage():
+    from sdipc_lab.toyworld import train as T
+
+    assert all(set(budget) == set(T.STAGES) for budget in T.BUDGETS.values())
+    assert set(T.SIZES) == set(T.BUDGETS)
+    assert T._parse_minutes("3") == dict.fromkeys(T.STAGES, 3.0)

@@ -68,6 +68,7 @@ SIZES = {
     "test": Sizes(width=32, text_layers=1, vision_layers=1, heads=2, patch=16, vae_channels=(8, 16, 16),
                   unet_channels=(16, 32, 32), unet_layers=1, unet_heads=2, norm_groups=8, train_images=64),
 }
+STAGES = ("clip", "vae", "decoder", "judge", "unet")  # the order `all` runs them in
 # steps, batch, learning rate per stage
 BUDGETS = {
     "full": {"clip": (6000, 512, 5e-4), "vae": (4000, 128, 1e-3), "decoder": (2000, 128, 5e-4),
@@ -409,7 +410,7 @@ def main(argv=None) -> None:
     from accelerate import Accelerator
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", help="all, export, or one or more of clip,vae,decoder,judge,unet (comma-separated)")
+    parser.add_argument("stage", help=f"all, export, or one or more of {','.join(STAGES)} (comma-separated)")
     parser.add_argument("--out", type=Path, default=Path("runs/toyworld"))
     parser.add_argument("--size", choices=list(SIZES), default="full")
     parser.add_argument("--steps", type=int, help="total steps for the stage (default: the size's budget)")
@@ -424,11 +425,11 @@ def main(argv=None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     minutes = _parse_minutes(args.minutes)
-    stages = ["clip", "vae", "decoder", "judge", "unet"] if args.stage == "all" else args.stage.split(",")
-    unknown = set(stages) - {"clip", "vae", "decoder", "judge", "unet", "export"}
+    stages = list(STAGES) if args.stage == "all" else args.stage.split(",")
+    unknown = set(stages) - {*STAGES, "export"}
     if unknown:
-        parser.error(f"unknown stage(s) {sorted(unknown)}: use all, export, or clip,vae,decoder,judge,unet")
-    world = render(s.train_images, "train") if set(stages) & {"clip", "vae", "decoder", "unet"} else None
+        parser.error(f"unknown stage(s) {sorted(unknown)}: use all, export, or {','.join(STAGES)}")
+    world = render(s.train_images, "train") if set(stages) - {"judge", "export"} else None  # judge draws its own
     for stage in stages:
         if stage == "export":
             continue
@@ -448,7 +449,7 @@ def _parse_minutes(text: str | None) -> dict:
     if not text:
         return {}
     if "=" not in text:
-        return {stage: float(text) for stage in ("clip", "vae", "decoder", "unet", "judge")}
+        return {stage: float(text) for stage in STAGES}
     return {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
 
 
