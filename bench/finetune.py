@@ -1,13 +1,21 @@
 """SD-IPC-CT vs Custom Diffusion: iterations to a fidelity; seconds per iteration and peak memory of FT and CT.
 
-    python bench/finetune.py [--source toy] [--iterations 0 10 20 30 60 125 250] [--save docs/results/fidelity_curve.json]
+    python bench/finetune.py [--source toy] [--concepts star:blue cross:purple star:red] [--n-eval 48]
+                             [--save docs/results/fidelity_curve.json]
+    python bench/finetune.py --lr-sweep            # the learning rates a lab's `finetune_lr` should carry
+    python bench/finetune.py --curve FILE          # re-print a saved curve
 
 The paper: CT needs 30 iterations where Custom Diffusion needs 250. The target here: CT reaches Custom
-Diffusion's 250-iteration fidelity (the judge's shape-and-colour agreement) in <= 30 iterations.
+Diffusion's 250-iteration fidelity (the judge's shape-and-colour agreement, averaged over the concepts) in
+<= 30 iterations. Custom Diffusion learns from the images' captions in the lab's own language with the
+colour word replaced by "<new1>" (the teaching lab's U-Net never saw a caption as short as "a <new1> heart")
+and is asked for those captions back, as SD-IPC-CT varies the images themselves. Each method runs at the
+lab's `finetune_lr`, chosen by --lr-sweep on a concept (--tune-concept) that the curve does not use.
+
 Seconds per iteration are steady-state: in a fresh subprocess per method, after a 2-iteration warm-up
 run, each method is timed for k and for 2k iterations and the difference is divided by k, so loading,
-set-up, checkpoints and the loss plot cancel. Peak memory is the peak resident set *during training* (Linux: VmHWM reset after the lab is
-loaded), reported beside the resident set of the loaded lab itself.
+set-up, checkpoints and the loss plot cancel. Peak memory is the peak resident set *during training* (Linux:
+VmHWM reset after the lab is loaded), reported beside the resident set of the loaded lab itself.
 """
 
 from __future__ import annotations
@@ -51,17 +59,19 @@ def _speed(source: str, method: str, steps: int) -> None:
     iterations; print the steady seconds per iteration, the set-up cost and the peak RSS while training."""
     import sdipc_lab as S
     from sdipc_lab import finetune as FT
-    from sdipc_lab.toyworld import concept_samples
+    from sdipc_lab.toyworld import concept_caption, concept_samples
 
     lab = S.load_lab(source)
-    images = [x.image for x in concept_samples(*CONCEPT, 5)]
+    samples = concept_samples(*CONCEPT, 5)
+    images = [x.image for x in samples]
+    captions = [concept_caption(x, "<new1>") for x in samples]
     others = [x.image for x in concept_samples("star", "blue", 5)]
 
     def run(k: int) -> float:
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             if method == "custom-diffusion":
-                FT.custom_diffusion(lab, images, class_word=CONCEPT[0], steps=k, out=out)
+                FT.custom_diffusion(lab, images, class_word=CONCEPT[0], steps=k, out=out, captions=captions)
             else:
                 concepts = FT.Concepts({"a": images, "b": others})
                 FT.finetune(lab, concepts, mode=method, steps=k, out=out,
@@ -85,55 +95,129 @@ def _run_speed(source: str, method: str, steps: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def print_curve(rows: list[dict], source: str, n_eval: int) -> None:
-    """The fidelity table, and when SD-IPC-CT reaches Custom Diffusion's fidelity at its last iteration count:
-    first (any single point, noisy with few judged images) and for good (at that point and every later one)."""
-    print(f"## Fidelity to '{CONCEPT[1]} {CONCEPT[0]}' from 5 images ({source} lab, {n_eval} images judged)\n")
+def mean_rows(rows: list[dict]) -> list[dict]:
+    """Average the per-concept rows of each (method, iterations)."""
+    keys = sorted({(r["iterations"], r["method"]) for r in rows}, key=lambda k: (k[0], k[1] != "SD-IPC-CT"))
+    measures = ("judge shape", "judge colour", "judge both", "CLIP-I")
+    out = []
+    for it, method in keys:
+        mine = [r for r in rows if r["iterations"] == it and r["method"] == method]
+        out.append({"method": method, "iterations": it, **{m: sum(r[m] for r in mine) / len(mine) for m in measures}})
+    return out
+
+
+def print_curve(saved: dict) -> None:
+    """The fidelity table (mean over concepts), 'judge both' per concept, and when SD-IPC-CT reaches Custom
+    Diffusion's fidelity at its last iteration count: first (any single point) and for good (at that point
+    and every later one)."""
+    rows, concepts, n_eval = saved["rows"], saved["concepts"], saved["n_eval"]
+    names = [f"{c} {s}" for s, c in concepts]
+    print(f"## Fidelity from 5 images ({saved['source']} lab; concepts: {', '.join(names)}; {n_eval} images judged "
+          f"per concept and point; lr: {saved['lr']})\n")
+    mean = mean_rows(rows)
     print(table(["method", "iterations", "judge shape", "judge colour", "judge both", "CLIP-I"],
                 [[r["method"], r["iterations"], r["judge shape"], r["judge colour"], r["judge both"], r["CLIP-I"]]
-                 for r in rows]))
-    last = max(r["iterations"] for r in rows)
-    cd_best = next(r["judge both"] for r in rows if r["method"] == "Custom Diffusion" and r["iterations"] == last)
-    ct = sorted((r["iterations"], r["judge both"]) for r in rows if r["method"] == "SD-IPC-CT")
+                 for r in mean]))
+    print("\n'judge both' per concept:\n")
+    per = [[r["method"], r["iterations"], *(next(x["judge both"] for x in rows if x["concept"] == name and
+                                                x["method"] == r["method"] and x["iterations"] == r["iterations"])
+                                           for name in names)] for r in mean]
+    print(table(["method", "iterations", *names], per))
+    last = max(r["iterations"] for r in mean)
+    cd_best = next(r["judge both"] for r in mean if r["method"] == "Custom Diffusion" and r["iterations"] == last)
+    ct = sorted((r["iterations"], r["judge both"]) for r in mean if r["method"] == "SD-IPC-CT")
     first = next((it for it, v in ct if v >= cd_best), None)
     held = next((it for k, (it, _) in enumerate(ct) if all(v >= cd_best for _, v in ct[k:])), None)
-    print(f"\nCustom Diffusion at {last} iterations: judge both {cd_best:.2f}. SD-IPC-CT reaches it first at "
-          f"{first if first is not None else 'never'} and for good at {held if held is not None else 'never'} "
-          f"iterations (target <= 30; one judged image is {1 / n_eval:.2f}).")
+    print(f"\nCustom Diffusion at {last} iterations: judge both {cd_best:.2f} (mean of {len(concepts)} concepts). "
+          f"SD-IPC-CT reaches it first at {first if first is not None else 'never'} and for good at "
+          f"{held if held is not None else 'never'} iterations (target <= 30; one judged image is "
+          f"{1 / (n_eval * len(concepts)):.3f} of the mean).")
+
+
+def _concept(text: str) -> tuple[str, str]:
+    shape, _, colour = text.partition(":")
+    return shape, colour
+
+
+def lr_sweep(lab, concept, judge, n_eval: int, lrs: dict, budgets: dict) -> None:
+    """Fidelity after each method's budget (CT 30, Custom Diffusion 250 iterations) at each learning rate."""
+    from sdipc_lab import experiments as E
+    from sdipc_lab.toyworld import concept_caption, concept_samples
+
+    samples = concept_samples(*concept, 5)
+    images, captions = [x.image for x in samples], [concept_caption(x, "<new1>") for x in samples]
+    import sdipc_lab as S
+    from sdipc_lab import finetune as FT
+
+    refs = [images[i % len(images)] for i in range(n_eval)]
+    rows = []
+    for name, ft in (("SD-IPC (no prompts)", None), ("SD-IPC-CT, untrained prompts", FT.new_finetuned(lab))):
+        r = E.concept_fidelity(lab, S.vary(lab, refs, n=1, finetuned=ft), concept, images, judge=judge)
+        rows.append([name, 0, "", r["judge shape"], r["judge colour"], r["judge both"], r["CLIP-I"]])
+    for method, values in lrs.items():
+        key = "ct" if method == "SD-IPC-CT" else "custom-diffusion"
+        for lr in values:
+            with tempfile.TemporaryDirectory() as out:
+                [row] = E.fidelity_curve(lab, concept, images, [budgets[method]], out=out, judge=judge,
+                                         train_captions=captions, n_eval=n_eval, lr={key: lr}, methods=[method])
+            rows.append([method, budgets[method], lr, row["judge shape"], row["judge colour"], row["judge both"],
+                         row["CLIP-I"]])
+    print(f"## Learning-rate sweep on '{concept[1]} {concept[0]}' ({lab.source} lab, {n_eval} images judged)\n")
+    print(table(["method", "iterations", "lr", "judge shape", "judge colour", "judge both", "CLIP-I"], rows))
+    for method in lrs:
+        best = max((r for r in rows if r[0] == method), key=lambda r: (r[5], r[6]))
+        print(f"\n{method}: best lr {best[2]:g} (judge both {best[5]:.2f})", end="")
+    print()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="toy")
     parser.add_argument("--iterations", type=int, nargs="+", default=[0, 10, 20, 30, 60, 125, 250])
-    parser.add_argument("--n-eval", type=int, default=12)
+    parser.add_argument("--concepts", nargs="+", default=["star:blue", "cross:purple", "star:red"],
+                        help="shape:colour; star:red is one of the held-out combinations")
+    parser.add_argument("--n-eval", type=int, default=48, help="images judged per concept and point")
     parser.add_argument("--save", default=None, help="write the curve as JSON (the notebook reads docs/results/)")
     parser.add_argument("--speed-steps", type=int, default=10, help="k: timed at k and 2k iterations")
     parser.add_argument("--speed-only", action="store_true", help="skip the fidelity curve")
     parser.add_argument("--curve", help="print the fidelity table of a saved run (--save) instead of training")
+    parser.add_argument("--lr-sweep", action="store_true", help="sweep each method's lr at its budget, then stop")
+    parser.add_argument("--tune-concept", default=":".join(CONCEPT))
     parser.add_argument("--_speed", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._speed:
         return _speed(args.source, args._speed[0], int(args._speed[1]))
+    if args.curve:  # re-read a saved run instead of training again
+        return print_curve(json.loads(Path(args.curve).read_text()))
 
     import sdipc_lab as S
     from sdipc_lab import experiments as E
-    from sdipc_lab.toyworld import concept_samples
+    from sdipc_lab.toyworld import concept_caption, concept_samples
     from sdipc_lab.toyworld.judge import Judge
 
-    if args.curve:  # re-read a saved run instead of training again
-        saved = json.loads(Path(args.curve).read_text())
-        return print_curve(saved["rows"], saved["source"], args.n_eval)
-    if not args.speed_only:
+    if args.lr_sweep or not args.speed_only:
         lab = S.load_lab(args.source)
         lab.pipe.set_progress_bar_config(disable=True)
-        train_images = [x.image for x in concept_samples(*CONCEPT, 5)]
-        with tempfile.TemporaryDirectory() as out:
-            rows = E.fidelity_curve(lab, CONCEPT, train_images, args.iterations, out=out, judge=Judge(), n_eval=args.n_eval)
-        print_curve(rows, lab.source, args.n_eval)
+    if args.lr_sweep:
+        lrs = {"SD-IPC-CT": [5e-5, 2e-4, 1e-3, 3e-3], "Custom Diffusion": [3e-5, 1e-4, 3e-4, 1e-3]}
+        return lr_sweep(lab, _concept(args.tune_concept), Judge(), args.n_eval // 2, lrs,
+                        {"SD-IPC-CT": 30, "Custom Diffusion": 250})
+    if not args.speed_only:
+        concepts = [_concept(c) for c in args.concepts]
+        rows = []
+        for concept in concepts:
+            samples = concept_samples(*concept, 5)
+            with tempfile.TemporaryDirectory() as out:
+                for r in E.fidelity_curve(lab, concept, [x.image for x in samples], args.iterations, out=out,
+                                          judge=Judge(), train_captions=[concept_caption(x, "<new1>") for x in samples],
+                                          n_eval=args.n_eval):
+                    rows.append({"concept": f"{concept[1]} {concept[0]}", **r})
+        saved = {"source": lab.source, "concepts": concepts, "n_eval": args.n_eval, "rows": rows,
+                 "mean": mean_rows(rows), "lr": {k: lab.finetune_lr[k] for k in ("ct", "custom-diffusion")}}
+        print_curve(saved)
         if args.save:
             Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.save).write_text(json.dumps({"concept": CONCEPT, "source": lab.source, "rows": rows}, indent=1))
+            Path(args.save).write_text(json.dumps(saved, indent=1))
     speed = []
     k = args.speed_steps
     for method in ("ft", "ct", "custom-diffusion"):

@@ -1,6 +1,6 @@
 """Wall time of the whole notebook series, executed headless as CI does (nbconvert, one kernel each).
 
-    python bench/notebooks_time.py [notebooks/*.ipynb] [--set SOURCE='"tiny"' --set N=4]
+    python bench/notebooks_time.py [notebooks/*.ipynb] [--set SOURCE='"tiny"' --set N=4] [--executed DIR]
 
 `--set NAME=VALUE` appends to each notebook's `parameters` cell, as papermill does: the same series on
 another lab (`SOURCE="sd-v1-4"` on a GPU; `SOURCE="tiny"` checks that nothing depends on the toy lab).
@@ -34,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--executed", type=Path, help="also write the executed notebooks (with outputs) here")
     args = parser.parse_args()
     paths = args.notebooks or sorted(Path("notebooks").glob("*.ipynb"))
     rows, total = [], 0.0
@@ -46,6 +47,9 @@ def main() -> None:
         except Exception as error:  # report every notebook, then fail
             status = "FAILED: " + str(error).strip().splitlines()[-1][:200]
         seconds = time.perf_counter() - start
+        if args.executed:
+            args.executed.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, args.executed / path.name)
         total += seconds
         rows.append([path.name, seconds, status])
     rows.append(["total", total, ""])

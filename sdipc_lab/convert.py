@@ -67,19 +67,24 @@ def encode_text(lab: Lab, texts: str | Sequence[str]) -> tuple[torch.Tensor, tor
 
     Refuses (ValueError) a text longer than the encoder's 77 tokens rather than cutting it silently.
     """
+    input_ids, eos = token_ids(lab.tokenizer, texts)
+    f_txt = lab.text_encoder.text_model(input_ids.to(lab.device)).last_hidden_state  # (B, 77, D)
+    return f_txt, eos.to(lab.device)
+
+
+def token_ids(tokenizer, texts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, 77), padded as SD v1 pads, and end-token positions (B,); a text longer than the
+    tokenizer's 77 tokens is refused (ValueError), not cut silently."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a string or a non-empty list of strings")
-    tokens = lab.tokenizer(texts, padding="max_length", max_length=lab.max_length, truncation=False)
+    length = tokenizer.model_max_length
+    tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=False)
     for i, ids in enumerate(tokens.input_ids):
-        if len(ids) > lab.max_length:
+        if len(ids) > length:
             raise ValueError(f"text {i} is {len(ids)} tokens long; the CLIP text encoder reads at most "
-                             f"{lab.max_length} (start + {lab.max_length - 2} tokens + end). "
-                             f"Shorten it: {texts[i][:60]!r}...")
-    input_ids = torch.tensor(tokens.input_ids, device=lab.device)  # (B, 77)
-    eos = torch.tensor(tokens.attention_mask).sum(1) - 1  # (B,) position of the end token
-    f_txt = lab.text_encoder.text_model(input_ids).last_hidden_state  # (B, 77, D)
-    return f_txt, eos.to(lab.device)
+                             f"{length} (start + {length - 2} tokens + end). Shorten it: {texts[i][:60]!r}...")
+    return torch.tensor(tokens.input_ids), torch.tensor(tokens.attention_mask).sum(1) - 1
 
 
 @torch.no_grad()

@@ -179,35 +179,48 @@ def finetune_comparison(lab: Lab, test_concepts, finetuned, *, n_refs: int = 2, 
 
 
 def fidelity_curve(lab: Lab, concept, train_images, iterations, *, out, judge=None, class_word: str | None = None,
-                   n_eval: int = 8, seed=0, steps=None, batch: int = 4) -> list[dict]:
+                   train_captions=None, n_eval: int = 8, seed=0, steps=None, batch: int = 4, lr=None,
+                   methods=("SD-IPC-CT", "Custom Diffusion")) -> list[dict]:
     """Table 3 analogue: fidelity to a concept learnt from `train_images` after each number of iterations,
-    for SD-IPC-CT (variations of the training images) and Custom Diffusion ("a <new1> {class_word}")."""
+    for SD-IPC-CT (variations of the training images) and Custom Diffusion (text with the new token).
+    Each method is one run, resumed from its checkpoint in `out` up to each count in turn.
+
+    Custom Diffusion trains on `train_captions` (one per image, with "<new1>" for the concept word) and
+    is asked for them back, image by image, as SD-IPC-CT varies the images themselves; without them, on
+    its own templates ("a <new1> {class_word}"). At 0 iterations it gets the captions without the token.
+    `lr` ({"ct": .., "custom-diffusion": ..}) overrides the lab's `finetune_lr`.
+    """
     from pathlib import Path
 
-    from .finetune import Concepts, custom_diffusion, finetune
+    from .finetune import Concepts, applied, custom_diffusion, finetune
 
-    out = Path(out)
+    out, lr = Path(out), lr or {}
     class_word = class_word or concept[0]
     refs = [train_images[i % len(train_images)] for i in range(n_eval)]
+    if train_captions is None:
+        prompts = [f"a <new1> {class_word}"] * n_eval
+    else:
+        prompts = [train_captions[i % len(train_images)] for i in range(n_eval)]
+
+    def sd_ipc_ct(it):
+        ct = None if it == 0 else finetune(lab, Concepts({"concept": list(train_images)}), mode="ct", steps=it,
+                                           batch=batch, out=out / "ct", seed=seed, lr=lr.get("ct"))
+        return vary(lab, refs, n=1, seed=seed, steps=steps, finetuned=ct)
+
+    def custom(it):
+        if it == 0:
+            return generate(lab, [p.replace("<new1> ", "") for p in prompts], n=1, seed=seed, steps=steps)
+        cd = custom_diffusion(lab, train_images, class_word=class_word, steps=it, batch=batch, out=out / "cd",
+                              seed=seed, captions=train_captions, lr=lr.get("custom-diffusion"))
+        with applied(lab, cd):
+            return generate(lab, prompts, n=1, seed=seed, steps=steps)
+
+    run = {"SD-IPC-CT": sd_ipc_ct, "Custom Diffusion": custom}
     rows = []
     for it in iterations:
-        if it == 0:
-            ct = cd = None
-        else:
-            ct = finetune(lab, Concepts({"concept": list(train_images)}), mode="ct", steps=it, batch=batch,
-                          out=out / "ct", seed=seed)
-            cd = custom_diffusion(lab, train_images, class_word=class_word, steps=it, batch=batch, out=out / "cd",
-                                  seed=seed)
-        ct_images = vary(lab, refs, n=1, seed=seed, steps=steps, finetuned=ct)
-        if cd is None:
-            cd_images = generate(lab, [f"a {class_word}"] * n_eval, n=1, seed=seed, steps=steps)
-        else:
-            from .finetune import applied
-            with applied(lab, cd):
-                cd_images = generate(lab, [f"a <new1> {class_word}"] * n_eval, n=1, seed=seed, steps=steps)
-        for method, images in (("SD-IPC-CT", ct_images), ("Custom Diffusion", cd_images)):
+        for method in methods:
             rows.append({"method": method, "iterations": it,
-                         **concept_fidelity(lab, images, concept, train_images, judge=judge)})
+                         **concept_fidelity(lab, run[method](it), concept, train_images, judge=judge)})
     return rows
 
 

@@ -36,14 +36,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .convert import encode_text, pseudo_prompt
+from .convert import encode_text, pseudo_prompt, token_ids
 from .images import as_rgb_images
 from .lab import Lab
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-MODES = {  # the paper's recipes (Sec. 4.1): steps, learning rate, schedule, text-to-image regulariser
-    "ft": dict(steps=1000, lr=1e-4, schedule="cosine", text_weight=1.0),
-    "ct": dict(steps=30, lr=5e-5, schedule="constant", text_weight=0.0),
+MODES = {  # the paper's recipes (Sec. 4.1): steps, schedule, text-to-image regulariser; the lr is the lab's
+    "ft": dict(steps=1000, schedule="cosine", text_weight=1.0),
+    "ct": dict(steps=30, schedule="constant", text_weight=0.0),
 }
 
 
@@ -313,14 +313,15 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
 
     `ab=True` (default when every concept has >= 2 images in FT) picks x_target among the other images of
     x_ref's concept. `captions` ({concept: text}) feeds the text-to-image regulariser of FT; without it the
-    regulariser is off. Returns the trained parts, also saved to `out/finetuned.safetensors`.
+    regulariser is off. `lr` defaults to the lab's `finetune_lr[mode]` (the paper's for SD v1.4, measured
+    for the teaching lab). Returns the trained parts, also saved to `out/finetuned.safetensors`.
     """
     from .training import fit
 
     if mode not in MODES:
         raise ValueError(f"mode must be 'ft' (SD-IPC-FT) or 'ct' (SD-IPC-CT), got {mode!r}")
     recipe = MODES[mode]
-    steps, lr = steps or recipe["steps"], lr or recipe["lr"]
+    steps, lr = steps or recipe["steps"], lr or lab.finetune_lr[mode]
     counts = {c: len(v) for c, v in concepts.images.items()}
     if ab is None:
         ab = mode == "ft" and min(counts.values()) >= 2
@@ -387,14 +388,25 @@ class TextToImageLoss(torch.nn.Module):
 
 
 def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>", steps: int = 250,
-                     lr: float = 1e-4, token_lr_scale: float = 10.0, batch: int = 4,
+                     lr: float | None = None, token_lr_scale: float = 10.0, batch: int = 4, captions=None,
                      out: str | os.PathLike = "runs/custom_diffusion", seed: int = 0, minutes: float | None = None,
                      accelerator=None) -> FineTuned:
     """The baseline (Kumari et al. 2023): a new token, initialised from `class_word`, and the cross-attention
-    k/v, trained with the text-to-image loss on captions "a <new1> {class_word}" (templates below)."""
+    k/v, trained with the text-to-image loss on captions "a <new1> {class_word}" (templates below).
+
+    `captions`, one per image and each containing `token`, replace the templates: for a lab whose own
+    captions are never that short (the teaching lab always names size, position and background), so the
+    baseline learns in the language its U-Net was trained on.
+    """
     from .training import fit
 
     images = as_rgb_images(images)
+    lr = lr or lab.finetune_lr["custom-diffusion"]
+    if captions is not None:
+        captions = list(captions)
+        if len(captions) != len(images) or not all(token in c for c in captions):
+            raise ValueError(f"captions must be one per image ({len(images)}) and each must contain {token!r}; "
+                             f"got {len(captions)}: {captions[:2]}...")
     class_ids = lab.tokenizer(class_word, add_special_tokens=False).input_ids
     if len(class_ids) != 1:
         raise ValueError(f"class_word must be one token of the lab's vocabulary; {class_word!r} is {len(class_ids)}")
@@ -411,16 +423,18 @@ def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>"
         proc.requires_grad_(True)
     for p in lab.unet.parameters():
         p.requires_grad_(False)
-    templates = ["a {} {}", "a picture of a {} {}", "an image showing a {} {}", "a drawing of a {} {}"]
-    captions = [t.format(token, class_word) for t in templates]
-    ids = torch.tensor(tokenizer(captions, padding="max_length", max_length=lab.max_length).input_ids, device=lab.device)
-    latents = latents_of(lab, images)
+    per_image = captions is not None
+    if not per_image:
+        templates = ["a {} {}", "a picture of a {} {}", "an image showing a {} {}", "a drawing of a {} {}"]
+        captions = [t.format(token, class_word) for t in templates]
+    ids = token_ids(tokenizer, captions)[0].to(lab.device)  # (K, 77)
+    latents = latents_of(lab, images)  # (N, 4, h, w)
     module = TextToImageLoss(lab, ft)
 
     def loss_fn(m, step):
         rng = random.Random(f"cd:{seed}:{step}")
         pick = [rng.randrange(len(images)) for _ in range(batch)]
-        which = [rng.randrange(len(captions)) for _ in range(batch)]
+        which = pick if per_image else [rng.randrange(len(captions)) for _ in range(batch)]
         return m(ids[torch.tensor(which, device=lab.device)], latents[torch.tensor(pick, device=lab.device)])
 
     with applied(lab, dataclasses.replace(ft, text=None)):
@@ -442,7 +456,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lab", default="toy", help="toy, sd-v1-4, or a lab folder")
     parser.add_argument("--out", default="runs/finetune")
     parser.add_argument("--steps", type=int)
-    parser.add_argument("--lr", type=float)
+    parser.add_argument("--lr", type=float, help="default: the lab's finetune_lr for the mode")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--no-ab", action="store_true", help="x_target = x_ref even with several images per concept")
     parser.add_argument("--seed", type=int, default=0)

@@ -36,8 +36,11 @@ HUB_SOURCES = {
     "sd-v1-4": "CompVis/stable-diffusion-v1-4",
     "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
 }
+# Learning rates of sdipc_lab.finetune for SD v1.4: the paper's SD-IPC-FT / -CT (Sec. 4.1) and diffusers'
+# Custom Diffusion example. A lab of another scale carries its own, measured (bench/finetune.py --lr-sweep).
+PAPER_FINETUNE_LR = {"ft": 1e-5, "ct": 5e-6, "custom-diffusion": 1e-5}
 # The paper's constants for CLIP ViT-L/14 (footnote 6, Eq. 6) and the public code's T-space norm.
-HUB_CONSTANTS = dict(cutoff=0.3, norm=27.0, norm_t=27.5, steps=50, guidance_scale=7.5)
+HUB_CONSTANTS = dict(cutoff=0.3, norm=27.0, norm_t=27.5, steps=50, guidance_scale=7.5, finetune_lr=PAPER_FINETUNE_LR)
 TOY_FOLDER = Path(__file__).parent / "toyworld" / "lab"
 KNOWN_SOURCES = ("toy", "tiny", *HUB_SOURCES)
 
@@ -67,6 +70,7 @@ class Lab:
     norm_t: float  # ||f_txt^{eos}||, the T-space end-token norm (public code's convention)
     steps: int = 50  # default denoising steps
     guidance_scale: float = 7.5
+    finetune_lr: dict = dataclasses.field(default_factory=lambda: dict(PAPER_FINETUNE_LR))  # method -> lr
     source: str = ""
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
@@ -90,8 +94,8 @@ class Lab:
 
     @property
     def constants(self) -> dict:
-        return dict(cutoff=self.cutoff, norm=self.norm, norm_t=self.norm_t,
-                    steps=self.steps, guidance_scale=self.guidance_scale)
+        return dict(cutoff=self.cutoff, norm=self.norm, norm_t=self.norm_t, steps=self.steps,
+                    guidance_scale=self.guidance_scale, finetune_lr=dict(self.finetune_lr))
 
     def __repr__(self) -> str:
         P, D = self.W_t.shape
@@ -310,7 +314,8 @@ def check_consistent(parts: dict) -> None:
 def _load_tiny(device, dtype, name: str = "tiny") -> Lab:
     from .build import random_components
 
-    constants = dict(cutoff=0.05, norm=10.0, norm_t=5.0, steps=4, guidance_scale=3.0)
+    constants = dict(cutoff=0.05, norm=10.0, norm_t=5.0, steps=4, guidance_scale=3.0,
+                     finetune_lr={"ft": 1e-4, "ct": 1e-3, "custom-diffusion": 1e-3})
     with quiet():
         lab = assemble(random_components(), constants, source=name, device="cpu")
     # Round-trip through a folder so that "tiny" exercises the very loader the other sources use.

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .convert import token_ids
 from .lab import Lab
 
 # Attribute groups with ground truth for the toy world. "words" lives only in the captions.
@@ -55,11 +56,9 @@ def text_features(lab: Lab, captions: list[str], batch: int = 128) -> dict:
     """Every layer's end-token state and mean over real tokens: {"text:L{i}:eos": (N, D), ...}."""
     out: dict[str, list] = {}
     for i in range(0, len(captions), batch):
-        tokens = lab.tokenizer(captions[i:i + batch], padding="max_length", max_length=lab.max_length,
-                               return_tensors="pt")
-        hidden = lab.text_encoder.text_model(tokens.input_ids.to(lab.device), output_hidden_states=True).hidden_states
-        eos = tokens.attention_mask.sum(1) - 1
-        mask = tokens.attention_mask.to(lab.device)[..., None].float()
+        input_ids, eos = token_ids(lab.tokenizer, captions[i:i + batch])  # (B, 77), (B,)
+        hidden = lab.text_encoder.text_model(input_ids.to(lab.device), output_hidden_states=True).hidden_states
+        mask = (torch.arange(input_ids.shape[1]) <= eos[:, None]).to(lab.device)[..., None].float()  # (B, 77, 1)
         for layer, h in enumerate(hidden):  # embeddings, then each transformer layer
             out.setdefault(f"text:L{layer}:eos", []).append(h[torch.arange(len(eos)), eos].float().cpu())
             out.setdefault(f"text:L{layer}:mean", []).append(((h * mask).sum(1) / mask.sum(1)).float().cpu())

@@ -148,3 +148,42 @@ def test_custom_diffusion_baseline(fresh_lab, tmp_path):
     torch.testing.assert_close(again.text[1].get_input_embeddings().weight[-1], trained[-1])
     with pytest.raises(ValueError, match="one token"):
         FT.custom_diffusion(fresh_lab, images, class_word="zzzz qqq", steps=1, out=tmp_path / "x")
+
+
+def test_custom_diffusion_pairs_each_image_with_its_own_caption(fresh_lab, tmp_path, monkeypatch):
+    images = [sample(i, "test", two_objects=0).image for i in range(3)]
+    captions = [f"a {size} <new1> heart on the left" for size in ("small", "large", "big")]
+    seen = []
+    forward = FT.TextToImageLoss.forward
+    monkeypatch.setattr(FT.TextToImageLoss, "forward",
+                        lambda self, ids, latents: seen.append((ids.clone(), latents.clone())) or forward(self, ids, latents))
+    ft = FT.custom_diffusion(fresh_lab, images, class_word="heart", captions=captions, steps=4, batch=3, out=tmp_path)
+    tokenizer = ft.text[0]
+    caption_ids = FT.token_ids(tokenizer, captions)[0]  # (3, 77)
+    latents = FT.latents_of(fresh_lab, images)  # (3, 4, h, w)
+    for ids, z in seen:
+        for row, latent in zip(ids, z):
+            caption = next(i for i in range(3) if torch.equal(caption_ids[i], row.cpu()))
+            image = next(i for i in range(3) if torch.allclose(latents[i], latent))
+            assert caption == image
+    assert ft.info["lr"] == fresh_lab.finetune_lr["custom-diffusion"]  # the lab's measured lr by default
+
+
+@pytest.mark.parametrize("captions, match", [
+    (["a <new1> heart"], "one per image"),
+    (["a heart", "a <new1> heart", "a <new1> heart"], "contain '<new1>'"),
+    (["a <new1> heart" + " big" * 80] * 3, "tokens long"),
+])
+def test_custom_diffusion_refuses_bad_captions(fresh_lab, tmp_path, captions, match):
+    images = [sample(i, "test", two_objects=0).image for i in range(3)]
+    with pytest.raises(ValueError, match=match):
+        FT.custom_diffusion(fresh_lab, images, class_word="heart", captions=captions, steps=1, out=tmp_path)
+
+
+def test_learning_rate_defaults_to_the_labs(fresh_lab, tmp_path):
+    images = [sample(i, "test", two_objects=0).image for i in range(2)]
+    fresh_lab.finetune_lr = {**fresh_lab.finetune_lr, "ct": 0.0123}
+    ft = FT.finetune(fresh_lab, FT.Concepts({"c": images}), mode="ct", steps=1, batch=2, out=tmp_path)
+    assert ft.info["lr"] == 0.0123
+    folder = S.save_lab(fresh_lab, tmp_path / "lab")
+    assert S.load_lab(folder, device="cpu").finetune_lr["ct"] == 0.0123  # carried in the lab's constants

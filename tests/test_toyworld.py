@@ -69,6 +69,8 @@ def tiny_run(tmp_path_factory):
     acc = Accelerator(cpu=True)
     s = T.SIZES["test"]
     T.train_clip(world, s, (20, 8, 2e-3), out, acc, seed=0)
+    shutil.copytree(out / "image_encoder", out / "image_encoder_before_vision")
+    T.train_vision(world, s, (20, 8, 2e-3), out, acc, seed=0)
     T.train_vae(world, s, (20, 8, 2e-3), out, acc, seed=0)
     shutil.copytree(out / "vae", out / "vae_before_decoder")
     T.train_decoder(world, s, (20, 16, 2e-3), out, acc, seed=0)
@@ -83,7 +85,7 @@ def _losses(path):
     return int(meta["step"]), json.loads(meta["losses"])
 
 
-@pytest.mark.parametrize("stage", ["clip", "vae", "unet", "judge"])
+@pytest.mark.parametrize("stage", ["clip", "vision", "vae", "unet", "judge"])
 def test_training_loss_falls(tiny_run, stage):
     out, _, _ = tiny_run
     step, losses = _losses(out / f"{stage}.ckpt.safetensors")
@@ -108,6 +110,31 @@ def test_decoder_stage_trains_the_decoder_and_keeps_the_latent_space(tiny_run):
     assert error[1] < error[0]
     assert before.config.scaling_factor == after.config.scaling_factor
     assert _losses(out / "decoder.ckpt.safetensors")[0] == 20
+
+
+def test_vision_stage_trains_the_image_tower_against_the_frozen_text_tower(tiny_run):
+    """The vision stage must not move the text tower (the U-Net was trained on its states) and must align
+    images better with their captions: the contrastive loss on a fixed batch falls."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    from sdipc_lab.toyworld import train as T
+
+    out, world, _ = tiny_run
+    with safe_open(str(out / "vision.ckpt.safetensors"), framework="pt") as ckpt:
+        trained = {k.split(".")[1] for k in ckpt.keys() if k.startswith("model.")}
+    assert trained == {"vision", "logit_scale"}  # nothing of the text tower trained
+    text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    index = torch.arange(32)
+    ids, eos = T.tokenize(tokenizer, world.captions(index, random.Random(0)), "cpu")
+    pixels = T.clip_normalize(world.pixels(index, "cpu"))
+    losses = []
+    for name in ("image_encoder_before_vision", "image_encoder"):
+        trainer = T.ClipTrainer(text, CLIPVisionModelWithProjection.from_pretrained(out / name))
+        with torch.no_grad():
+            losses.append(trainer(ids, eos, eos, pixels).item())
+    assert losses[1] < losses[0], losses
+    assert _losses(out / "vision.ckpt.safetensors")[0] == 20
 
 
 def test_training_resumes_from_the_checkpoint(tiny_run, capsys):
@@ -160,6 +187,7 @@ def test_export_makes_a_loadable_lab(tiny_run, tmp_path):
     lab = S.load_lab(folder, device="cpu")
     constants = json.loads((folder / "sdipc_lab.json").read_text())
     assert constants["cutoff"] == lab.cutoff and constants["norm"] > 0 and constants["norm_t"] > 0
+    assert lab.finetune_lr == T.FINETUNE_LR  # the teaching scale's fine-tuning rates, not SD v1.4's
     assert lab.scheduler.config.prediction_type == "v_prediction"
     assert lab.scheduler.config.rescale_betas_zero_snr
     assert len(S.vary(lab, sample(0, "test").image, n=1, steps=2)) == 1
@@ -220,3 +248,43 @@ def test_every_size_budgets_every_stage():
     assert all(set(budget) == set(T.STAGES) for budget in T.BUDGETS.values())
     assert set(T.SIZES) == set(T.BUDGETS)
     assert T._parse_minutes("3") == dict.fromkeys(T.STAGES, 3.0)
+
+
+@pytest.mark.parametrize("size", ["full", "cpu"])
+def test_every_size_builds_a_lab_within_the_weight_budget(size):
+    """The GPU recipe (`--size full`) has never trained here; building its models checks what can be checked
+    without a GPU: the classes accept the widths, W_t is square (as in ViT-L/14) and the exported (fp16)
+    CLIP + VAE + U-Net stay within the issue's 40 MB."""
+    from sdipc_lab.toyworld import train as T
+
+    s = T.SIZES[size]
+    text, vision = T.new_clip(s, T.new_tokenizer())
+    models = [text, vision, T.new_vae(s), T.new_unet(s, cross_dim=text.config.hidden_size)]
+    P, D = text.text_projection.weight.shape
+    assert P == D == s.width == vision.config.projection_dim
+    megabytes = sum(p.numel() for m in models for p in m.parameters()) * 2 / 1e6  # fp16 on disk
+    assert megabytes <= 40, f"{size}: {megabytes:.1f} MB"
+
+
+def test_the_oracle_condition_is_the_round_trip_of_the_true_end_token_state(lab):
+    """"SD-IPC on the caption's embedding" converts W_t f_eos back: with nothing cut (cutoff 0, W_t square and
+    full rank) it must point exactly along the true end-token state, and lose what a cutoff removes."""
+    from sdipc_lab.toyworld.evaluate import prompt_conditions
+
+    data = samples(4, "test", two_objects=0)
+    P, D = lab.W_t.shape
+    assert P == D
+    cos = torch.nn.functional.cosine_similarity
+    saved = lab.cutoff
+    try:
+        lab.cutoff = 0.0
+        conditions = prompt_conditions(lab, data)
+        oracle, eos = conditions["SD-IPC on the caption's embedding (oracle)"], conditions["[sos, true EOS x 76]"]
+        assert torch.allclose(cos(oracle[:, 1], eos[:, 1], dim=-1), torch.ones(4), atol=1e-4)
+        torch.testing.assert_close(oracle[:, 0], eos[:, 0])  # the same start-token state
+        lab.cutoff = float(torch.linalg.svdvals(lab.W_t.double())[P // 2])  # cut half the spectrum
+        cut = prompt_conditions(lab, data)["SD-IPC on the caption's embedding (oracle)"]
+        assert (cos(cut[:, 1], eos[:, 1], dim=-1) < 0.999).all()
+    finally:
+        lab.cutoff = saved
+        lab.cache.clear()

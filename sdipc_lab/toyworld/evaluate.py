@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..convert import convert, encode_text, eos_prompt_embeds, image_embeds, image_prompt_embeds
+from ..convert import (convert, encode_text, eos_prompt_embeds, image_embeds, image_prompt_embeds, pseudo_prompt,
+                       text_embeds)
 from ..generate import sample as generate_from_embeds
 from ..lab import Lab
 from ..measure import eos_states
@@ -92,7 +93,9 @@ def reconstruct(lab: Lab, images) -> list:
 
 
 def prompt_conditions(lab: Lab, data, *, seed: int = 0) -> dict:
-    """Prompt embeddings (N, 77, D) for each row of the variation table."""
+    """Prompt embeddings (N, 77, D) for each row of the variation table. "SD-IPC on the caption's embedding"
+    converts the caption's own C-space text embedding instead of the image's: SD-IPC with a perfect image
+    tower, so what it loses against [sos, true EOS x 76] is lost in the round trip W_t^+ W_t, not by CLIP."""
     captions = [s.caption for s in data]
     images = [s.image for s in data]
     shuffled = np.random.default_rng(seed).permutation(len(data))
@@ -102,6 +105,7 @@ def prompt_conditions(lab: Lab, data, *, seed: int = 0) -> dict:
     return {
         "true caption": encode_text(lab, captions)[0],
         "[sos, true EOS x 76]": eos_prompt_embeds(lab, captions),
+        "SD-IPC on the caption's embedding (oracle)": pseudo_prompt(lab, text_embeds(lab, captions)),
         "SD-IPC (vary)": sd_ipc,
         "shuffled reference (baseline)": sd_ipc[torch.as_tensor(shuffled)],
     }

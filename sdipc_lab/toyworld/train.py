@@ -2,6 +2,7 @@
 
     python -m sdipc_lab.toyworld.train all   --out runs/toyworld     # everything, then export
     python -m sdipc_lab.toyworld.train clip  --out runs/toyworld     # one model (clip, vae, unet, judge)
+    python -m sdipc_lab.toyworld.train vision --out runs/toyworld    # more image-tower training, text frozen
     python -m sdipc_lab.toyworld.train decoder --out runs/toyworld   # more decoder training, latents unchanged
     python -m sdipc_lab.toyworld.train export --out runs/toyworld    # write the lab into the package
     accelerate launch -m sdipc_lab.toyworld.train all ...             # several GPUs, same command
@@ -68,16 +69,20 @@ SIZES = {
     "test": Sizes(width=32, text_layers=1, vision_layers=1, heads=2, patch=16, vae_channels=(8, 16, 16),
                   unet_channels=(16, 32, 32), unet_layers=1, unet_heads=2, norm_groups=8, train_images=64),
 }
-STAGES = ("clip", "vae", "decoder", "judge", "unet")  # the order `all` runs them in
+STAGES = ("clip", "vision", "vae", "decoder", "judge", "unet")  # the order `all` runs them in
 # steps, batch, learning rate per stage
 BUDGETS = {
-    "full": {"clip": (6000, 512, 5e-4), "vae": (4000, 128, 1e-3), "decoder": (2000, 128, 5e-4),
-             "judge": (1500, 256, 2e-3), "unet": (30000, 256, 4e-4)},
-    "cpu": {"clip": (100000, 128, 5e-4), "vae": (100000, 32, 1e-3), "decoder": (100000, 32, 5e-4),
-            "judge": (100000, 128, 2e-3), "unet": (100000, 64, 4e-4)},
-    "test": {"clip": (6, 8, 1e-3), "vae": (6, 4, 1e-3), "decoder": (6, 4, 1e-3), "judge": (6, 8, 1e-3),
-             "unet": (6, 8, 1e-3)},
+    "full": {"clip": (6000, 512, 5e-4), "vision": (2000, 512, 3e-4), "vae": (4000, 128, 1e-3),
+             "decoder": (2000, 128, 5e-4), "judge": (1500, 256, 2e-3), "unet": (30000, 256, 4e-4)},
+    "cpu": {"clip": (100000, 128, 5e-4), "vision": (100000, 128, 3e-4), "vae": (100000, 32, 1e-3),
+            "decoder": (100000, 32, 5e-4), "judge": (100000, 128, 2e-3), "unet": (100000, 64, 4e-4)},
+    "test": {"clip": (6, 8, 1e-3), "vision": (6, 8, 1e-3), "vae": (6, 4, 1e-3), "decoder": (6, 4, 1e-3),
+             "judge": (6, 8, 1e-3), "unet": (6, 8, 1e-3)},
 }
+
+# Learning rates for sdipc_lab.finetune on the teaching lab, written into its constants by `export`: CT and
+# Custom Diffusion chosen by `python bench/finetune.py --lr-sweep` (README); FT's is the recipe's, not swept.
+FINETUNE_LR = {"ft": 1e-4, "ct": 1e-3, "custom-diffusion": 3e-5}
 
 
 # ---------------------------------------------------------------------------------- data
@@ -217,6 +222,17 @@ def tokenize(tokenizer, texts: list[str], device):
     return tokens.input_ids.to(device), (tokens.attention_mask.sum(1) - 1).to(device)
 
 
+def contrastive_batch(world: World, tokenizer, batch: int, step: int, seed: int, accelerator, name: str,
+                      offset: int = 0):
+    """One CLIP batch: token ids (B, 77), end-token positions (B,), a random padding position after each
+    end token (B,), and CLIP-normalised pixels (B, 3, 64, 64). `offset` picks another stream of images."""
+    index = batch_index(len(world.images), batch, step, seed + offset, accelerator)
+    rng = random.Random(f"{name}:{seed}:{step}")
+    ids, eos = tokenize(tokenizer, world.captions(index, rng), accelerator.device)
+    pad = eos + (torch.rand(len(eos), device=eos.device) * (77 - eos)).long().clamp(max=76 - eos)
+    return ids, eos, pad, clip_normalize(world.pixels(index, accelerator.device))
+
+
 # ---------------------------------------------------------------------------------- stages
 
 def train_clip(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
@@ -227,15 +243,33 @@ def train_clip(world: World, s: Sizes, budget, out: Path, accelerator, seed: int
     trainer = ClipTrainer(text, vision)
 
     def loss_fn(module, step):
-        index = batch_index(len(world.images), batch, step, seed, accelerator)
-        rng = random.Random(f"clip:{seed}:{step}")
-        ids, eos = tokenize(tokenizer, world.captions(index, rng), accelerator.device)
-        pad = eos + (torch.rand(len(eos), device=eos.device) * (77 - eos)).long().clamp(max=76 - eos)
-        return module(ids, eos, pad, clip_normalize(world.pixels(index, accelerator.device)))
+        return module(*contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "clip"))
 
     trainer = fit("clip", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes)
     tokenizer.save_pretrained(out / "tokenizer")
     trainer.text.save_pretrained(out / "text_encoder")
+    trainer.vision.save_pretrained(out / "image_encoder")
+    return trainer
+
+
+def train_vision(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
+    """Train CLIP's image tower further against the frozen text tower ("locked text"): the text states the
+    U-Net is conditioned on stay bit-identical, so the U-Net stays valid, while the image embeddings (what
+    SD-IPC converts) line up better with the captions. Needs `clip` first; overwrites out/image_encoder."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    steps, batch, lr = budget
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").requires_grad_(False)
+    vision = CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder")
+    text_before = {k: v.clone() for k, v in text.state_dict().items()}
+    trainer = ClipTrainer(text, vision)
+
+    def loss_fn(module, step):
+        return module(*contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "vision", offset=5))
+
+    trainer = fit("vision", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes)
+    assert all(torch.equal(v, text_before[k]) for k, v in trainer.text.state_dict().items()), "the text tower moved"
     trainer.vision.save_pretrained(out / "image_encoder")
     return trainer
 
@@ -384,7 +418,8 @@ def export(out: Path, lab_dir: Path = LAB_DIR, *, steps: int = 20, guidance_scal
             vae=AutoencoderKL.from_pretrained(out / "vae"),
             scheduler=toy_scheduler(),
         )
-    constants = dict(cutoff=0.0, norm=1.0, norm_t=1.0, steps=steps, guidance_scale=guidance_scale)
+    constants = dict(cutoff=0.0, norm=1.0, norm_t=1.0, steps=steps, guidance_scale=guidance_scale,
+                     finetune_lr=FINETUNE_LR)
     with quiet():
         lab = assemble(parts, constants, source="toy", device="cpu", dtype=torch.float32)
     constants.update(measure_constants(lab))

@@ -107,6 +107,12 @@ def concept_samples(shape: str, colour: str, n: int, start: int = 0) -> list[Sam
     return out
 
 
+def concept_caption(s: Sample, word: str) -> str:
+    """The canonical caption of a one-object sample with its colour word replaced by `word`: Custom
+    Diffusion's "a large <new1> heart at the top on a white background", in the world's own language."""
+    return caption((dataclasses.replace(s.things[0], colour=word),), s.background)
+
+
 def _thing(rng: random.Random, split: str, position: str, size: str | None) -> Thing:
     while True:
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
