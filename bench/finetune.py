@@ -141,14 +141,13 @@ def _concept(text: str) -> tuple[str, str]:
 
 def lr_sweep(lab, concept, judge, n_eval: int, lrs: dict, budgets: dict) -> None:
     """Fidelity after each method's budget (CT 30, Custom Diffusion 250 iterations) at each learning rate."""
+    import sdipc_lab as S
     from sdipc_lab import experiments as E
+    from sdipc_lab import finetune as FT
     from sdipc_lab.toyworld import concept_caption, concept_samples
 
     samples = concept_samples(*concept, 5)
     images, captions = [x.image for x in samples], [concept_caption(x, "<new1>") for x in samples]
-    import sdipc_lab as S
-    from sdipc_lab import finetune as FT
-
     refs = [images[i % len(images)] for i in range(n_eval)]
     rows = []
     for name, ft in (("SD-IPC (no prompts)", None), ("SD-IPC-CT, untrained prompts", FT.new_finetuned(lab))):
