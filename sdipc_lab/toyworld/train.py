@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..build import sd_v1_scheduler, word_tokenizer
+from ..convert import token_ids
 from ..training import fit
 from .world import SIZE, caption, sample, vocabulary
 
@@ -217,9 +218,9 @@ def batch_index(n: int, batch: int, step: int, seed: int, accelerator) -> torch.
     return torch.randint(0, n, (batch,), generator=g)
 
 
-def tokenize(tokenizer, texts: list[str], device):
-    tokens = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    return tokens.input_ids.to(device), (tokens.attention_mask.sum(1) - 1).to(device)
+def tokenize(tokenizer, texts: list[str], device):  # ids (B, 77), end-token positions (B,) on `device`
+    ids, eos = token_ids(tokenizer, texts)
+    return ids.to(device), eos.to(device)
 
 
 def contrastive_batch(world: World, tokenizer, batch: int, step: int, seed: int, accelerator, name: str,
