@@ -24,8 +24,29 @@ TINY_WORDS = (
 ).split()
 
 
+def bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair encoding of one lower-case word: start from letters (the last marked `</w>`), then
+    merge the lowest-ranked adjacent pair, everywhere it occurs, until no ranked pair is left."""
+    pieces = [*word[:-1], word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(p, float("inf")), p) for p in zip(pieces, pieces[1:])]
+        rank, (a, b) = min(pairs)
+        if rank == float("inf"):
+            break
+        merged, i = [], 0
+        while i < len(pieces):
+            if i < len(pieces) - 1 and (pieces[i], pieces[i + 1]) == (a, b):
+                merged.append(a + b)
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
 def word_tokenizer(words: Iterable[str], model_max_length: int = 77):
-    """A `CLIPTokenizer` whose BPE spells each of `words` as one token.
+    """A `CLIPTokenizer` whose BPE spells each of `words` as exactly one token.
 
     Unknown words fall back to letters. Padding uses the end token, as SD v1's tokenizer does.
     """
@@ -40,20 +61,21 @@ def word_tokenizer(words: Iterable[str], model_max_length: int = 77):
         add(ch)
         add(ch + "</w>")
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(w.lower() for w in words):
-        if len(word) < 2:
-            continue
         if not set(word) <= set(ALPHABET):
             raise ValueError(f"word {word!r} has characters outside {ALPHABET!r}")
-        # Merge left to right: "red" -> ("r","e") -> "re", ("re","d</w>") -> "red</w>".
-        left = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            right = ch + ("</w>" if i == len(word) - 1 else "")
-            merged = left + right
-            if merged not in vocab:
-                merges.append((left, right))
-                add(merged)
-            left = merged
+        # BPE applies the lowest-ranked merge first, so a merge made for one word ("a"+"n" for "an") can split
+        # another ("triangle" -> "tri", "an", ...). Take the pieces the merges so far leave of this word and
+        # join them left to right with new, higher-ranked merges: the word ends as one token, and no earlier
+        # word changes (its own merges all rank below these).
+        pieces = bpe(word, ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks.setdefault(pair, len(ranks))
+            merges.append(pair)
+            add(pair[0] + pair[1])
+            pieces = [pair[0] + pair[1], *pieces[2:]]
     add("<|startoftext|>")
     add("<|endoftext|>")
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .attention import masked_generate
 from .convert import convert, image_embeds
-from .generate import edit, generate, sample, vary
+from .generate import edit, generate, progress, sample, vary
 from .lab import Lab
 from .metrics import clip_fid, clip_i, clip_score, clip_t
 
@@ -37,12 +37,14 @@ def masking_experiment(lab: Lab, data, *, seeds=(0,), judge=None, steps=None) ->
 
     captions = [s.caption for s in data]
     images = {name: [] for name in MASKING_CONDITIONS}
-    for seed in tqdm(seeds, desc="seeds", leave=False):
-        for name, how in MASKING_CONDITIONS.items():
-            if how is None:
-                images[name] += generate(lab, captions, n=1, seed=seed, steps=steps)
-            else:
-                images[name] += masked_generate(lab, captions, keep=how[0], mode=how[1], n=1, seed=seed, steps=steps)
+    with progress(len(seeds) * len(MASKING_CONDITIONS), "masking"):
+        for seed in seeds:
+            for name, how in MASKING_CONDITIONS.items():
+                if how is None:
+                    images[name] += generate(lab, captions, n=1, seed=seed, steps=steps)
+                else:
+                    images[name] += masked_generate(lab, captions, keep=how[0], mode=how[1], n=1, seed=seed,
+                                                    steps=steps)
     full = images["full prompt"]
     truths = [s.attributes for s in data] * len(seeds)
     rows = []
@@ -92,16 +94,17 @@ def norm_experiment(lab: Lab, data, scales=(0.25, 0.5, 1.0, 2.0, 4.0), *, judge=
     truths = [s.attributes for s in data]
     f_img_c = image_embeds(lab, images)
     rows = []
-    for space in ("c", "t"):
-        base = lab.norm if space == "c" else lab.norm_t
-        for scale in scales:
-            f = convert(lab, f_img_c, norm=base * scale, norm_space=space)
-            row = {"convention": "paper (C-space)" if space == "c" else "public code (T-space)", "scale": scale,
-                   "norm": base * scale, "norm of f_cnvrt": f.float().norm(dim=-1).mean().item()}
-            if judge is not None:
-                out = vary(lab, images, n=1, seed=seed, steps=steps, norm=base * scale, norm_space=space)
-                row.update({f"judge {k}": v for k, v in agreement(judge(out), truths).items()})
-            rows.append(row)
+    with progress(2 * len(scales) if judge is not None else 0, "norms"):
+        for space in ("c", "t"):
+            base = lab.norm if space == "c" else lab.norm_t
+            for scale in scales:
+                f = convert(lab, f_img_c, norm=base * scale, norm_space=space)
+                row = {"convention": "paper (C-space)" if space == "c" else "public code (T-space)", "scale": scale,
+                       "norm": base * scale, "norm of f_cnvrt": f.float().norm(dim=-1).mean().item()}
+                if judge is not None:
+                    out = vary(lab, images, n=1, seed=seed, steps=steps, norm=base * scale, norm_space=space)
+                    row.update({f"judge {k}": v for k, v in agreement(judge(out), truths).items()})
+                rows.append(row)
     return rows
 
 
@@ -114,8 +117,11 @@ def variation_table(lab: Lab, data, *, judge=None, seed=0, steps=None) -> tuple[
     refs = [s.image for s in data]
     captions = [s.caption for s in data]
     rows, images = [], {}
-    for name, embeds in prompt_conditions(lab, data, seed=seed).items():
-        images[name] = sample(lab, embeds, n=1, seed=seed, steps=steps)
+    conditions = prompt_conditions(lab, data, seed=seed)
+    with progress(len(conditions), "conditions"):
+        for name, embeds in conditions.items():
+            images[name] = sample(lab, embeds, n=1, seed=seed, steps=steps)
+    for name in conditions:
         row = {"condition": name, "CLIP-score": clip_score(lab, images[name], captions),
                "CLIP-I to reference": float(clip_i(lab, images[name], refs).mean())}
         if len(data) > 8:
@@ -132,9 +138,10 @@ def alpha_experiment(lab: Lab, data, edit_text: str, alphas, *, target: dict | N
     judge and a `target` like {"colour": "blue"}) how often the edit shows, and the rest of the reference."""
     refs = [s.image for s in data]
     rows, images = [], {}
-    for alpha in alphas:
-        out = edit(lab, refs, edit_text, alpha=alpha, n=1, seed=seed, steps=steps)  # one per reference
-        images[alpha] = out
+    with progress(len(alphas), "alpha"):
+        for alpha in alphas:
+            images[alpha] = edit(lab, refs, edit_text, alpha=alpha, n=1, seed=seed, steps=steps)  # one per reference
+    for alpha, out in images.items():
         row = {"alpha": alpha, "CLIP-I (reference)": float(clip_i(lab, out, refs).mean()),
                "CLIP-T (edit text)": float(clip_t(lab, out, edit_text).mean())}
         if judge is not None and target:
@@ -258,7 +265,7 @@ def reno_experiment(lab: Lab, towers: dict, data, *, judge, iterations: int = 15
     rows, results = [], {}
     for name, kwargs in conditions.items():
         results[name] = [reno(lab, s.caption, towers=towers, iterations=iterations, seed=seed + i, **kwargs)
-                         for i, s in enumerate(tqdm(data, desc=name, leave=False))]
+                         for i, s in enumerate(tqdm(data, desc=name))]
         verdicts = [judge([r.first for r in results[name]]), judge([r.image for r in results[name]])]
         rows.append({"condition": name, **_reno_row(results[name], data, verdicts)})
     return rows, results
@@ -279,7 +286,7 @@ def avoidance_experiment(lab: Lab, towers: dict, data, *, judge, iterations: int
     for name, avoid in (("toward the caption without its colour", False), ("... and away from the colour", True)):
         results[name] = [reno(lab, s.caption, reward=reward, towers=towers, iterations=iterations, seed=seed + i,
                               target=without_colour(s), avoid=s.caption if avoid else None)
-                         for i, s in enumerate(tqdm(data, desc=name, leave=False))]
+                         for i, s in enumerate(tqdm(data, desc=name))]
         verdicts = [judge([r.first for r in results[name]]), judge([r.image for r in results[name]])]
         found = [float(np.mean([v["colour"] == c for v, c in zip(vs, avoided)])) for vs in verdicts]
         row = {"reward": name, "avoided colour before": found[0], "avoided colour after": found[1]}

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .convert import encode_text, pseudo_prompt, token_ids
-from .images import as_rgb_images
+from .images import as_rgb_images, digest
 from .lab import Lab
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -321,7 +321,8 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
     if mode not in MODES:
         raise ValueError(f"mode must be 'ft' (SD-IPC-FT) or 'ct' (SD-IPC-CT), got {mode!r}")
     recipe = MODES[mode]
-    steps, lr = steps or recipe["steps"], lr or lab.finetune_lr[mode]
+    steps = recipe["steps"] if steps is None else steps
+    lr = lab.finetune_lr[mode] if lr is None else lr
     counts = {c: len(v) for c, v in concepts.images.items()}
     if ab is None:
         ab = mode == "ft" and min(counts.values()) >= 2
@@ -364,8 +365,13 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
 
     lab.image_encoder.train(ft.prompts is not None)  # prompt dropout on
     with applied(lab, ft):
+        signature = dict(mode=mode, lr=lr, batch=batch, ab=bool(ab), seed=seed, n_tokens=n_tokens,
+                         train_prompts=train_prompts, train_kv=train_kv, lab=_fingerprint(lab),
+                         concepts={c: digest(v) for c, v in concepts.images.items()},
+                         captions=captions if text_weight else None)
         fit(f"sdipc-{mode}", module, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator,
-            minutes=minutes, schedule=recipe["schedule"], weight_decay=0.0, every=max(10, steps // 10))
+            minutes=minutes, schedule=recipe["schedule"], weight_decay=0.0, every=max(10, steps // 10),
+            signature=signature)
     lab.image_encoder.eval()
     for part in [*(ft.kv.values()), *([ft.prompts] if ft.prompts is not None else [])]:
         part.requires_grad_(False).eval()
@@ -401,7 +407,7 @@ def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>"
     from .training import fit
 
     images = as_rgb_images(images)
-    lr = lr or lab.finetune_lr["custom-diffusion"]
+    lr = lab.finetune_lr["custom-diffusion"] if lr is None else lr
     if captions is not None:
         captions = list(captions)
         if len(captions) != len(images) or not all(token in c for c in captions):
@@ -438,8 +444,12 @@ def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>"
         return m(ids[torch.tensor(which, device=lab.device)], latents[torch.tensor(pick, device=lab.device)])
 
     with applied(lab, dataclasses.replace(ft, text=None)):
+        signature = dict(mode="custom-diffusion", token=token, class_word=class_word, lr=lr, batch=batch, seed=seed,
+                         token_lr_scale=token_lr_scale, lab=_fingerprint(lab), images=digest(images),
+                         captions=captions)
         fit("custom-diffusion", module, loss_fn, steps=steps, lr=lr, out=Path(out), accelerator=accelerator,
-            minutes=minutes, schedule="constant", weight_decay=0.0, every=max(10, steps // 10))
+            minutes=minutes, schedule="constant", weight_decay=0.0, every=max(10, steps // 10),
+            signature=signature)
     table.requires_grad_(False)
     for proc in ft.kv.values():
         proc.requires_grad_(False)

@@ -8,19 +8,42 @@ is the unconditional branch otherwise. The initial noise comes from a CPU genera
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .convert import edit_prompt_embeds, encode_text, image_prompt_embeds
 from .lab import Lab
 
 
+_overall = contextvars.ContextVar("sdipc_lab_overall_bar", default=None)
+
+
+@contextlib.contextmanager
+def progress(total: int, desc: str):
+    """One progress bar over many generation calls: each `sample` (so each vary / edit / generate) inside the
+    block ticks it once. The pipeline's own per-call bar is off (`assemble`): a notebook shows one bar per
+    experiment, not one per call, and no closed bar widgets are left in its outputs."""
+    bar = tqdm(total=total, desc=desc, disable=total == 0)
+    token = _overall.set(bar)
+    try:
+        yield bar
+    finally:
+        _overall.reset(token)
+        bar.close()
+
+
 def sample(lab: Lab, prompt_embeds: torch.Tensor, *, negative_prompt_embeds: torch.Tensor | None = None,
            n: int = 4, seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
-           cross_attention_kwargs: dict | None = None, output_type: str = "pil"):
-    """Generate `n` images per prompt from prompt embeddings (B, 77, D); returns a flat list (B * n)."""
+           guidance_rescale: float | None = None, cross_attention_kwargs: dict | None = None,
+           output_type: str = "pil"):
+    """Generate `n` images per prompt from prompt embeddings (B, 77, D); returns a flat list (B * n).
+
+    `steps`, `guidance_scale` and `guidance_rescale` default to the lab's own (its sampler settings)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n (images per prompt) must be a whole number >= 1, got {n!r}")
     steps = lab.steps if steps is None else steps
@@ -29,6 +52,9 @@ def sample(lab: Lab, prompt_embeds: torch.Tensor, *, negative_prompt_embeds: tor
     guidance_scale = lab.guidance_scale if guidance_scale is None else guidance_scale
     if not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    guidance_rescale = lab.guidance_rescale if guidance_rescale is None else guidance_rescale
+    if not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale must be between 0 (off) and 1, got {guidance_rescale}")
     B = len(prompt_embeds)
     if negative_prompt_embeds is not None and len(negative_prompt_embeds) == 1 and B > 1:
         negative_prompt_embeds = negative_prompt_embeds.expand(B, -1, -1)
@@ -37,7 +63,7 @@ def sample(lab: Lab, prompt_embeds: torch.Tensor, *, negative_prompt_embeds: tor
         prompt_embeds=prompt_embeds.to(lab.device, lab.dtype),
         negative_prompt_embeds=None if negative_prompt_embeds is None else negative_prompt_embeds.to(lab.device, lab.dtype),
         num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance_scale,
-        generator=generator, output_type=output_type, cross_attention_kwargs=cross_attention_kwargs,
+        guidance_rescale=guidance_rescale, generator=generator, output_type=output_type, cross_attention_kwargs=cross_attention_kwargs,
     )
     return list(result.images) if output_type == "pil" else result.images
 

@@ -94,3 +94,14 @@ def _to_rgb(image: Image.Image, i: int) -> Image.Image:
         return Image.fromarray((values // 257).astype(np.uint8)).convert("RGB")
     raise TypeError(f"image {i} has mode {mode!r}, which has no fixed mapping to 8-bit RGB; "
                     "convert it yourself first, e.g. image.convert('RGB') after scaling to 0..255")
+
+
+def digest(images) -> str:
+    """A short hash of images' pixels (and sizes): what a training checkpoint records of its data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for im in as_rgb_images(images):
+        h.update(f"{im.size}".encode())
+        h.update(im.tobytes())
+    return h.hexdigest()[:16]

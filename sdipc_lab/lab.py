@@ -70,6 +70,7 @@ class Lab:
     norm_t: float  # ||f_txt^{eos}||, the T-space end-token norm (public code's convention)
     steps: int = 50  # default denoising steps
     guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0  # the pipeline's guidance_rescale (Lin et al. 2024, Eq. 16); 0 turns it off
     finetune_lr: dict = dataclasses.field(default_factory=lambda: dict(PAPER_FINETUNE_LR))  # method -> lr
     source: str = ""
     device: torch.device = torch.device("cpu")
@@ -95,7 +96,20 @@ class Lab:
     @property
     def constants(self) -> dict:
         return dict(cutoff=self.cutoff, norm=self.norm, norm_t=self.norm_t, steps=self.steps,
-                    guidance_scale=self.guidance_scale, finetune_lr=dict(self.finetune_lr))
+                    guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
+                    finetune_lr=dict(self.finetune_lr))
+
+    def use_scheduler(self, name: str) -> None:
+        """Sample with another scheduler from the same noise schedule: "ddim", or "dpm++" (DPM-Solver++,
+        second order, multistep). `save_lab` then saves it as the lab's own."""
+        import diffusers
+
+        kinds = {"ddim": (diffusers.DDIMScheduler, {}),
+                 "dpm++": (diffusers.DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2))}
+        if name not in kinds:
+            raise ValueError(f"unknown scheduler {name!r}: use one of {', '.join(map(repr, kinds))}")
+        cls, options = kinds[name]
+        self.scheduler = self.pipe.scheduler = cls.from_config(self.scheduler.config, **options)
 
     def __repr__(self) -> str:
         P, D = self.W_t.shape
@@ -143,20 +157,39 @@ def load_lab(source: str | os.PathLike = "toy", *, device=None, dtype=None, down
                      "or the path of a folder written by sdipc_lab.save_lab")
 
 
-def save_lab(lab: Lab, folder: str | os.PathLike) -> Path:
-    """Write every component with `save_pretrained` (safetensors) plus the lab's constants."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def save_lab(lab: Lab, folder: str | os.PathLike, *, extra: dict | None = None, into_package: bool = False) -> Path:
+    """Write every component with `save_pretrained` (safetensors) plus the lab's constants (and `extra`, a dict of
+    file name -> text), atomically: into a new folder beside `folder`, then swapped in whole, so an interruption
+    leaves the old lab or the new one, never a mix. An existing folder that is not a lab (nor empty) is refused;
+    so is the package's own 'toy' lab unless `into_package=True`."""
+    import shutil
+
+    folder = Path(folder).expanduser().resolve()
+    if folder == TOY_FOLDER.resolve() and not into_package:
+        raise ValueError(f"{folder} is the teaching lab shipped in the package: save elsewhere, or pass "
+                         "into_package=True to replace it.")
+    if folder.exists() and not (folder.is_dir() and ((folder / LAB_FILE).exists() or not any(folder.iterdir()))):
+        raise ValueError(f"{folder} exists and is not a lab folder (no {LAB_FILE}); it is left alone. "
+                         "Name a new or empty folder.")
+    tmp = folder.with_name(f"{folder.name}.saving-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by this very process, interrupted
+    tmp.mkdir(parents=True)
     with quiet():
         for part in COMPONENTS:
             component = getattr(lab, part)
             if isinstance(component, torch.nn.Module):
-                component.save_pretrained(folder / part, safe_serialization=True)
+                component.save_pretrained(tmp / part, safe_serialization=True)
             else:
-                component.save_pretrained(folder / part)
-    tmp = folder / (LAB_FILE + ".tmp")
-    tmp.write_text(json.dumps(lab.constants, indent=2) + "\n")
-    os.replace(tmp, folder / LAB_FILE)
+                component.save_pretrained(tmp / part)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
+    (tmp / LAB_FILE).write_text(json.dumps(lab.constants, indent=2) + "\n")  # last: a lab only once complete
+    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
@@ -284,7 +317,7 @@ def assemble(parts: dict, constants: dict, *, source: str = "", device=None, dty
         unet=parts["unet"], scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None,
         image_encoder=None, requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(leave=False)
+    pipe.set_progress_bar_config(disable=True)  # experiments show one bar over many calls (generate.progress)
     known = {f.name for f in dataclasses.fields(Lab)}
     return Lab(**parts, pipe=pipe, source=source, device=device, dtype=dtype,
                **{k: v for k, v in constants.items() if k in known})

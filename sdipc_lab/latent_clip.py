@@ -292,12 +292,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--minutes", type=float, help="time budget per tower")
     parser.add_argument("--images", type=int, default=20000)
-    parser.add_argument("--export", type=Path, help="where the towers go (default for --lab toy: the package's)")
+    parser.add_argument("--export", type=Path, help="where the towers go (default: OUT/towers; 'toy' names the "
+                        "package's own towers, only ever replaced when asked by that name, and only for --lab toy)")
     args = parser.parse_args(argv)
-    if args.export is None and args.lab != "toy":
-        parser.error(f"--export FOLDER is needed for --lab {args.lab}: the package's towers belong to the toy lab")
-    args.export = args.export or TOWERS_DIR
+    if str(args.export) == "toy":
+        if args.lab != "toy":
+            parser.error(f"the package's towers belong to the toy lab; for --lab {args.lab} name another --export")
+        args.export = TOWERS_DIR
     args.out = args.out or Path("runs/latent_clip") / Path(args.lab).name
+    args.export = args.export or args.out / "towers"
     lab = load_lab(args.lab)
     for kind in KINDS:
         tower = train_tower(lab, kind, out=args.out, steps=args.steps, minutes=args.minutes, n_images=args.images)

@@ -1,8 +1,9 @@
 """Image metrics with the lab's CLIP: CLIP-I, CLIP-T, CLIP-score, and FID on CLIP features.
 
 CLIP-I (image-image) and CLIP-T (image-text) follow DreamBooth and the paper's Tables 3-6: cosine
-similarities x 100. CLIP-score is 100 * max(cos, 0) (Hessel et al. without the 2.5 weight, as the
-paper's Table 2 numbers suggest). FID is torchmetrics' `FrechetInceptionDistance` with the lab's CLIP
+similarities x 100. CLIP-score is Hessel et al.'s CLIPScore, 2.5 * max(cos, 0), shown x 100 as the paper's
+Table 2 does: its CLIP-scores (70-83) are about 2.5x the CLIP-T values of its Tables 3-6 (25-30), the
+weight included. Notebook 04's table uses CLIP-score; 05 and 06 use CLIP-I and CLIP-T. FID is torchmetrics' `FrechetInceptionDistance` with the lab's CLIP
 image tower as its feature extractor ("CLIP-FID", Kynkäänniemi et al. 2023), because Inception weights
 cannot be fetched offline; it is comparable between rows measured with the same lab, not with published
 FIDs. `frechet_distance` is the same formula in NumPy/SciPy, the reference the tests check it against.
@@ -26,18 +27,22 @@ def _image_features(lab: Lab, images, batch: int = 128) -> torch.Tensor:  # (N, 
 
 def clip_i(lab: Lab, images, references) -> np.ndarray:
     """100 x cos(f_img(image), f_img(reference)) per pair (N,)."""
-    return 100 * (_image_features(lab, images) * _image_features(lab, references)).sum(-1).numpy()
+    return 100 * (_image_features(lab, images) * _image_features(lab, references)).sum(-1).cpu().numpy()
 
 
 def clip_t(lab: Lab, images, texts) -> np.ndarray:
     """100 x cos(f_img(image), f_txt(text)) per pair (N,)."""
     texts = [texts] * len(list(images)) if isinstance(texts, str) else list(texts)
     f_txt = F.normalize(text_embeds(lab, texts).float(), dim=-1)
-    return 100 * (_image_features(lab, images) * f_txt).sum(-1).numpy()
+    return 100 * (_image_features(lab, images) * f_txt).sum(-1).cpu().numpy()
+
+
+CLIPSCORE_WEIGHT = 2.5  # Hessel et al. 2021, Eq. 1
 
 
 def clip_score(lab: Lab, images, texts) -> float:
-    return float(np.maximum(clip_t(lab, images, texts), 0).mean())
+    """Mean CLIPScore x 100: 100 * 2.5 * max(cos(f_img, f_txt), 0) (Hessel et al. 2021)."""
+    return float(CLIPSCORE_WEIGHT * np.maximum(clip_t(lab, images, texts), 0).mean())
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -62,7 +67,7 @@ class ClipFeatures(torch.nn.Module):
         from PIL import Image
 
         images = [Image.fromarray(im.permute(1, 2, 0).cpu().numpy()) for im in x]
-        return _image_features(self._lab, images).double()
+        return _image_features(self._lab, images).double().cpu()
 
 
 def _uint8(images) -> torch.Tensor:  # (N, 3, H, W) uint8

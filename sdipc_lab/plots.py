@@ -32,6 +32,11 @@ def show_images(images: Sequence, titles: Sequence[str] | None = None, *, ncols:
     return fig
 
 
+def escape(text: str) -> str:
+    """Text for a Markdown table cell: `|` (as in ||z||) would end the cell, a newline the row."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 class Table:
     """Rows of dicts shown as a Markdown table in a notebook (and as text with print)."""
 
@@ -41,11 +46,11 @@ class Table:
     def _cell(self, value) -> str:
         if isinstance(value, float):
             return f"{value:.{self.digits}g}" if abs(value) >= 1 or value == 0 else f"{value:.{self.digits}f}"
-        return str(value)
+        return escape(str(value))
 
     def __str__(self) -> str:
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines = ["| " + " | ".join(map(escape, columns)) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(self._cell(row.get(c, "")) for c in columns) + " |" for row in self.rows]
         return "\n".join(lines)
 

@@ -9,6 +9,7 @@ command again and it resumes where the last checkpoint left off.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -18,9 +19,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+
+def diffusion_loss(unet, scheduler, z0: torch.Tensor, context: torch.Tensor, *, snr_gamma: float | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The U-Net's training loss on clean latents z0 (B, 4, h, w) under text states `context` (B, 77, D):
+    noise at a uniform random timestep, predict the scheduler's target (noise, or v for v-prediction).
+
+    `snr_gamma`: min-SNR-gamma weighting (Hang et al. 2023), min(SNR, gamma) / SNR for noise targets and
+    min(SNR, gamma) / (SNR + 1) for v targets; None weighs every timestep alike.
+    """
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator, device=z0.device)
+    zt = scheduler.add_noise(z0, noise, t)
+    v_target = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(z0, noise, t) if v_target else noise
+    error = (unet(zt, t, encoder_hidden_states=context).sample.float() - target.float()) ** 2
+    if snr_gamma is None:
+        return error.mean()
+    alphas = scheduler.alphas_cumprod.to(z0.device)[t]
+    snr = alphas / (1 - alphas)  # (B,)
+    weight = snr.clamp(max=snr_gamma) / (snr + 1 if v_target else snr)
+    return (error.mean(dim=(1, 2, 3)) * weight).mean()
 
 
 def trainable_state(model: torch.nn.Module) -> dict:
@@ -29,9 +53,16 @@ def trainable_state(model: torch.nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if k in trainable}
 
 
+FORMAT = "1"  # the checkpoint layout's version: a checkpoint of another version is refused, not misread
+
+
 def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    losses: list[float], ema: torch.nn.Module | None = None) -> None:
+                    losses: list[float], ema: torch.nn.Module | None = None, signature: dict | None = None) -> None:
+    """One safetensors file, written beside the target and renamed over it (atomic). Holds the trainable weights,
+    the EMA copy, the optimizer state, torch's CPU random state (so a resumed run draws the noise an uninterrupted
+    one would) and, as metadata, the step, the losses and `signature`: what the run trains on and with."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in trainable_state(model).items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
     if ema is not None:
         tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
     state = optimizer.state_dict()
@@ -39,16 +70,40 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         for key, value in slots.items():
             value = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"optim.{index}.{key}"] = value.detach().contiguous().cpu()
-    metadata = {"step": str(step), "losses": json.dumps(losses), "param_groups": json.dumps(state["param_groups"])}
+    metadata = {"step": str(step), "losses": json.dumps(losses), "param_groups": json.dumps(state["param_groups"]),
+                "format": FORMAT, "signature": json.dumps(signature or {}, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
 
 
+def checkpoint_signature(path: Path) -> dict | None:
+    """The signature a checkpoint was written with (None for checkpoints from before signatures)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    if metadata.get("format", FORMAT) != FORMAT:
+        raise ValueError(f"{path} was written by another version of sdipc_lab (checkpoint format "
+                         f"{metadata.get('format')}, this one reads {FORMAT}): start fresh in another folder.")
+    return json.loads(metadata["signature"]) if "signature" in metadata else None
+
+
+def check_signature(path: Path, signature: dict) -> None:
+    """Refuse to resume a checkpoint written for other data or settings, naming what differs."""
+    saved = checkpoint_signature(path)
+    if saved is None:
+        return
+    now = json.loads(json.dumps(signature, sort_keys=True))  # the same JSON round trip the saved one made
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if differ:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in differ)
+        raise ValueError(f"{path} belongs to another run ({details}). Nothing was trained or overwritten. "
+                         "Train into another folder (--out), or delete that checkpoint to start this run fresh.")
+
+
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     ema: torch.nn.Module | None = None) -> tuple[int, list[float]]:
-    """Restore in place; returns (step, losses)."""
+    """Restore in place (weights, EMA, optimizer, torch's CPU random state); returns (step, losses)."""
     model_sd, ema_sd, optim_state = {}, {}, {}
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
@@ -56,6 +111,8 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
             kind, rest = key.split(".", 1)
             if kind == "model":
                 model_sd[rest] = f.get_tensor(key)
+            elif kind == "rng":
+                torch.set_rng_state(f.get_tensor(key))
             elif kind == "ema":
                 ema_sd[rest] = f.get_tensor(key)
             else:
@@ -75,16 +132,84 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     return int(metadata["step"]), json.loads(metadata["losses"])
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Training produced a NaN or infinite loss; the last good checkpoint was kept."""
+
+
 def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, out: Path, accelerator=None,
         minutes: float | None = None, ema_decay: float | None = None, every: int = 250, schedule: str = "cosine",
-        weight_decay: float = 0.01) -> torch.nn.Module:
+        weight_decay: float = 0.01, signature: dict | None = None) -> torch.nn.Module:
     """AdamW with warm-up, then cosine decay (or `schedule="constant"`); `loss_fn(module, step)` returns the
     loss of one batch, drawn deterministically from `step` so that a resumed run sees the same data.
 
-    Resumes from `out/name.ckpt.safetensors`; returns the trained module (its EMA copy if asked).
+    Resumes from `out/name.ckpt.safetensors` when its `signature` (what the run trains on and with: data,
+    settings) matches, refuses otherwise; a resumed run equals an uninterrupted one (random state saved, the
+    schedule a function of the step). A NaN or infinite loss stops training with `NonFiniteLoss` and keeps
+    the last good checkpoint. A lock file refuses a second process training `name` into the same folder.
+    Returns the trained module (its EMA copy if asked).
     """
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    check_positive(steps=steps, lr=lr)
+    if minutes is not None:
+        check_positive(minutes=minutes)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output folder {out} is a file: name a folder (it is created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    with lock(out / f"{name}.lock"):
+        return _fit(name, module, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
+                    ema_decay=ema_decay, every=every, schedule=schedule, weight_decay=weight_decay,
+                    signature=signature or {})
+
+
+def check_positive(**values) -> None:
+    """Refuse counts and rates that are zero, negative or not finite, naming the argument."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{key} must be a positive number, got {value!r}")
+
+
+@contextlib.contextmanager
+def lock(path: Path):
+    """An exclusive lock file holding the owner's pid: a second writer is refused while the owner lives; a lock
+    left by a process that died is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise RuntimeError(f"{path.parent} is being trained into by process {pid} ({path.name}); two runs "
+                                   "in one folder would overwrite each other's checkpoints. Wait for it, or train "
+                                   "into another folder (--out).") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+    else:
+        raise RuntimeError(f"could not take the lock {path}")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_decay, every, schedule, weight_decay,
+         signature):
     if accelerator is None:
         from accelerate import Accelerator
         accelerator = Accelerator()
@@ -94,6 +219,7 @@ def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, o
     ema = copy.deepcopy(module).requires_grad_(False) if ema_decay else None
     step, losses = 0, []
     if ckpt.exists():
+        check_signature(ckpt, signature)
         step, losses = load_checkpoint(ckpt, model=module, optimizer=optimizer, ema=ema)
         print(f"{name}: resumed at step {step} from {ckpt}")
     warmup = max(1, min(500 if minutes is None else 100, steps // 20))
@@ -105,7 +231,7 @@ def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, o
 
     def lr_at(k):
         decay = 0.5 * (1 + math.cos(math.pi * progress(k))) if schedule == "cosine" else 1.0
-        return lr * min(1.0, (k - first + 1) / warmup) * decay
+        return lr * min(1.0, (k + 1) / warmup) * decay  # of the step, not of this session: resumes match
 
     module, optimizer = accelerator.prepare(module, optimizer)
     if ema is not None:
@@ -117,12 +243,17 @@ def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, o
     def save():
         if accelerator.is_main_process:
             save_checkpoint(ckpt, model=accelerator.unwrap_model(module), optimizer=optimizer, step=step,
-                            losses=losses, ema=ema)
+                            losses=losses, ema=ema, signature=signature)
 
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss = loss_fn(module, step)
+        if not torch.isfinite(loss.detach()).all():
+            bar.close()
+            kept = f"the checkpoint of step {checkpoint_step(ckpt)} is kept" if ckpt.exists() else "nothing was saved"
+            raise NonFiniteLoss(f"{name}: the loss became {loss.item()} at step {step} (lr {lr_at(step):.3g}); "
+                                f"training stopped and {kept}. Lower the learning rate (--lr) and run again.")
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
@@ -149,12 +280,18 @@ def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, o
     return final.eval()
 
 
-def plot_losses(name: str, losses: list[float], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def checkpoint_step(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.metadata()["step"])
 
-    fig, ax = plt.subplots(figsize=(5, 3))
+
+def plot_losses(name: str, losses: list[float], path: Path) -> None:
+    """Save the loss curve as a PNG. Drawn on a bare `Figure` (no pyplot): the user's plotting backend and
+    open figures are left as they are, in a notebook too."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
     k = max(1, len(losses) // 200)
     smooth = np.convolve(losses, np.ones(k) / k, mode="valid") if len(losses) > k else losses
     ax.plot(losses, alpha=0.25, lw=0.5)
@@ -162,6 +299,3 @@ def plot_losses(name: str, losses: list[float], path: Path) -> None:
     ax.set(title=f"{name} training loss", xlabel="step", ylabel="loss", yscale="log")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-

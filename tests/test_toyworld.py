@@ -70,7 +70,7 @@ def tiny_run(tmp_path_factory):
     s = T.SIZES["test"]
     T.train_clip(world, s, (20, 8, 2e-3), out, acc, seed=0)
     shutil.copytree(out / "image_encoder", out / "image_encoder_before_vision")
-    T.train_vision(world, s, (20, 8, 2e-3), out, acc, seed=0)
+    T.train_vision(world, s, (20, 16, 5e-3), out, acc, seed=0)  # batch 8 sits at chance (log 8) for 20 steps
     T.train_vae(world, s, (20, 8, 2e-3), out, acc, seed=0)
     shutil.copytree(out / "vae", out / "vae_before_decoder")
     T.train_decoder(world, s, (20, 16, 2e-3), out, acc, seed=0)
@@ -288,3 +288,143 @@ def test_the_oracle_condition_is_the_round_trip_of_the_true_end_token_state(lab)
     finally:
         lab.cutoff = saved
         lab.cache.clear()
+
+
+@pytest.mark.parametrize("words", ["world", "tiny"])
+def test_word_tokenizer_spells_every_word_as_one_token(words):
+    from sdipc_lab.build import TINY_WORDS
+
+    vocab = vocabulary() if words == "world" else TINY_WORDS
+    tokenizer = word_tokenizer(vocab)
+    split = {w: tokenizer.tokenize(w) for w in vocab if len(tokenizer.tokenize(w)) != 1}
+    assert not split  # "triangle", "orange", "purple", "yellow"... were split into pieces by earlier merges
+    text = " ".join(vocab)
+    assert len(tokenizer(text).input_ids) == len(vocab) + 2  # one id per word, plus sos and eos
+    assert tokenizer.tokenize("zebra") == ["z", "e", "b", "r", "a</w>"]  # unknown words still spell out
+
+
+def test_bpe_matches_the_tokenizer():
+    from sdipc_lab.build import bpe
+
+    tokenizer = word_tokenizer(vocabulary())
+    ranks = {tuple(line.split()): i for i, line in enumerate(tokenizer.bpe_ranks)} if hasattr(
+        tokenizer, "bpe_ranks") else None
+    for word in ("triangle", "zebra", "backdrop", "and"):
+        pieces = tokenizer.tokenize(word)
+        assert "".join(pieces).replace("</w>", "") == word
+        if ranks is not None:
+            assert bpe(word, ranks) == pieces
+
+
+def test_cached_caption_states_equal_the_text_encoder(tiny_run):
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from sdipc_lab.toyworld import train as T
+
+    out, world, acc = tiny_run
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder", dtype=torch.float32).eval()
+    states, empty = T.caption_states(world, tokenizer, text, "cpu", wordings=2, seed=0, batch=16)
+    assert states.shape == (len(world.images), 2, 77, text.config.hidden_size)
+    rng = random.Random("captions:0")
+    first = world.captions(torch.arange(len(world.images)), rng)
+    second = world.captions(torch.arange(len(world.images)), rng)
+    with torch.no_grad():
+        for k, texts in enumerate((first, second)):
+            ids, _ = T.tokenize(tokenizer, texts[:5], "cpu")
+            direct = text.text_model(ids).last_hidden_state
+            torch.testing.assert_close(states[:5, k].float(), direct, atol=2e-3, rtol=2e-3)  # fp16 storage
+        torch.testing.assert_close(empty, text.text_model(T.tokenize(tokenizer, [""], "cpu")[0]).last_hidden_state[0])
+    assert not torch.equal(states[:, 0], states[:, 1])  # two wordings, not one twice
+
+
+def test_min_snr_weighting_against_a_direct_computation():
+    from sdipc_lab.toyworld.train import toy_scheduler
+    from sdipc_lab.training import diffusion_loss
+
+    class Echo(torch.nn.Module):  # predicts zeros: the loss is the weighted mean of target**2
+        def forward(self, z, t, encoder_hidden_states):
+            return type("Out", (), {"sample": torch.zeros_like(z)})()
+
+    scheduler = toy_scheduler()
+    z0 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.zeros(6, 77, 8)
+    loss = diffusion_loss(Echo(), scheduler, z0, context, snr_gamma=5.0, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)  # the same draws, in the same order
+    noise = torch.randn(z0.shape, generator=g)
+    t = torch.randint(0, 1000, (6,), generator=g)
+    a = scheduler.alphas_cumprod[t].double()
+    v = a.sqrt()[:, None, None, None] * noise - (1 - a).sqrt()[:, None, None, None] * z0  # v-prediction target
+    snr = a / (1 - a)
+    weight = np.minimum(snr.numpy(), 5.0) / (snr.numpy() + 1)
+    expected = np.mean((v.double() ** 2).mean(dim=(1, 2, 3)).numpy() * weight)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    plain = diffusion_loss(Echo(), scheduler, z0, context, generator=torch.Generator().manual_seed(1))
+    assert plain.item() == pytest.approx((v.double() ** 2).mean().item(), rel=1e-4)
+    assert plain.item() != pytest.approx(loss.item(), rel=1e-2)
+
+
+def test_export_never_replaces_a_folder_that_is_not_a_lab(tiny_run, tmp_path):
+    from sdipc_lab.toyworld import train as T
+
+    out, _, _ = tiny_run
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("two years of work")
+    with pytest.raises(SystemExit, match="not a lab folder"):
+        T.export(out, precious)
+    assert (precious / "thesis.txt").read_text() == "two years of work"
+    lab_dir = T.export(out, tmp_path / "lab", guidance_rescale=0.7, scheduler="dpm++", steps=12)
+    assert json.loads((lab_dir / "sdipc_lab.json").read_text())["guidance_rescale"] == 0.7
+    import sdipc_lab as S
+
+    lab = S.load_lab(lab_dir, device="cpu")
+    assert type(lab.scheduler).__name__ == "DPMSolverMultistepScheduler" and lab.steps == 12
+    assert lab.guidance_rescale == 0.7
+    T.export(out, lab_dir)  # a lab is replaced whole
+    assert S.load_lab(lab_dir, device="cpu").guidance_rescale == 0.0
+    assert not list(tmp_path.glob("lab.*"))  # no .tmp / .old left beside it
+
+
+def test_init_from_lab_copies_only_what_the_run_lacks(tiny_run, tmp_path):
+    from sdipc_lab.toyworld import train as T
+
+    out, _, _ = tiny_run
+    lab_dir = T.export(out, tmp_path / "lab")
+    run = tmp_path / "run"
+    (run / "vae").mkdir(parents=True)
+    (run / "vae" / "mine.txt").write_text("keep")
+    copied = T.init_from_lab(run, lab_dir, skip=("unet",))
+    assert copied == ["tokenizer", "text_encoder", "image_encoder"]
+    assert (run / "vae" / "mine.txt").exists() and not (run / "unet").exists()
+    with pytest.raises(SystemExit, match="not a lab"):
+        T.init_from_lab(run, tmp_path)
+
+
+def test_stray_pixels_find_blotches_away_from_the_object():
+    from PIL import Image
+
+    from sdipc_lab.toyworld.judge import stray_pixels
+
+    drawn = [s.image for s in samples(16, "test", two_objects=0)]
+    assert stray_pixels(drawn).max() < 0.01
+    blotched = []
+    for im in drawn[:4]:
+        a = np.asarray(im).copy()
+        a[:6, :10] = (0, 255, 255)  # a cyan streak in a corner, far from any object
+        blotched.append(Image.fromarray(a))
+    assert np.all(stray_pixels(blotched) >= 50 / 4096)
+
+
+def test_loss_curves_leave_the_plotting_backend_alone(tmp_path):
+    import matplotlib
+
+    from sdipc_lab.training import plot_losses
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands in for a notebook's inline backend
+    try:
+        plot_losses("unet", [1.0, 0.5, 0.25], tmp_path / "curve.png")
+        assert matplotlib.get_backend() == "svg" and (tmp_path / "curve.png").stat().st_size > 1000
+    finally:
+        matplotlib.use(before)

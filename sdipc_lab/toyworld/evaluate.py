@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from ..convert import (convert, encode_text, eos_prompt_embeds, image_embeds, image_prompt_embeds, pseudo_prompt,
                        text_embeds)
+from ..generate import progress
 from ..generate import sample as generate_from_embeds
 from ..lab import Lab
 from ..measure import eos_states
-from .judge import agreement
+from .judge import agreement, stray_pixels
 from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, caption
 
 VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS),
@@ -111,15 +112,49 @@ def prompt_conditions(lab: Lab, data, *, seed: int = 0) -> dict:
     }
 
 
-def judge_conditions(lab: Lab, data, judge, *, seed: int = 0, batch: int = 16, steps: int | None = None) -> dict:
-    """For each condition: the judge's agreement between generated images and the references' truth."""
-    from tqdm.auto import tqdm
-
+def judge_conditions(lab: Lab, data, judge, *, seed: int = 0, batch: int = 16, conditions=None, **sampler) -> dict:
+    """For each condition (all of `prompt_conditions`, or those named in `conditions`): the judge's agreement
+    between generated images and the references' truth, and "stray", the mean share of stray background
+    pixels (`judge.stray_pixels`). `sampler`: steps, guidance_scale, guidance_rescale (default: the lab's)."""
     truths = [s.attributes for s in data]
     rows = {}
-    for name, embeds in tqdm(prompt_conditions(lab, data, seed=seed).items(), desc="conditions", leave=False):
-        images = []
-        for i in range(0, len(data), batch):
-            images += generate_from_embeds(lab, embeds[i:i + batch], n=1, seed=seed + i, steps=steps)
-        rows[name] = agreement(judge(images), truths)
+    chosen = {k: v for k, v in prompt_conditions(lab, data, seed=seed).items() if conditions is None or k in conditions}
+    with progress(len(chosen) * len(range(0, len(data), batch)), "conditions"):
+        for name, embeds in chosen.items():
+            images = []
+            for i in range(0, len(data), batch):
+                images += generate_from_embeds(lab, embeds[i:i + batch], n=1, seed=seed + i, **sampler)
+            rows[name] = {**agreement(judge(images), truths), "stray": float(stray_pixels(images).mean())}
     return rows
+
+
+def contact_sheet(lab: Lab, *, seed: int = 0, n_references: int = 12, variations: int = 3):
+    """Two figures of what the lab draws, nothing picked by hand: every (shape, colour) pair from its canonical
+    caption (large, in the middle, one background per colour; held-out pairs marked *), and SD-IPC variations of
+    `n_references` test references drawn at random by `seed`. Returns (pairs_figure, variations_figure)."""
+    from ..generate import generate, vary
+    from ..plots import show_images
+    from .world import HELD_OUT, Thing, samples
+
+    backgrounds = {"red": "white", "orange": "teal", "yellow": "gray", "green": "beige", "blue": "white",
+                   "purple": "gray"}
+    captions, titles = [], []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            captions.append(caption((Thing(shape, colour, "large", "middle"),), backgrounds[colour]))
+            titles.append(f"{colour} {shape}" + (" *" if (shape, colour) in HELD_OUT else ""))
+    images = generate(lab, captions, n=1, seed=seed)
+    pairs = show_images(images, titles, ncols=len(SHAPES), size=1.3,
+                        suptitle=f"'{lab.source}' lab, from the caption 'a large <colour> <shape> in the middle on "
+                                 f"a <background> background' (* never seen in training; seed {seed})")
+    rng = np.random.default_rng(seed)
+    index = sorted(rng.choice(1000, n_references, replace=False).tolist())
+    refs = [samples(1, "test", start=int(i), two_objects=0)[0] for i in index]
+    grid, grid_titles = [], []
+    for i, s in zip(index, refs):
+        grid += [s.image, *vary(lab, s.image, n=variations, seed=seed)]
+        grid_titles += [f"test #{i}", *(["SD-IPC"] * variations)]
+    varied = show_images(grid, grid_titles, ncols=2 * (variations + 1), size=1.3,
+                         suptitle=f"SD-IPC variations from the image alone: {n_references} random test references "
+                                  f"(seed {seed}), {variations} variations each")
+    return pairs, varied

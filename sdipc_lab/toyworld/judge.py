@@ -112,6 +112,25 @@ def analytic(images) -> list[dict]:
     return out
 
 
+def stray_pixels(images, threshold: float = THRESHOLD / 2, margin: int = 3) -> np.ndarray:
+    """Artefacts: per image, the share of pixels away from the object that differ from the background colour
+    by more than `threshold` (RGB distance) - streaks, blotches, halos. The object is the largest connected
+    foreground region, grown by `margin` pixels; (N,) fractions. Drawn images score near 0 (their texture
+    noise is well under the threshold)."""
+    from scipy import ndimage
+
+    masks, background, x = foreground(images)
+    stray = np.linalg.norm(x - background[:, None, None], axis=-1) > threshold  # (N, H, W)
+    out = np.zeros(len(masks))
+    for i, m in enumerate(masks):
+        labels, n = ndimage.label(m)
+        if n:
+            largest = labels == 1 + int(np.argmax(ndimage.sum(m, labels, range(1, n + 1))))
+            stray[i] &= ~ndimage.binary_dilation(largest, iterations=margin)
+        out[i] = stray[i].mean()
+    return out
+
+
 def agreement(verdicts: list[dict], truths: list[dict], attributes=("shape", "colour", "size", "position", "background")) -> dict:
     """Fraction of images on which the judge finds each true attribute."""
     return {a: float(np.mean([v[a] == t[a] for v, t in zip(verdicts, truths)])) for a in attributes}

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import random
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from ..build import sd_v1_scheduler, word_tokenizer
 from ..convert import token_ids
-from ..training import fit
+from ..training import diffusion_loss, fit
 from .world import SIZE, caption, sample, vocabulary
 
 LAB_DIR = Path(__file__).parent / "lab"
@@ -60,6 +61,9 @@ class Sizes:
     unet_heads: int = 8
     norm_groups: int = 32
     train_images: int = 100000
+    wordings: int = 4  # captions per image whose text states the U-Net stage computes once
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting of the U-Net stage (None: uniform)
+    init_unet: bool = False  # start the U-Net from out/unet (--init-from-lab) instead of random
 
 
 SIZES = {
@@ -68,7 +72,7 @@ SIZES = {
     "cpu": Sizes(width=128, text_layers=4, vision_layers=4, heads=4, patch=8, vae_channels=(16, 32, 32),
                  unet_channels=(32, 64, 64), unet_layers=1, unet_heads=8, norm_groups=16, train_images=20000),
     "test": Sizes(width=32, text_layers=1, vision_layers=1, heads=2, patch=16, vae_channels=(8, 16, 16),
-                  unet_channels=(16, 32, 32), unet_layers=1, unet_heads=2, norm_groups=8, train_images=64),
+                  unet_channels=(16, 32, 32), unet_layers=1, unet_heads=2, norm_groups=8, train_images=64, wordings=2),
 }
 STAGES = ("clip", "vision", "vae", "decoder", "judge", "unet")  # the order `all` runs them in
 # steps, batch, learning rate per stage
@@ -236,6 +240,21 @@ def contrastive_batch(world: World, tokenizer, batch: int, step: int, seed: int,
 
 # ---------------------------------------------------------------------------------- stages
 
+def signature(stage: str, s: Sizes, budget, seed: int, world: World | None, out: Path, reads=()) -> dict:
+    """What a stage's checkpoint must match to be resumed: sizes, batch, lr, seed, the images, and a hash of the
+    frozen parts it reads (`reads`, e.g. the text tower the U-Net is conditioned on)."""
+    import hashlib
+
+    fields = {"clip": ("width", "text_layers", "vision_layers", "heads", "patch"), "vae": ("vae_channels", "norm_groups"),
+              "unet": ("unet_channels", "unet_layers", "unet_heads", "norm_groups", "wordings", "snr_gamma"),
+              "judge": ()}
+    fields["vision"], fields["decoder"] = fields["clip"], fields["vae"]
+    sizes = {k: getattr(s, k) for k in fields[stage]}
+    inputs = {part: hashlib.sha256((out / part / "model.safetensors").read_bytes()).hexdigest()[:16] for part in reads}
+    return dict(stage=stage, sizes=sizes, batch=budget[1], lr=budget[2], seed=seed,
+                images=None if world is None else len(world.images), inputs=inputs)
+
+
 def train_clip(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
     steps, batch, lr = budget
     tokenizer = new_tokenizer()
@@ -246,7 +265,8 @@ def train_clip(world: World, s: Sizes, budget, out: Path, accelerator, seed: int
     def loss_fn(module, step):
         return module(*contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "clip"))
 
-    trainer = fit("clip", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes)
+    trainer = fit("clip", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
+        signature=signature("clip", s, budget, seed, world, out, ()))
     tokenizer.save_pretrained(out / "tokenizer")
     trainer.text.save_pretrained(out / "text_encoder")
     trainer.vision.save_pretrained(out / "image_encoder")
@@ -261,15 +281,16 @@ def train_vision(world: World, s: Sizes, budget, out: Path, accelerator, seed: i
 
     steps, batch, lr = budget
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
-    text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").requires_grad_(False)
-    vision = CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder")
+    text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder", dtype=torch.float32).requires_grad_(False)
+    vision = CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder", dtype=torch.float32)
     text_before = {k: v.clone() for k, v in text.state_dict().items()}
     trainer = ClipTrainer(text, vision)
 
     def loss_fn(module, step):
         return module(*contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "vision", offset=5))
 
-    trainer = fit("vision", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes)
+    trainer = fit("vision", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
+        signature=signature("vision", s, budget, seed, world, out, ("text_encoder",)))
     assert all(torch.equal(v, text_before[k]) for k, v in trainer.text.state_dict().items()), "the text tower moved"
     trainer.vision.save_pretrained(out / "image_encoder")
     return trainer
@@ -284,7 +305,8 @@ def train_vae(world: World, s: Sizes, budget, out: Path, accelerator, seed: int,
         index = batch_index(len(world.images), batch, step, seed + 1, accelerator)
         return module(world.pixels(index, accelerator.device))
 
-    vae = fit("vae", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes).vae
+    vae = fit("vae", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
+        signature=signature("vae", s, budget, seed, world, out, ())).vae
     # SD's scaling factor: 1 / std of sampled latents, measured on the data.
     with torch.no_grad():
         x = world.pixels(torch.arange(min(2048, len(world.images))), accelerator.device)
@@ -318,7 +340,7 @@ def train_decoder(world: World, s: Sizes, budget, out: Path, accelerator, seed: 
     from diffusers import AutoencoderKL
 
     steps, batch, lr = budget
-    vae = AutoencoderKL.from_pretrained(out / "vae").to(accelerator.device)
+    vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(accelerator.device)
     encoder_before = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
     trainer = DecoderTrainer(vae)
 
@@ -326,48 +348,91 @@ def train_decoder(world: World, s: Sizes, budget, out: Path, accelerator, seed: 
         index = batch_index(len(world.images), batch, step, seed + 4, accelerator)
         return module(world.pixels(index, accelerator.device))
 
-    vae = fit("decoder", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes).vae
+    vae = fit("decoder", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
+        signature=signature("decoder", s, budget, seed, world, out, ())).vae
     assert all(torch.equal(v, encoder_before[k]) for k, v in vae.encoder.state_dict().items()), "the encoder moved"
     vae.save_pretrained(out / "vae")  # same config, same scaling_factor: only the decoder changed
     return vae
 
 
+def caption_states(world: World, tokenizer, text, device, *, wordings: int, seed: int, batch: int = 64):
+    """The frozen text tower's states for `wordings` captions of every image, computed once: (N, K, 77, D) fp16,
+    plus the empty caption's states (77, D) for caption dropout. While the U-Net trains the text tower is
+    frozen, so this replaces one text-encoder forward per step with a lookup."""
+    rng = random.Random(f"captions:{seed}")
+    n = len(world.images)
+    texts = [c for k in range(wordings) for c in world.captions(torch.arange(n), rng)]  # wording-major
+    states = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            ids, _ = tokenize(tokenizer, texts[i:i + batch], device)
+            states.append(text.text_model(ids).last_hidden_state.half())
+        empty = text.text_model(tokenize(tokenizer, [""], device)[0]).last_hidden_state[0]
+    return torch.cat(states).view(wordings, n, 77, -1).transpose(0, 1), empty
+
+
+def cached_caption_states(out: Path, world: World, tokenizer, text, device, *, wordings: int, seed: int):
+    """`caption_states`, kept in `out/caption_states.safetensors` so that a resumed U-Net stage reads them back
+    instead of recomputing them; recomputed whenever the text tower, the images or the wordings differ."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256((out / "text_encoder" / "model.safetensors").read_bytes()
+                         + world.images.numpy().tobytes()[:: 997] + f"{wordings}:{seed}".encode()).hexdigest()
+    path = out / "caption_states.safetensors"
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            same = f.metadata().get("key") == key
+        if same:
+            saved = load_file(str(path))
+            return saved["states"], saved["empty"].to(device)
+    states, empty = caption_states(world, tokenizer, text, device, wordings=wordings, seed=seed)
+    tmp = path.with_suffix(".tmp")
+    save_file({"states": states.contiguous().cpu(), "empty": empty.contiguous().cpu()}, str(tmp), metadata={"key": key})
+    os.replace(tmp, path)
+    return states, empty
+
+
+# Every stage loads its parts as float32: transformers 5 and diffusers keep a file's dtype by default, and a lab
+# is saved in fp16 (--init-from-lab) - training or encoding in fp16 on a CPU is slow and lossy.
+
+
 def train_unet(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     steps, batch, lr = budget
     device = accelerator.device
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
-    text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").to(device).eval().requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(out / "vae").to(device).eval().requires_grad_(False)
+    text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder", dtype=torch.float32).to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
     with torch.no_grad():  # the posterior of every training image, once
         params = [vae.encode(world.pixels(torch.arange(i, min(i + 512, len(world.images))), device)).latent_dist.parameters
                   for i in range(0, len(world.images), 512)]
         posterior = torch.cat(params)  # (N, 8, 16, 16): mean and log-variance
+    states, empty = cached_caption_states(out, world, tokenizer, text, device, wordings=s.wordings, seed=seed)
     scheduler = toy_scheduler()
-    alphas = scheduler.alphas_cumprod.to(device)
     torch.manual_seed(seed + 2)
-    unet = new_unet(s, text.config.hidden_size)
+    unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32) if s.init_unet else new_unet(s, text.config.hidden_size)
 
     def loss_fn(module, step):
         index = batch_index(len(world.images), batch, step, seed + 2, accelerator)
-        rng = random.Random(f"unet:{seed}:{step}")
-        texts = [c if rng.random() >= 0.1 else "" for c in world.captions(index, rng)]  # 10 % caption dropout
-        ids, _ = tokenize(tokenizer, texts, device)
+        g = torch.Generator().manual_seed(seed * 7919 + step)
+        wording = torch.randint(0, s.wordings, (batch,), generator=g)
+        f_txt = states[index, wording].to(device).float()  # (B, 77, D): all 77 states, as SD
+        dropped = torch.rand(batch, generator=g) < 0.1  # 10 % caption dropout, for guidance
+        f_txt[dropped.to(device)] = empty
         with torch.no_grad():
-            f_txt = text.text_model(ids).last_hidden_state  # (B, 77, D): all 77 states, as SD
             mean, logvar = posterior[index.to(device)].chunk(2, dim=1)
             z0 = (mean + torch.randn_like(mean) * (0.5 * logvar).exp()) * vae.config.scaling_factor
-        noise = torch.randn_like(z0)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), device=device)
-        a = alphas[t][:, None, None, None]
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        v = a.sqrt() * noise - (1 - a).sqrt() * z0  # v-prediction target
-        return F.mse_loss(module(zt, t, encoder_hidden_states=f_txt).sample, v)
+        return diffusion_loss(module, scheduler, z0, f_txt, snr_gamma=s.snr_gamma)
 
     unet = fit("unet", unet, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-               ema_decay=0.999 if steps > 1000 else None)
+               ema_decay=0.999 if steps > 1000 else None,
+               signature=signature("unet", s, budget, seed, world, out, ("text_encoder",)))
     unet.save_pretrained(out / "unet")
     return unet
 
@@ -393,14 +458,22 @@ def train_judge(s: Sizes, budget, out: Path, accelerator, seed: int, minutes=Non
         x = (x + 0.15 * torch.randn_like(x)).clamp(0, 1)  # robustness to generated images' noise
         return F.cross_entropy(module(x), shapes[index].to(accelerator.device))
 
-    cnn = fit("judge", cnn, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes)
+    cnn = fit("judge", cnn, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
+        signature=signature("judge", s, budget, seed, None, out, ()))
     save_file({k: v.contiguous().cpu() for k, v in cnn.state_dict().items()}, str(out / "judge.safetensors"))
     return cnn
 
 
-def export(out: Path, lab_dir: Path = LAB_DIR, *, steps: int = 20, guidance_scale: float = 5.0) -> Path:
-    """Assemble the trained parts into a lab folder (fp16 weights), with its measured constants."""
+SAMPLER = dict(scheduler="ddim", steps=20, guidance_scale=5.0, guidance_rescale=0.0)  # export's defaults
+
+
+def export(out: Path, lab_dir: Path | None = None, **sampler) -> Path:
+    """Assemble the trained parts into a lab folder (fp16 weights, default `out/lab`), with its measured constants
+    and its sampler settings (`SAMPLER`, overridden by `sampler`: as chosen by bench/sampler_sweep.py).
+    An existing lab there is replaced whole (written beside it, then swapped); any other folder is refused."""
     import shutil
+
+    lab_dir = Path(lab_dir) if lab_dir is not None else out / "lab"
 
     from ..lab import assemble, load_lab, quiet, save_lab
     from ..measure import measure_constants
@@ -411,35 +484,57 @@ def export(out: Path, lab_dir: Path = LAB_DIR, *, steps: int = 20, guidance_scal
 
         parts = dict(
             tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
-            text_encoder=CLIPTextModelWithProjection.from_pretrained(out / "text_encoder"),
-            image_encoder=CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder"),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(out / "text_encoder", dtype=torch.float32),
+            image_encoder=CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder", dtype=torch.float32),
             feature_extractor=CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
                                                     image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)),
-            unet=UNet2DConditionModel.from_pretrained(out / "unet"),
-            vae=AutoencoderKL.from_pretrained(out / "vae"),
+            unet=UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32),
+            vae=AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32),
             scheduler=toy_scheduler(),
         )
-    constants = dict(cutoff=0.0, norm=1.0, norm_t=1.0, steps=steps, guidance_scale=guidance_scale,
-                     finetune_lr=FINETUNE_LR)
+    unknown = set(sampler) - set(SAMPLER)
+    if unknown:
+        raise ValueError(f"unknown sampler setting(s) {sorted(unknown)}: use {', '.join(SAMPLER)}")
+    sampler = {**SAMPLER, **sampler}
+    constants = dict(cutoff=0.0, norm=1.0, norm_t=1.0, steps=int(sampler["steps"]),
+                     guidance_scale=float(sampler["guidance_scale"]),
+                     guidance_rescale=float(sampler["guidance_rescale"]), finetune_lr=FINETUNE_LR)
     with quiet():
         lab = assemble(parts, constants, source="toy", device="cpu", dtype=torch.float32)
+    lab.use_scheduler(sampler["scheduler"])
+    parts["scheduler"] = lab.scheduler
     constants.update(measure_constants(lab))
     for key in ("cutoff", "norm", "norm_t"):
         setattr(lab, key, constants[key])
-    tmp = lab_dir.with_name(lab_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     with quiet():
         half = assemble(dict(parts), constants, source="toy", device="cpu", dtype=torch.float16)
-    save_lab(half, tmp)
-    shutil.rmtree(lab_dir, ignore_errors=True)
-    tmp.rename(lab_dir)
+    try:
+        save_lab(half, lab_dir, extra={"constants_measured.json": json.dumps(constants, indent=2) + "\n"},
+                 into_package=lab_dir == LAB_DIR)
+    except ValueError as error:
+        raise SystemExit(f"export: {error}") from None
     if (out / "judge.safetensors").exists() and lab_dir == LAB_DIR:
         shutil.copy(out / "judge.safetensors", JUDGE_FILE)
-    (lab_dir / "constants_measured.json").write_text(json.dumps(constants, indent=2) + "\n")
     load_lab(lab_dir, device="cpu")  # it must load
     size = sum(f.stat().st_size for f in lab_dir.rglob("*.safetensors"))
     print(f"exported the lab to {lab_dir} ({size / 2**20:.1f} MB of weights): {constants}")
     return lab_dir
+
+
+def init_from_lab(out: Path, lab_dir: Path, skip=()) -> list[str]:
+    """Copy a lab's components into the run folder `out` where it has none yet (so `vision`, `decoder` and `unet`
+    continue from the lab's CLIP, VAE and U-Net): training goes on from a shipped lab when no run folder is left.
+    Never overwrites what `out` holds. Returns the components copied."""
+    import shutil
+
+    if not (lab_dir / "sdipc_lab.json").exists():
+        raise SystemExit(f"--init-from-lab {lab_dir}: not a lab folder (no sdipc_lab.json); 'toy' names the shipped lab")
+    copied = []
+    for part in ("tokenizer", "text_encoder", "image_encoder", "vae", "unet"):
+        if part not in skip and not (out / part).exists():
+            shutil.copytree(lab_dir / part, out / part)
+            copied.append(part)
+    return copied
 
 
 def main(argv=None) -> None:
@@ -451,12 +546,38 @@ def main(argv=None) -> None:
     parser.add_argument("--size", choices=list(SIZES), default="full")
     parser.add_argument("--steps", type=int, help="total steps for the stage (default: the size's budget)")
     parser.add_argument("--minutes", help="time budget per stage, e.g. 8 or clip=4,vae=2 (the lr decays by it)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the size's budget)")
+    parser.add_argument("--batch", type=int, help="batch size (default: the size's budget)")
+    parser.add_argument("--unet-channels", help="override the size's U-Net channels, e.g. 64,128,128")
+    parser.add_argument("--unet-layers", type=int, help="override the size's U-Net layers per block")
+    parser.add_argument("--vae-channels", help="override the size's VAE channels, e.g. 32,64,64")
+    parser.add_argument("--snr-gamma", type=float, help="min-SNR-gamma weighting of the U-Net loss (e.g. 5)")
+    parser.add_argument("--init-from-lab", type=Path, metavar="LAB",
+                        help="continue from a lab's weights ('toy': the shipped one) where --out has none")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lab-dir", type=Path, default=LAB_DIR, help="where export writes the lab")
+    parser.add_argument("--sampler", help="export's sampler settings, e.g. scheduler=dpm++,steps=20,guidance_scale=5,"
+                        f"guidance_rescale=0.7 (default {SAMPLER})")
+    parser.add_argument("--lab-dir", type=Path, help="where export writes the lab (default: OUT/lab; 'toy' names "
+                        "the package's own lab, which is only ever written when asked by that name)")
     args = parser.parse_args(argv)
     s = SIZES[args.size]
+    if args.unet_channels:
+        s = dataclasses.replace(s, unet_channels=tuple(int(c) for c in args.unet_channels.split(",")))
+    if args.vae_channels:
+        s = dataclasses.replace(s, vae_channels=tuple(int(c) for c in args.vae_channels.split(",")))
+    if args.unet_layers:
+        s = dataclasses.replace(s, unet_layers=args.unet_layers)
+    if args.snr_gamma:
+        s = dataclasses.replace(s, snr_gamma=args.snr_gamma)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.init_from_lab:
+        lab_dir = LAB_DIR if str(args.init_from_lab) == "toy" else args.init_from_lab
+        resized = {"unet"} if args.unet_channels or args.unet_layers else set()
+        resized |= {"vae", "unet"} if args.vae_channels else set()  # a new latent space needs a new U-Net
+        copied = init_from_lab(args.out, lab_dir, skip=resized)
+        s = dataclasses.replace(s, init_unet="unet" not in resized)
+        print(f"--init-from-lab {lab_dir}: copied {copied or 'nothing (the run folder has every part)'} into {args.out}")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -470,7 +591,7 @@ def main(argv=None) -> None:
         if stage == "export":
             continue
         steps, batch, lr = BUDGETS[args.size][stage]
-        budget = (args.steps or steps, batch, lr)
+        budget = (args.steps or steps, args.batch or batch, args.lr or lr)
         start = time.time()
         if stage == "judge":
             train_judge(s, budget, args.out, accelerator, args.seed, minutes.get(stage))
@@ -478,7 +599,9 @@ def main(argv=None) -> None:
             globals()[f"train_{stage}"](world, s, budget, args.out, accelerator, args.seed, minutes.get(stage))
         print(f"{stage}: {time.time() - start:.0f} s on {accelerator.device}")
     if args.stage in ("all", "export") and accelerator.is_main_process:
-        export(args.out, args.lab_dir)
+        lab_dir = args.out / "lab" if args.lab_dir is None else LAB_DIR if str(args.lab_dir) == "toy" else args.lab_dir
+        sampler = dict(item.split("=", 1) for item in args.sampler.split(",")) if args.sampler else {}
+        export(args.out, lab_dir, **sampler)
 
 
 def _parse_minutes(text: str | None) -> dict:

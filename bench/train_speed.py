@@ -1,0 +1,191 @@
+"""Where a teaching-lab training step spends its time, on this machine: one table per question.
+
+    python bench/train_speed.py                      # every stage at the cpu size, 2 threads vs 1
+    python bench/train_speed.py --unet 32,64,64x1 64,128,128x1 --vae 16,32,32 32,64,64 --steps 6
+    python bench/train_speed.py --variants           # + channels_last, bf16 autocast, torch.compile
+
+Each step is split into data (drawing captions, tokenising, indexing images), the frozen text encoder
+(U-Net stage), forward (with the loss), backward and the optimizer, timed one after the other (CPU work is
+synchronous), median over `--steps` steps after one warm-up step. Compare rows as ratios within one run:
+timings here swing from run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import table  # noqa: E402
+
+from sdipc_lab.toyworld import train as T  # noqa: E402
+from sdipc_lab.training import diffusion_loss  # noqa: E402
+
+
+class _Accel:  # what train.batch_index / contrastive_batch read of an Accelerator
+    process_index = 0
+    device = torch.device("cpu")
+
+
+def _timed_steps(parts, params, steps: int, autocast: bool):
+    """parts: {name: fn(previous outputs dict) -> value}, run in order; 'loss' must be the last forward part."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    times = {name: [] for name in [*parts, "backward", "optimizer"]}
+    for k in range(steps + 1):
+        out = {"step": k}
+        for name, fn in parts.items():
+            start = time.perf_counter()
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast and name == "forward" else contextlib.nullcontext()
+            with ctx:
+                out[name] = fn(out)
+            times[name].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        out["forward"].float().backward()
+        times["backward"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        optimizer.step()
+        times["optimizer"].append(time.perf_counter() - start)
+    return {name: statistics.median(v[1:]) for name, v in times.items()}  # the first step warms up
+
+
+def clip_parts(s: T.Sizes, world, batch: int):
+    tokenizer = T.new_tokenizer()
+    trainer = T.ClipTrainer(*T.new_clip(s, tokenizer))
+    parts = {"data": lambda o: T.contrastive_batch(world, tokenizer, batch, o["step"], 0, _Accel, "clip"),
+             "forward": lambda o: trainer(*o["data"])}
+    return parts, list(trainer.parameters())
+
+
+def vae_parts(s: T.Sizes, world, batch: int):
+    trainer = T.VaeTrainer(T.new_vae(s))
+    parts = {"data": lambda o: world.pixels(T.batch_index(len(world.images), batch, o["step"], 0, _Accel), "cpu"),
+             "forward": lambda o: trainer(o["data"])}
+    return parts, list(trainer.parameters())
+
+
+def unet_parts(s: T.Sizes, world, batch: int, text, tokenizer, channels_last: bool, cached: torch.Tensor | None):
+    unet = T.new_unet(s, text.config.hidden_size)
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    scheduler = T.toy_scheduler()
+    latent = 64 // 2 ** (len(s.vae_channels) - 1)
+
+    def data(o):
+        index = T.batch_index(len(world.images), batch, o["step"], 0, _Accel)
+        if cached is not None:
+            return index
+        rng = random.Random(o["step"])
+        return T.tokenize(tokenizer, world.captions(index, rng), "cpu")[0]
+
+    def encode(o):
+        if cached is not None:
+            return cached[o["data"]].float()  # (B, 77, D) looked up
+        with torch.no_grad():
+            return text.text_model(o["data"]).last_hidden_state  # (B, 77, D)
+
+    def forward(o):
+        z0 = torch.randn(batch, 4, latent, latent)
+        if channels_last:
+            z0 = z0.contiguous(memory_format=torch.channels_last)
+        return diffusion_loss(unet, scheduler, z0, o["text encoder"])
+
+    return {"data": data, "text encoder": encode, "forward": forward}, unet
+
+
+def parse_unet(text: str) -> dict:  # "64,128,128x2" -> channels and layers per block
+    channels, _, layers = text.partition("x")
+    return dict(unet_channels=tuple(int(c) for c in channels.split(",")), unet_layers=int(layers or 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="cpu", choices=list(T.SIZES))
+    parser.add_argument("--unet", nargs="*", default=None, help="U-Net sizes, channels x layers per block")
+    parser.add_argument("--vae", nargs="*", default=None, help="VAE channel lists")
+    parser.add_argument("--stages", default="clip,vae,unet")
+    parser.add_argument("--threads", default="2,1")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--variants", action="store_true", help="also channels_last, bf16 autocast, torch.compile")
+    args = parser.parse_args()
+    base = T.SIZES[args.size]
+    world = T.render(2048, "train")
+    tokenizer = T.new_tokenizer()
+    text, _ = T.new_clip(base, tokenizer)
+    text.eval().requires_grad_(False)
+    stages = args.stages.split(",")
+    batches = {name: T.BUDGETS[args.size][name][1] for name in ("clip", "vae", "unet")}
+    configs = []  # (stage, label, sizes, options)
+    if "clip" in stages:
+        configs.append(("clip", f"width {base.width}, patch {base.patch}", base, {}))
+    for vae in (args.vae or [",".join(map(str, base.vae_channels))]) if "vae" in stages else []:
+        channels = tuple(int(c) for c in vae.split(","))
+        s = T.dataclasses.replace(base, vae_channels=channels)
+        configs.append(("vae", f"channels {channels}", s, {}))
+    for spec in (args.unet or [",".join(map(str, base.unet_channels)) + f"x{base.unet_layers}"]) if "unet" in stages else []:
+        s = T.dataclasses.replace(base, **parse_unet(spec))
+        configs.append(("unet", f"{spec}", s, {}))
+        configs.append(("unet", f"{spec}, cached text states", s, {"cached": True}))
+        if args.variants:
+            configs.append(("unet", f"{spec}, channels_last", s, {"channels_last": True}))
+            configs.append(("unet", f"{spec}, bf16 autocast", s, {"autocast": True}))
+    ids, _ = T.tokenize(tokenizer, world.captions(torch.arange(len(world.images)), random.Random(0)), "cpu")
+    with torch.no_grad():
+        cache = torch.cat([text.text_model(chunk).last_hidden_state.half() for chunk in ids.split(256)])
+    rows = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            for stage, label, s, options in configs:
+                torch.manual_seed(0)
+                batch = batches[stage]
+                if stage == "clip":
+                    parts, params = clip_parts(s, world, batch)
+                elif stage == "vae":
+                    parts, params = vae_parts(s, world, batch)
+                else:
+                    parts, unet = unet_parts(s, world, batch, text, tokenizer, options.get("channels_last", False),
+                                             cache if options.get("cached") else None)
+                    params = list(unet.parameters())
+                n_params = sum(p.numel() for p in params)
+                t = _timed_steps(parts, params, args.steps, options.get("autocast", False))
+                total = sum(t.values())
+                rows.append([stage, label, f"{n_params / 1e6:.2f} M", threads, batch,
+                             *(f"{1000 * t.get(k, 0):.0f}" for k in ("data", "text encoder", "forward", "backward",
+                                                                     "optimizer")),
+                             f"{total:.3f}", f"{batch / total:.0f}"])
+                print(rows[-1], flush=True)
+            if args.variants and "unet" in stages:
+                spec = (args.unet or [",".join(map(str, base.unet_channels)) + f"x{base.unet_layers}"])[0]
+                s = T.dataclasses.replace(base, **parse_unet(spec))
+                parts, unet = unet_parts(s, world, batches["unet"], text, tokenizer, False, cache)
+                params = list(unet.parameters())
+                start = time.perf_counter()
+                unet.forward = torch.compile(unet.forward)
+                _timed_steps(parts, params, 1, False)  # compiles
+                compile_s = time.perf_counter() - start
+                t = _timed_steps(parts, params, args.steps, False)
+                total = sum(t.values())
+                rows.append(["unet", f"{spec}, cached, torch.compile (compile {compile_s:.0f} s)",
+                             f"{sum(p.numel() for p in params) / 1e6:.2f} M", threads, batches["unet"],
+                             *(f"{1000 * t.get(k, 0):.0f}" for k in ("data", "text encoder", "forward", "backward",
+                                                                     "optimizer")),
+                             f"{total:.3f}", f"{batches['unet'] / total:.0f}"])
+                print(rows[-1], flush=True)
+    finally:
+        torch.set_num_threads(before)
+    print(f"\n## One training step, split ({args.size} size, median of {args.steps} steps after a warm-up; ms)\n")
+    print(table(["stage", "model", "params", "threads", "batch", "data", "text encoder", "forward", "backward",
+                 "optimizer", "s / step", "samples / s"], rows))
+
+
+if __name__ == "__main__":
+    main()
