@@ -10,11 +10,13 @@ from .convert import (InverseProjection, blend, convert, edit_prompt_embeds, enc
 from .generate import edit, generate, sample, vary
 from .images import as_rgb_images
 from .lab import KNOWN_SOURCES, Lab, WeightsNotFoundError, assemble, download, load_lab, pick_device, save_lab
-from .plots import show_images
+from .measure import nearest_texts
+from .plots import pipeline_diagram, show_images
 
 __all__ = [
     "InverseProjection", "KNOWN_SOURCES", "Lab", "WeightsNotFoundError", "as_rgb_images", "assemble", "blend",
     "convert", "download", "edit", "edit_prompt_embeds", "encode_text", "eos_prompt_embeds", "generate", "image_embeds",
-    "image_prompt_embeds", "inverse_projection", "load_lab", "pick_device", "pseudo_prompt", "sample", "save_lab", "show_images",
+    "image_prompt_embeds", "inverse_projection", "load_lab", "nearest_texts", "pick_device", "pipeline_diagram",
+    "pseudo_prompt", "sample", "save_lab", "show_images",
     "sos_state", "text_embeds", "vary",
 ]

@@ -75,3 +75,15 @@ def measure_constants(lab: Lab, n: int = 512) -> dict:
     best = max(sweep, key=lambda row: row["cosine"])
     return dict(cutoff=round(best["cutoff"], 4), norm=round(measured["norm"], 3), norm_t=round(measured["norm_t"], 3),
                 cutoff_sweep=sweep, norms=measured)
+
+
+@torch.no_grad()
+def nearest_texts(lab: Lab, f_cnvrt: torch.Tensor, texts: Sequence[str], k: int = 5) -> list[dict]:
+    """What a converted prompt "says": the `k` texts whose end-token states (T-space) are closest in cosine to
+    f_cnvrt (D,), best first, as rows {"text", "cosine"}."""
+    if f_cnvrt.dim() != 1:
+        raise ValueError(f"f_cnvrt must be one vector (D,), got shape {tuple(f_cnvrt.shape)}")
+    f_eos = eos_states(lab, list(texts))  # (N, D)
+    cos = F.cosine_similarity(f_eos, f_cnvrt.float().to(f_eos.device)[None], dim=-1)  # (N,)
+    best = cos.topk(min(k, len(texts)))
+    return [{"text": texts[i], "cosine": round(float(c), 3)} for c, i in zip(best.values, best.indices.tolist())]

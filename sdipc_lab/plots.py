@@ -118,3 +118,51 @@ def plot_histograms(values: dict, bins: int = 30, title: str = ""):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def pipeline_diagram():
+    """SD-IPC at a glance: the image path (CLIP image tower -> W_i -> W_t^+ -> 77-token pseudo-prompt) and the
+    text path (text tower) both feeding the U-Net's cross-attention. Returns the figure."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig, ax = plt.subplots(figsize=(10, 3.1))
+    ax.set(xlim=(0, 10), ylim=(0, 3.1))
+    ax.axis("off")
+    boxes = {  # name: (x, y, text, colour)
+        "image": (0.1, 2.1, "image x", "#dddddd"),
+        "tower_i": (1.55, 2.1, "CLIP image\ntower", "#cfe2f3"),
+        "W_i": (3.0, 2.1, "$W_i$\n$f^c_{img}$ (P)", "#cfe2f3"),
+        "inverse": (4.45, 2.1, "$W_t^+$ (cutoff)\n× norm (Eq. 6)", "#f4cccc"),
+        "prompt": (5.9, 2.1, "[sos, $f^{cnvrt}$×76]\n(77, D) Eq. 7", "#f4cccc"),
+        "text": (0.1, 0.35, "text s", "#dddddd"),
+        "tower_t": (1.55, 0.35, "CLIP text\ntower", "#d9ead3"),
+        "states": (3.0, 0.35, "$f_{txt}$ (77, D)\nT-space", "#d9ead3"),
+        "W_t": (4.45, 0.35, "$W_t$\n$f^c_{txt}$ (P)", "#d9ead3"),
+        "unet": (7.75, 1.2, "U-Net\ncross-attention\n(reads 77 × D)", "#fff2cc"),
+    }
+    w, h = 1.25, 0.75
+    for name, (x, y, text, colour) in boxes.items():
+        height = 1.2 if name == "unet" else h
+        ax.add_patch(FancyBboxPatch((x, y), w + (0.6 if name == "unet" else 0), height,
+                                    boxstyle="round,pad=0.03", fc=colour, ec="#555555"))
+        ax.text(x + (w + (0.6 if name == "unet" else 0)) / 2, y + height / 2, text, ha="center", va="center",
+                fontsize=8)
+
+    def arrow(a, b, label="", style="-|>"):
+        (xa, ya), (xb, yb) = a, b
+        ax.add_patch(FancyArrowPatch((xa, ya), (xb, yb), arrowstyle=style, mutation_scale=10, color="#333333"))
+        if label:
+            ax.text((xa + xb) / 2, (ya + yb) / 2 + 0.08, label, ha="center", fontsize=7, color="#333333")
+
+    for left, right in (("image", "tower_i"), ("tower_i", "W_i"), ("W_i", "inverse"), ("inverse", "prompt"),
+                        ("text", "tower_t"), ("tower_t", "states"), ("states", "W_t")):
+        arrow((boxes[left][0] + w, boxes[left][1] + h / 2), (boxes[right][0], boxes[right][1] + h / 2))
+    arrow((5.9 + w, 2.1 + h / 2), (7.75, 2.0), "prompt_embeds")
+    arrow((3.0 + w, 0.35 + 0.9 * h), (7.75, 1.45), "")
+    ax.text(6.0, 0.85, "text prompt_embeds\n(SD's usual path)", fontsize=7, color="#333333")
+    ax.add_patch(FancyArrowPatch((3.0 + w / 2, 2.1), (4.45 + w / 2, 0.35 + h), arrowstyle="<|-|>", ls="--",
+                                 mutation_scale=9, color="#990000"))
+    ax.text(4.6, 1.5, "contrastive training:\n$f^c_{img} \\approx f^c_{txt}$ (C-space)", ha="left", fontsize=7,
+            color="#990000")
+    fig.tight_layout()
+    return fig

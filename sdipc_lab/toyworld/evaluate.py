@@ -66,6 +66,22 @@ def zero_shot_of(lab: Lab, f_img: torch.Tensor, data, space: str = "c") -> dict:
     return scores
 
 
+@torch.no_grad()
+def word_reading(lab: Lab, f: torch.Tensor, like) -> list[dict]:
+    """Which word a T-space vector f (D,) picks for each attribute: the captions of sample `like` with each value
+    of the attribute put in are ranked by the cosine of their end-token states to f. Rows: attribute, the word
+    read, its cosine, the runner-up and the margin between them (near 0: the vector does not decide)."""
+    rows = []
+    for attribute, values in VALUES.items():
+        f_eos = text_features(lab, [_with(like, attribute, v) for v in values], "t")  # (V, D), unit
+        cos = (f_eos @ F.normalize(f.float().to(f_eos.device), dim=0)).cpu()
+        order = cos.argsort(descending=True).tolist()
+        rows.append({"attribute": attribute, "read as": values[order[0]], "cosine": round(float(cos[order[0]]), 3),
+                     "runner-up": values[order[1]], "margin": round(float(cos[order[0]] - cos[order[1]]), 3),
+                     "truth": like.attributes[attribute]})
+    return rows
+
+
 def retrieval(lab: Lab, data, space: str = "c", cutoff: float | None = None) -> dict:
     """Image->text and text->image recall@1 and @5 in the pool `data` (its canonical captions)."""
     f_img = image_features(lab, [s.image for s in data], space, cutoff=cutoff)

@@ -107,6 +107,16 @@ def concept_samples(shape: str, colour: str, n: int, start: int = 0) -> list[Sam
     return out
 
 
+def all_captions() -> list[str]:
+    """The canonical caption of every one-object scene the world can draw (shape x colour x size x position x
+    background, 1,800): the candidates `measure.nearest_texts` ranks to say what a converted prompt describes."""
+    import itertools
+
+    return [caption((Thing(shape, colour, size, position),), background)
+            for shape, colour, size, position, background in itertools.product(SHAPES, COLOURS, SIZES, POSITIONS,
+                                                                                BACKGROUNDS)]
+
+
 def concept_caption(s: Sample, word: str) -> str:
     """The canonical caption of a one-object sample with its colour word replaced by `word`: Custom
     Diffusion's "a large <new1> heart at the top on a white background", in the world's own language."""
