@@ -7,29 +7,45 @@ import sys
 import time
 
 
-def demo(source: str, out: str, n: int, seed: int) -> None:
-    """Convert a few reference images to prompts, and save their variations and an edit as one figure."""
+def demo(source: str, out: str, n: int, seed: int, steps: int | None = None) -> None:
+    """Convert three randomly drawn test images to prompts, and save their variations and an edit as one figure."""
+    import random
+    from pathlib import Path
+
     from . import edit, load_lab, show_images, vary
     from .toyworld import sample
 
+    out = Path(out).expanduser()
+    if out.is_dir() or out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+        raise ValueError(f"--out must name an image file such as sdipc_demo.png, got {str(out)!r}")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist")
     start = time.perf_counter()
     lab = load_lab(source)
     print(f"loaded {lab} in {time.perf_counter() - start:.1f} s")
-    references = [sample(i, "test", two_objects=0).image for i in range(3)]
+    indices = random.Random(seed).sample(range(1000), 3)  # drawn at random by the seed: no hand-picked examples
+    references = [sample(i, "test", two_objects=0) for i in indices]
     start = time.perf_counter()
     rows, labels = [], []
-    for i, ref in enumerate(references):
-        rows += [ref, *vary(lab, ref, n=n, seed=seed)]
-        labels.append(f"reference {i}")
+    for s in references:
+        rows += [s.image, *vary(lab, s.image, n=n, seed=seed, steps=steps)]
+        labels.append(_wrap(f"test #{indices[len(labels)]}: {s.caption}"))
     edit_text = "a huge star"
-    rows += [references[0], *edit(lab, references[0], edit_text, n=n, seed=seed)]
-    labels.append(f"+ '{edit_text}'")
+    rows += [references[0].image, *edit(lab, references[0].image, edit_text, n=n, seed=seed, steps=steps)]
+    labels.append(f"EDIT of test #{indices[0]}\n+ '{edit_text}'\n(alpha 0.9, Eq. 8)")
     seconds = time.perf_counter() - start
-    titles = ["reference"] + [f"variation {k}" for k in range(n)]
-    fig = show_images(rows, titles * len(labels), ncols=n + 1, row_labels=labels,
-                      suptitle=f"SD-IPC on the {lab.source!r} lab: variations (rows 1-3) and an edit (row 4)")
-    fig.savefig(out, dpi=120)
-    print(f"{len(references) * n} variations + {n} edits in {seconds:.1f} s on {lab.device}; figure: {out}")
+    titles = (["reference"] + [f"variation {k}" for k in range(n)]) * 3 + ["reference"] + [f"edit {k}" for k in range(n)]
+    fig = show_images(rows, titles, ncols=n + 1, row_labels=labels,
+                      suptitle=f"SD-IPC on the {lab.source!r} lab: variations from the image alone (rows 1-3;\n"
+                               f"the captions are shown for reference, never used), and an edit with text (row 4)")
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    print(f"{len(references) * n} variations + {n} edits in {seconds:.1f} s on {lab.device}; figure: {out.resolve()}")
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,13 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default="toy", help="toy (default), tiny, sd-v1-4, sd-v1-5, or a lab folder")
     p.add_argument("--out", default="sdipc_demo.png")
     p.add_argument("--n", type=int, default=4, help="variations per reference")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="picks the references and the noise")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the lab's)")
     p = commands.add_parser("download", help="fetch a hub source's weights once, with internet")
     p.add_argument("source", choices=["sd-v1-4", "sd-v1-5"])
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            demo(args.source, args.out, args.n, args.seed)
+            demo(args.source, args.out, args.n, args.seed, args.steps)
         else:
             from .lab import download
             download(args.source)

@@ -79,8 +79,10 @@ class TokenAttnProcessor:
         B = len(hidden_states)
         custom = getattr(self.inner, "train_kv", False)  # Custom Diffusion's own k/v projections
         query = attn.to_q(hidden_states)  # (B, HW, C)
-        key = (self.inner.to_k_custom_diffusion if custom else attn.to_k)(encoder_hidden_states)  # (B, 77, C)
-        value = (self.inner.to_v_custom_diffusion if custom else attn.to_v)(encoder_hidden_states)
+        to_k = self.inner.to_k_custom_diffusion if custom else attn.to_k
+        to_v = self.inner.to_v_custom_diffusion if custom else attn.to_v
+        key = to_k(encoder_hidden_states.to(to_k.weight.dtype)).to(query.dtype)  # (B, 77, C)
+        value = to_v(encoder_hidden_states.to(to_v.weight.dtype)).to(query.dtype)
         head_dim = key.shape[-1] // attn.heads
         q, k, v = (t.view(B, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))  # (B, h, n, d)
         scores = (q @ k.transpose(-1, -2)).float() * attn.scale  # (B, h, HW, 77)

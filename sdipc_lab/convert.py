@@ -46,10 +46,17 @@ class InverseProjection:
         self.matrix = (Vh[keep].T / S[keep]) @ U[:, keep].T  # (D, P)
 
     def __call__(self, f_img_c: torch.Tensor) -> torch.Tensor:  # (B, P) -> (B, D)
-        return f_img_c.to(torch.float64) @ self.matrix.T.to(f_img_c.device)
+        dtype = exact_dtype(f_img_c.device)
+        return f_img_c.to(dtype) @ self.matrix.T.to(f_img_c.device, dtype)
 
     def __repr__(self) -> str:
         return f"InverseProjection(cutoff={self.cutoff}, rank={self.rank}/{len(self.singular_values)})"
+
+
+def exact_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the converter's arithmetic, except on Apple MPS, which has no float64: float32 there (the SVD
+    itself always runs in float64 on the CPU)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def inverse_projection(lab: Lab, cutoff: float | None = None) -> InverseProjection:
@@ -123,7 +130,7 @@ def convert(lab: Lab, f_img_c: torch.Tensor, *, cutoff: float | None = None, nor
     if not math.isfinite(norm) or norm <= 0:
         raise ValueError(f"norm must be a finite number > 0, got {norm}")
     inverse = inverse_projection(lab, cutoff)
-    f = f_img_c.to(torch.float64)
+    f = f_img_c.to(exact_dtype(f_img_c.device))
     if norm_space == "c":
         f_cnvrt = inverse(f / f.norm(dim=-1, keepdim=True)) * norm
     else:
@@ -134,14 +141,19 @@ def convert(lab: Lab, f_img_c: torch.Tensor, *, cutoff: float | None = None, nor
 
 def blend(f_img_c: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     """One C-space embedding (1, P) from several: the weighted mean of their unit vectors."""
-    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    w = torch.as_tensor(list(weights), dtype=torch.float64)  # on the CPU
     if w.shape != (len(f_img_c),):
         raise ValueError(f"got {len(w)} weights for {len(f_img_c)} images; give one weight per image")
     if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights must be finite, >= 0 and not all zero, got {w.tolist()} "
                          "(to steer away from an image, pass it as a negative image instead)")
-    unit = f_img_c.to(torch.float64) / f_img_c.to(torch.float64).norm(dim=-1, keepdim=True)
-    return ((w[:, None].to(unit.device) * unit).sum(0, keepdim=True) / w.sum()).to(f_img_c.dtype)
+    f = f_img_c.to(exact_dtype(f_img_c.device))
+    unit = f / f.norm(dim=-1, keepdim=True)
+    mean = (w[:, None].to(unit) * unit).sum(0, keepdim=True) / w.sum().item()  # (1, P)
+    if mean.norm() < 1e-6:
+        raise ValueError("the weighted image embeddings cancel out (their blend has no direction to convert); "
+                         "change the weights, or pass one of the images as a negative image instead")
+    return mean.to(f_img_c.dtype)
 
 
 def pseudo_prompt(lab: Lab, f_img_c: torch.Tensor, *, cutoff: float | None = None, norm: float | None = None,

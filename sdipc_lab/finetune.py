@@ -34,11 +34,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .convert import encode_text, pseudo_prompt, token_ids
 from .images import as_rgb_images, digest
 from .lab import Lab
+from .training import diffusion_loss
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MODES = {  # the paper's recipes (Sec. 4.1): steps, schedule, text-to-image regulariser; the lr is the lab's
@@ -98,7 +98,9 @@ class DeepVisualPrompts(torch.nn.Module):
 
 
 def kv_processors(lab: Lab) -> dict:
-    """Custom Diffusion k/v processors for every cross-attention layer, initialised from the base."""
+    """Custom Diffusion k/v processors for every cross-attention layer, initialised from the base. Their weights
+    are float32 whatever the lab's dtype (diffusers' processor casts its inputs to them and its outputs back):
+    AdamW on fp16 weights goes NaN within a step, as in diffusers' own training scripts' warning."""
     from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 
     processors = {}
@@ -110,7 +112,7 @@ def kv_processors(lab: Lab) -> dict:
                                                cross_attention_dim=attn.to_k.in_features)
         proc.to_k_custom_diffusion.weight.data.copy_(attn.to_k.weight.data)
         proc.to_v_custom_diffusion.weight.data.copy_(attn.to_v.weight.data)
-        processors[name] = proc.to(lab.device, lab.dtype)
+        processors[name] = proc.to(lab.device, torch.float32)
     return processors
 
 
@@ -197,7 +199,7 @@ def _with_new_token(lab: Lab, token: str, init: torch.Tensor):
     tokenizer = copy.deepcopy(lab.tokenizer)
     if tokenizer.add_tokens([token]) != 1:
         raise ValueError(f"{token!r} is already a word of this tokenizer; choose a new token")
-    encoder = copy.deepcopy(lab.text_encoder)
+    encoder = copy.deepcopy(lab.text_encoder).float()  # the embedding table trains: float32, as k/v do
     encoder.resize_token_embeddings(len(tokenizer))
     with torch.no_grad():
         encoder.get_input_embeddings().weight[-1] = init.to(encoder.get_input_embeddings().weight)
@@ -282,20 +284,10 @@ class Eq9(torch.nn.Module):
         lab = self.lab
         f_img_c = lab.image_encoder(pixel_values=ref_pixels).image_embeds  # (B, P), through the prompts
         prompt = pseudo_prompt(lab, f_img_c)  # (B, 77, D), W_t^+ fixed
-        loss = denoising_loss(lab, target_latents, prompt)
+        loss = diffusion_loss(lab.unet, lab.scheduler, target_latents, prompt)
         if text_states is not None:
-            loss = loss + denoising_loss(lab, text_latents, text_states)
+            loss = loss + diffusion_loss(lab.unet, lab.scheduler, text_latents, text_states)
         return loss
-
-
-def denoising_loss(lab: Lab, z0: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """The U-Net's training loss on latents z0 (B, 4, h, w) under `context` (B, 77, D)."""
-    sched = lab.scheduler
-    noise = torch.randn_like(z0)
-    t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), device=z0.device)
-    zt = sched.add_noise(z0, noise, t)
-    target = sched.get_velocity(z0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-    return F.mse_loss(lab.unet(zt, t, encoder_hidden_states=context).sample.float(), target.float())
 
 
 def latents_of(lab: Lab, images) -> torch.Tensor:
@@ -390,7 +382,7 @@ class TextToImageLoss(torch.nn.Module):
 
     def forward(self, input_ids, latents):
         f_txt = self.encoder.text_model(input_ids).last_hidden_state  # (B, 77, D)
-        return denoising_loss(self.lab, latents, f_txt.to(latents.dtype))
+        return diffusion_loss(self.lab.unet, self.lab.scheduler, latents, f_txt.to(latents.dtype))
 
 
 def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>", steps: int = 250,

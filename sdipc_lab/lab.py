@@ -319,8 +319,8 @@ def assemble(parts: dict, constants: dict, *, source: str = "", device=None, dty
     )
     pipe.set_progress_bar_config(disable=True)  # experiments show one bar over many calls (generate.progress)
     known = {f.name for f in dataclasses.fields(Lab)}
-    return Lab(**parts, pipe=pipe, source=source, device=device, dtype=dtype,
-               **{k: v for k, v in constants.items() if k in known})
+    own = {k: dict(v) if isinstance(v, dict) else v for k, v in constants.items() if k in known}  # never shared
+    return Lab(**parts, pipe=pipe, source=source, device=device, dtype=dtype, **own)
 
 
 def check_consistent(parts: dict) -> None:

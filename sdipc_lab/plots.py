@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -60,6 +61,38 @@ class Table:
 
 def table(rows: Sequence[dict], digits: int = 3) -> Table:
     return Table(rows, digits)
+
+
+VERDICTS = ("reproduced", "not reproduced here", "opposite here", "information")
+
+
+def verdict(effect: float | None, margin: float = 0.0) -> str:
+    """A claim's verdict from its measured effect, signed so that positive is the paper's direction: "reproduced"
+    above `margin`, "opposite here" below -`margin`, "not reproduced here" between; None is "information"."""
+    if effect is None:
+        return "information"
+    if not math.isfinite(effect):
+        raise ValueError(f"a claim's effect must be a number, got {effect}: was something not measured?")
+    return "reproduced" if effect > margin else "opposite here" if effect < -margin else "not reproduced here"
+
+
+def claims(rows: Sequence[dict]) -> Table:
+    """A claims table: each row's "claim", "paper" and "measured here", and a "verdict" computed by `verdict`
+    from its "effect" and "margin" (never typed by hand)."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        effect, margin = row.pop("effect", None), row.pop("margin", 0.0)
+        out.append({**row, "verdict": verdict(effect, margin)})
+    return Table(out)
+
+
+def check_verdicts(table: Table, expected: dict) -> None:
+    """Fail (AssertionError) when a claim's verdict is not the one this lab is known to show: a retrained lab or a
+    changed experiment that flips a verdict must be looked at, and the text beside the table rewritten."""
+    got = {row["claim"]: row["verdict"] for row in table.rows}
+    wrong = {claim: (want, got.get(claim)) for claim, want in expected.items() if got.get(claim) != want}
+    assert not wrong, "verdicts changed (expected, got): " + "; ".join(f"{c!r}: {w}" for c, w in wrong.items())
 
 
 def plot_curves(rows: Sequence[dict], x: str, ys: Sequence[str], *, logx: bool = False, title: str = "",

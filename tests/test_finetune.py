@@ -187,3 +187,22 @@ def test_learning_rate_defaults_to_the_labs(fresh_lab, tmp_path):
     assert ft.info["lr"] == 0.0123
     folder = S.save_lab(fresh_lab, tmp_path / "lab")
     assert S.load_lab(folder, device="cpu").finetune_lr["ct"] == 0.0123  # carried in the lab's constants
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_finetuning_a_half_precision_lab_stays_finite(dtype, tmp_path):
+    """load_lab picks fp16 on a GPU: the trainable k/v, prompts and token embedding must be float32 (AdamW's
+    update underflows in fp16 and the loss went NaN after one step), the frozen lab staying in its dtype."""
+    from sdipc_lab import finetune as FT
+    from sdipc_lab.toyworld import concept_samples
+
+    half = S.load_lab("tiny", device="cpu", dtype=dtype)
+    images = [s.image for s in concept_samples("star", "red", 2)]
+    ct = FT.finetune(half, FT.Concepts({"red star": images}), mode="ct", steps=3, lr=1e-2, out=tmp_path / "ct")
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for proc in ct.kv.values()
+               for p in proc.parameters())
+    assert half.unet.dtype == dtype
+    cd = FT.custom_diffusion(half, images, class_word="star", steps=3, lr=1e-2, out=tmp_path / "cd")
+    assert torch.isfinite(cd.text[1].get_input_embeddings().weight).all()
+    out = S.vary(half, images[0], n=1, finetuned=ct) + S.generate(half, "a red star", n=1)
+    assert all(np.isfinite(np.asarray(im, dtype=np.float32)).all() for im in out)

@@ -51,3 +51,19 @@ def test_clip_i_t_and_score_are_scaled_cosines(lab, image_sets):
     # Hessel et al.: CLIPScore = 2.5 * max(cos, 0); x 100 as the paper's Table 2 (70-83 against CLIP-T 25-30)
     assert M.clip_score(lab, a, texts) == pytest.approx(2.5 * np.maximum(cos, 0).mean(), abs=1e-3)
     assert M.clip_t(lab, a[:2], "a red disk").shape == (2,)  # one text for every image
+
+
+def test_verdicts_follow_the_measured_effect():
+    from sdipc_lab import plots
+
+    assert plots.verdict(0.3, 0.1) == "reproduced"
+    assert plots.verdict(0.05, 0.1) == "not reproduced here"
+    assert plots.verdict(-0.3, 0.1) == "opposite here"
+    assert plots.verdict(None) == "information"
+    with pytest.raises(ValueError, match="not measured"):
+        plots.verdict(float("nan"))
+    table = plots.claims([{"claim": "x helps", "paper": "Sec. 1", "measured here": "0.3", "effect": 0.3, "margin": 0.1}])
+    assert table.rows[0]["verdict"] == "reproduced" and "effect" not in table.rows[0]
+    plots.check_verdicts(table, {"x helps": "reproduced"})
+    with pytest.raises(AssertionError, match="x helps"):
+        plots.check_verdicts(table, {"x helps": "opposite here"})

@@ -151,3 +151,22 @@ def test_trainers_never_write_into_the_package_by_default(tmp_path):
     assert (tmp_path / "run" / "lab" / "sdipc_lab.json").exists()  # export went into the run folder
     assert {p: p.stat().st_mtime_ns for p in T.LAB_DIR.rglob("*") if p.is_file()} == shipped
     assert T.JUDGE_FILE.read_bytes() == judge
+
+
+def test_a_blend_that_cancels_out_is_refused_not_nan():
+    from sdipc_lab.convert import blend
+
+    f = torch.tensor([[1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]])
+    with pytest.raises(ValueError, match="cancel out"):
+        blend(f, [1.0, 1.0])
+    assert torch.isfinite(blend(f, [2.0, 1.0])).all()
+
+
+def test_a_labs_constants_are_its_own():
+    from sdipc_lab.build import random_components
+    from sdipc_lab.lab import HUB_CONSTANTS, PAPER_FINETUNE_LR
+
+    before = dict(PAPER_FINETUNE_LR)
+    one = S.assemble(random_components(), HUB_CONSTANTS, device="cpu")
+    one.finetune_lr["ct"] = 123.0
+    assert PAPER_FINETUNE_LR == before and HUB_CONSTANTS["finetune_lr"] == before
