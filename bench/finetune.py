@@ -1,7 +1,7 @@
 """SD-IPC-CT vs Custom Diffusion: iterations to a fidelity; seconds per iteration and peak memory of FT and CT.
 
     python bench/finetune.py [--source toy] [--concepts star:blue cross:purple star:red] [--n-eval 48]
-                             [--save docs/results/fidelity_curve.json]
+                             [--save sdipc_lab/toyworld/fidelity_curve.json]
     python bench/finetune.py --lr-sweep            # the learning rates a lab's `finetune_lr` should carry
     python bench/finetune.py --curve FILE          # re-print a saved curve
 

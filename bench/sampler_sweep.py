@@ -51,9 +51,11 @@ def main() -> None:
     refs = samples(args.n, "test", two_objects=0)
     print(f"drawn references: stray {100 * stray_pixels([s.image for s in refs]).mean():.2f} %")
 
-    def run(**sampler):
-        rows = judge_conditions(lab, refs, judge, conditions=CONDITIONS, **sampler)
-        seconds = median_seconds(lambda: S.vary(lab, refs[0].image, n=4, **sampler), repeats=2)
+    def run(**sampler):  # the lab's own settings, changed for this run: what `export --sampler` would store
+        for key, value in sampler.items():
+            setattr(lab, key, value)
+        rows = judge_conditions(lab, refs, judge, conditions=CONDITIONS)
+        seconds = median_seconds(lambda: S.vary(lab, refs[0].image, n=4), repeats=2)
         cells = [f"{100 * rows[c][a]:.0f}" for c in CONDITIONS for a in ("shape", "colour", "position")]
         stray = [f"{100 * rows[c]['stray']:.2f}" for c in CONDITIONS]
         return score(rows), cells + stray + [f"{seconds:.2f}"]
@@ -71,7 +73,7 @@ def main() -> None:
     _, g, r = best
     print(f"\n## Guidance x rescale ({type(lab.scheduler).__name__}, {lab.steps} steps; {args.n} test references)\n")
     print(table(["guidance", "rescale", *headers], first))
-    second, choice = [], None
+    second, choice, steps_before = [], None, lab.steps
     for name in ("ddim", "dpm++"):
         lab.use_scheduler(name)
         for steps in (int(x) for x in args.steps.split(",")):
@@ -80,6 +82,7 @@ def main() -> None:
             print(second[-1], flush=True)
             if choice is None or value > choice[0] + 1.0:  # a point better, or keep the cheaper/first
                 choice = (value, name, steps)
+    lab.steps = steps_before
     print(f"\n## Scheduler x steps (guidance {g}, rescale {r})\n")
     print(table(["scheduler", "steps", *headers], second))
     print(f"\nchosen: scheduler={choice[1]} steps={choice[2]} guidance_scale={g} guidance_rescale={r} "

@@ -13,6 +13,7 @@ Symbols (paper Sec. 3.1), with D the text width (T-space) and P the projection w
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -87,7 +88,13 @@ def token_ids(tokenizer, texts) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("texts must be a string or a non-empty list of strings")
     length = tokenizer.model_max_length
     tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=False)
-    for i, ids in enumerate(tokens.input_ids):
+    unknown = tokenizer.unk_token_id
+    for i, (ids, mask) in enumerate(zip(tokens.input_ids, tokens.attention_mask)):
+        if unknown is not None and unknown in ids[1:sum(mask) - 1]:  # the text's own tokens (unk may be the pad)
+            chars = sorted({ch for ch in texts[i].lower() if tokenizer.convert_tokens_to_ids(ch) == unknown and
+                            tokenizer.convert_tokens_to_ids(ch + "</w>") == unknown and not ch.isspace()})
+            raise ValueError(f"text {i} has characters this tokenizer cannot spell ({''.join(chars)!r}), which would "
+                             f"become end-of-text tokens without a word: {texts[i][:60]!r}. Remove them.")
         if len(ids) > length:
             raise ValueError(f"text {i} is {len(ids)} tokens long; the CLIP text encoder reads at most "
                              f"{length} (start + {length - 2} tokens + end). Shorten it: {texts[i][:60]!r}...")
@@ -196,8 +203,9 @@ def edit_prompt_embeds(lab: Lab, images, text: str | Sequence[str], *, alpha: fl
     t is the end token's position in `text` (from the tokenizer's attention mask). One text for all
     images, or one text per image. alpha = 0.9 is the paper's (Sec. 4.1); the public code uses 0.6.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number (0.9 in the paper), got {alpha!r}")
+    alpha = float(alpha)
     pseudo = image_prompt_embeds(lab, images, cutoff=cutoff, norm=norm, norm_space=norm_space, weights=weights)
     B = len(pseudo)
     texts = [text] * B if isinstance(text, str) else list(text)

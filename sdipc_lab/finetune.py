@@ -166,9 +166,13 @@ def load_finetuned(lab: Lab, path: str | os.PathLike) -> FineTuned:
     """Read a fine-tuned file into new modules for `lab`; refuses a file made for another base."""
     from safetensors import safe_open
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no fine-tuned file at {path}")
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        hint = f" (it holds {', '.join(p.name for p in found)})" if found else ""
+        raise ValueError(f"{path} is a folder{hint}: pass the fine-tuned file itself, e.g. {path / 'finetuned.safetensors'}")
     with safe_open(str(path), framework="pt") as f:
         info = json.loads(f.metadata().get("sdipc_lab", "{}"))
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -212,6 +216,11 @@ def applied(lab: Lab, ft: FineTuned | None):
     if ft is None:
         yield lab
         return
+    if isinstance(ft, (str, os.PathLike)):
+        ft = load_finetuned(lab, ft)  # a saved file works wherever a FineTuned does
+    if not isinstance(ft, FineTuned):
+        raise TypeError(f"finetuned must be what finetune()/custom_diffusion() return, or the path of their "
+                        f"finetuned.safetensors; got {type(ft).__name__}")
     from .attention import TokenAttnProcessor
 
     before = dict(lab.unet.attn_processors)
@@ -256,6 +265,11 @@ def read_folder(folder: str | os.PathLike) -> Concepts:
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder at {folder}")
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if subfolders and loose:
+        raise ValueError(f"{folder} has both image files ({', '.join(sorted(loose)[:3])}...) and sub-folders "
+                         f"({', '.join(p.name for p in subfolders[:3])}...): with sub-folders each one is a concept, and "
+                         "loose images would be left out. Move them into a sub-folder of their own.")
     groups = {p.name: _images_in(p) for p in subfolders} if subfolders else {folder.name: _images_in(folder)}
     groups = {k: v for k, v in groups.items() if v}
     if not groups:
@@ -304,8 +318,9 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
     """Train SD-IPC-FT (`mode="ft"`) or SD-IPC-CT (`mode="ct"`) on `concepts`; resumable from `out`.
 
     `ab=True` (default when every concept has >= 2 images in FT) picks x_target among the other images of
-    x_ref's concept. `captions` ({concept: text}) feeds the text-to-image regulariser of FT; without it the
-    regulariser is off. `lr` defaults to the lab's `finetune_lr[mode]` (the paper's for SD v1.4, measured
+    x_ref's concept. `captions` ({concept: text}, or {concept: [one text per image]}) feeds the text-to-image
+    regulariser of FT, in the lab's own language (the teaching lab's captions name size, position and
+    background: per-image captions); without it the regulariser is off. `lr` defaults to the lab's `finetune_lr[mode]` (the paper's for SD v1.4, measured
     for the teaching lab). Returns the trained parts, also saved to `out/finetuned.safetensors`.
     """
     from .training import fit
@@ -340,7 +355,14 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
         missing = set(concepts.images) - set(captions)
         if missing:
             raise ValueError(f"captions are missing for concepts {sorted(missing)}")
-        f_txt, _ = encode_text(lab, [captions[c] for c, _ in flat])
+        texts = []
+        for c, ims in concepts.images.items():
+            per_image = [captions[c]] * len(ims) if isinstance(captions[c], str) else list(captions[c])
+            if len(per_image) != len(ims):
+                raise ValueError(f"concept {c!r} has {len(ims)} images but {len(per_image)} captions; give one "
+                                 "caption for the concept, or one per image")
+            texts += per_image
+        f_txt, _ = encode_text(lab, texts)
         text_states = f_txt.to(lab.dtype)
     by_concept = {}
     for i, (c, _) in enumerate(flat):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,21 @@ from tqdm.auto import tqdm
 
 from .convert import edit_prompt_embeds, encode_text, image_prompt_embeds
 from .lab import Lab
+
+
+def whole_number(name: str, value, *, low: int, high: int | None = None) -> int:
+    """`value` as an int (NumPy integers too), or a ValueError naming `name` and the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (high and value > high):
+        span = f">= {low}" + (f" and <= {high}" if high else "")
+        raise ValueError(f"{name} must be a whole number {span}, got {value!r}")
+    return int(value)
+
+
+def real_number(name: str, value) -> float:
+    """`value` as a float (NumPy scalars too), or a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 _overall = contextvars.ContextVar("sdipc_lab_overall_bar", default=None)
@@ -44,27 +60,30 @@ def sample(lab: Lab, prompt_embeds: torch.Tensor, *, negative_prompt_embeds: tor
     """Generate `n` images per prompt from prompt embeddings (B, 77, D); returns a flat list (B * n).
 
     `steps`, `guidance_scale` and `guidance_rescale` default to the lab's own (its sampler settings)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n (images per prompt) must be a whole number >= 1, got {n!r}")
-    steps = lab.steps if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
-    guidance_scale = lab.guidance_scale if guidance_scale is None else guidance_scale
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-    guidance_rescale = lab.guidance_rescale if guidance_rescale is None else guidance_rescale
+    n = whole_number("n (images per prompt)", n, low=1)
+    steps = whole_number("steps", lab.steps if steps is None else steps, low=1)
+    seed = whole_number("seed", seed, low=0, high=2**63 - 1)
+    guidance_scale = real_number("guidance_scale", lab.guidance_scale if guidance_scale is None else guidance_scale)
+    guidance_rescale = real_number("guidance_rescale", lab.guidance_rescale if guidance_rescale is None
+                                   else guidance_rescale)
     if not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale must be between 0 (off) and 1, got {guidance_rescale}")
+    if negative_prompt_embeds is not None and guidance_scale <= 1:
+        raise ValueError(f"negative images act through guidance, and guidance_scale {guidance_scale} <= 1 turns it "
+                         "off: they would be ignored. Raise guidance_scale, or drop negative_images.")
     B = len(prompt_embeds)
     if negative_prompt_embeds is not None and len(negative_prompt_embeds) == 1 and B > 1:
         negative_prompt_embeds = negative_prompt_embeds.expand(B, -1, -1)
-    generator = torch.Generator("cpu").manual_seed(int(seed))
+    generator = torch.Generator("cpu").manual_seed(seed)
     result = lab.pipe(
         prompt_embeds=prompt_embeds.to(lab.device, lab.dtype),
         negative_prompt_embeds=None if negative_prompt_embeds is None else negative_prompt_embeds.to(lab.device, lab.dtype),
         num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance_scale,
-        guidance_rescale=guidance_rescale, generator=generator, output_type=output_type, cross_attention_kwargs=cross_attention_kwargs,
+        guidance_rescale=guidance_rescale, generator=generator, output_type=output_type,
+        cross_attention_kwargs=cross_attention_kwargs,
     )
+    if (bar := _overall.get()) is not None:
+        bar.update(1)
     return list(result.images) if output_type == "pil" else result.images
 
 

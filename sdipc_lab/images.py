@@ -1,6 +1,6 @@
 """Turn what a user passes as "images" into a list of 8-bit RGB PIL images, or say clearly why not.
 
-Accepted: a PIL image, a path to an image file, an (H, W) or (H, W, 3) uint8 NumPy array, or a
+Accepted: a PIL image, a path to an image file (`~` expanded; EXIF orientation applied), an (H, W) or (H, W, 3) uint8 NumPy array, or a
 non-empty list of these. Conversions, each one documented and none silent about losing data:
 
 | mode                  | becomes                                                         |
@@ -9,7 +9,8 @@ non-empty list of these. Conversions, each one documented and none silent about 
 | L, 1 (grayscale)      | RGB with three equal channels                                   |
 | P (palette)           | RGB (RGBA first if the palette has transparency)                |
 | RGBA, LA, PA, La      | composited onto white, with a warning                           |
-| I;16*, I (16-bit)     | scaled to 8 bits (value / 257), then RGB                        |
+| I;16*, I (16-bit)     | scaled to 8 bits (value / 257), then RGB; mode I with values    |
+|                       | 0..255 taken as 8-bit                                           |
 | CMYK, YCbCr           | RGB through PIL                                                 |
 | F (float), others     | refused: no fixed range to map to 8 bits                        |
 """
@@ -21,7 +22,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MIN_SIDE = 16  # pixels; smaller images carry too little to describe
 
@@ -53,12 +54,18 @@ def _as_rgb(image, i: int) -> Image.Image:
 
 
 def _open(path: Path, i: int) -> Image.Image:
+    path = path.expanduser()
     if not path.exists():
         raise FileNotFoundError(f"image {i}: no file at {path}")
+    if path.is_dir():
+        raise ValueError(f"image {i}: {path} is a folder; pass image files (or a list of them)")
     try:
         with Image.open(path) as opened:
             opened.load()
-            return opened.copy()
+            return ImageOps.exif_transpose(opened)  # a photo's EXIF orientation applied, as viewers show it
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"image {i}: {path} is too large to open safely ({error}); resize it first, e.g. to "
+                         "1024 pixels on its long side") from None
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"image {i}: {path} is not an image file that PIL can read ({error})") from None
 
@@ -91,6 +98,8 @@ def _to_rgb(image: Image.Image, i: int) -> Image.Image:
         if values.min() < 0 or values.max() > 65535:
             raise ValueError(f"image {i} is a 32-bit integer image with values {values.min()}..{values.max()}; "
                              "convert it to 8-bit RGB first")
+        if mode == "I" and values.max() <= 255:  # 8-bit values stored as 32-bit integers (PIL's "I" from uint8 data)
+            return Image.fromarray(values.astype(np.uint8)).convert("RGB")
         return Image.fromarray((values // 257).astype(np.uint8)).convert("RGB")
     raise TypeError(f"image {i} has mode {mode!r}, which has no fixed mapping to 8-bit RGB; "
                     "convert it yourself first, e.g. image.convert('RGB') after scaling to 0..255")

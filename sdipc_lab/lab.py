@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 LAB_FILE = "sdipc_lab.json"
 COMPONENTS = ("tokenizer", "text_encoder", "image_encoder", "feature_extractor", "unet", "vae", "scheduler")
@@ -132,8 +133,7 @@ def load_lab(source: str | os.PathLike = "toy", *, device=None, dtype=None, down
     Hub sources are read from the local Hugging Face cache only, unless `download=True`.
     The device defaults to CUDA, then MPS, then CPU; the dtype to fp16 on a GPU, fp32 on CPU.
     """
-    device = torch.device(device) if device is not None else pick_device()
-    dtype = dtype or (torch.float16 if device.type in ("cuda", "mps") else torch.float32)
+    device, dtype = _device_and_dtype(device, dtype)
     name = os.fspath(source)
     if name == "tiny":
         return _load_tiny(device, dtype)
@@ -155,6 +155,35 @@ def load_lab(source: str | os.PathLike = "toy", *, device=None, dtype=None, down
         return _load(_folder_places(folder), _read_constants(folder), str(folder), device, dtype, local_only=True)
     raise ValueError(f"unknown lab source {name!r}: use one of {', '.join(map(repr, KNOWN_SOURCES))}, "
                      "or the path of a folder written by sdipc_lab.save_lab")
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """The device asked for (default: CUDA, then MPS, then CPU) if this machine has it, and the dtype (a torch dtype
+    or its name; default fp16 on a GPU, fp32 on CPU); anything else is refused with what to pass instead."""
+    if device is None:
+        device = pick_device()
+    else:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {device!r} is not a device: use 'cpu', 'cuda', 'cuda:1' or 'mps' "
+                             f"(or None: {pick_device()} here)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but this machine has no CUDA GPU (or torch is the CPU "
+                             f"build): use device='cpu', or None for the best device here ({pick_device()})")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError("device 'mps' was asked for, but Apple's MPS is not available here: use device='cpu'")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} (or a torch dtype)")
+        dtype = DTYPES[dtype]
+    if dtype is not None and dtype not in set(DTYPES.values()):
+        raise ValueError(f"dtype {dtype!r}: use torch.float32, torch.float16 or torch.bfloat16")
+    return device, dtype or (torch.float16 if device.type in ("cuda", "mps") else torch.float32)
 
 
 def save_lab(lab: Lab, folder: str | os.PathLike, *, extra: dict | None = None, into_package: bool = False) -> Path:
@@ -212,7 +241,13 @@ def _folder_places(folder: Path) -> dict:
 
 
 def _read_constants(folder: Path) -> dict:
-    constants = json.loads((folder / LAB_FILE).read_text())
+    try:
+        constants = json.loads((folder / LAB_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{folder / LAB_FILE} is not valid JSON ({error}); re-save the lab with "
+                         "sdipc_lab.save_lab, or restore the file") from None
+    if not isinstance(constants, dict):
+        raise ValueError(f"{folder / LAB_FILE} must hold a JSON object of the lab's constants")
     missing = {"cutoff", "norm", "norm_t"} - set(constants)
     if missing:
         raise ValueError(f"{folder / LAB_FILE} lacks {sorted(missing)}; re-save the lab with save_lab")
@@ -279,7 +314,7 @@ def _load(places: dict, constants: dict, source: str, device, dtype, *, local_on
                 if part == "tokenizer" and len(parts[part]) <= 2:
                     # transformers 5 builds an empty tokenizer when its files are missing, silently.
                     raise OSError("no tokenizer files (vocabulary and merges) there")
-            except (OSError, ValueError) as error:  # hub/cache misses surface as OSError subclasses
+            except (OSError, ValueError, SafetensorError) as error:  # hub/cache misses are OSErrors; cut files
                 raise _missing(part, where, subfolder, source, local_only, error) from None
         return assemble(parts, constants, source=source, device=device, dtype=dtype)
 

@@ -118,7 +118,10 @@ def train_tower(lab: Lab, kind: str, *, out: Path, n_images: int = 20000, steps:
                 x = pixels(index)
         return module(x, f_txt_c)
 
-    fit(f"{kind}-clip", trainer, loss_fn, steps=steps, lr=lr, out=Path(out), accelerator=accelerator, minutes=minutes)
+    signature = dict(kind=kind, lab=lab.source, text=list(lab.W_t.shape), images=n_images, batch=batch, lr=lr,
+                     seed=seed, width=width, layers=layers)
+    fit(f"{kind}-clip", trainer, loss_fn, steps=steps, lr=lr, out=Path(out), accelerator=accelerator, minutes=minutes,
+        signature=signature)
     tower.eval().requires_grad_(False)
     tower.save_pretrained(Path(out) / kind)
     return tower

@@ -66,24 +66,28 @@ def table(rows: Sequence[dict], digits: int = 3) -> Table:
 VERDICTS = ("reproduced", "not reproduced here", "opposite here", "information")
 
 
-def verdict(effect: float | None, margin: float = 0.0) -> str:
+def verdict(effect: float | None, margin: float = 0.0, *, opposite: bool = True) -> str:
     """A claim's verdict from its measured effect, signed so that positive is the paper's direction: "reproduced"
-    above `margin`, "opposite here" below -`margin`, "not reproduced here" between; None is "information"."""
+    above `margin`, "opposite here" below -`margin`, "not reproduced here" between; None is "information".
+    `opposite=False` for claims of the kind "within a tolerance", which have no opposite: a miss is "not
+    reproduced here"."""
     if effect is None:
         return "information"
     if not math.isfinite(effect):
         raise ValueError(f"a claim's effect must be a number, got {effect}: was something not measured?")
-    return "reproduced" if effect > margin else "opposite here" if effect < -margin else "not reproduced here"
+    if effect > margin:
+        return "reproduced"
+    return "opposite here" if effect < -margin and opposite else "not reproduced here"
 
 
 def claims(rows: Sequence[dict]) -> Table:
     """A claims table: each row's "claim", "paper" and "measured here", and a "verdict" computed by `verdict`
-    from its "effect" and "margin" (never typed by hand)."""
+    from its "effect", "margin" and "opposite" (never typed by hand)."""
     out = []
     for row in rows:
         row = dict(row)
-        effect, margin = row.pop("effect", None), row.pop("margin", 0.0)
-        out.append({**row, "verdict": verdict(effect, margin)})
+        effect, margin, opposite = row.pop("effect", None), row.pop("margin", 0.0), row.pop("opposite", True)
+        out.append({**row, "verdict": verdict(effect, margin, opposite=opposite)})
     return Table(out)
 
 

@@ -236,7 +236,7 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
     module, optimizer = accelerator.prepare(module, optimizer)
     if ema is not None:
         ema.to(accelerator.device)
-    start = time.time()
+    start = saved_at = time.time()
     bar = tqdm(total=steps, initial=step, desc=name, disable=not accelerator.is_main_process)
     module.train()
 
@@ -258,17 +258,19 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if ema is not None:
+        if ema is not None:  # warmed up (diffusers' EMAModel): early on the average must not hold the random init
+            decay = min(ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), accelerator.unwrap_model(module).parameters()):
-                    e.lerp_(p, 1 - ema_decay)
+                    e.lerp_(p, 1 - decay)
         losses.append(loss.item())
         step += 1
         bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step % every == 0 or step == steps:
+        if step % every == 0 or step == steps or time.time() - saved_at > 300:  # at least every 5 minutes
             save()
+            saved_at = time.time()
         if minutes is not None and progress(step) >= 1.0:
             print(f"{name}: time budget reached at step {step} of {steps} ({minutes} min, "
                   f"{(step - first) / (time.time() - start):.1f} steps/s)")

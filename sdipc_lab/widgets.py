@@ -20,6 +20,9 @@ def cutoff_slider(lab: Lab, image, cutoffs: Sequence[float], *, n: int = 4, seed
     """Variations of `image` at the chosen singular-value cutoff."""
     import ipywidgets as w
 
+    cutoffs = list(cutoffs)
+    if not cutoffs:
+        raise ValueError("cutoffs is empty: give the cutoffs the slider steps through, e.g. [0.0, lab.cutoff, 0.5]")
     options = [(f"{c:.3g}", c) for c in cutoffs]
     value = min(cutoffs, key=lambda c: abs(c - lab.cutoff))
     return w.interact(lambda cutoff: _show(vary(lab, image, n=n, seed=seed, cutoff=cutoff), f"cutoff {cutoff:.3g}"),

@@ -60,6 +60,7 @@ def test_verdicts_follow_the_measured_effect():
     assert plots.verdict(0.05, 0.1) == "not reproduced here"
     assert plots.verdict(-0.3, 0.1) == "opposite here"
     assert plots.verdict(None) == "information"
+    assert plots.verdict(-0.3, 0.1, opposite=False) == "not reproduced here"  # a missed tolerance has no opposite
     with pytest.raises(ValueError, match="not measured"):
         plots.verdict(float("nan"))
     table = plots.claims([{"claim": "x helps", "paper": "Sec. 1", "measured here": "0.3", "effect": 0.3, "margin": 0.1}])

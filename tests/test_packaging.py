@@ -78,3 +78,26 @@ def test_package_data_ships_every_weight_and_config():
     missing = [str(p.relative_to(base)) for p in shipped
                if not any(matches(p.relative_to(base), g) for g in patterns["sdipc_lab.toyworld"])]
     assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
+
+
+def _rendered_checks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nb_conftest", ROOT / "notebooks" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_rendered_output_checks_catch_what_a_reader_would_see():
+    checks = _rendered_checks()
+    good = "| claim | value |\n|---|---|\n| \\|\\|z\\|\\| | 1.5 |"
+    bad = "| claim | value |\n|---|---|\n| ||z|| | 1.5 |"
+    assert checks.broken_table_rows(good) == [] and len(checks.broken_table_rows(bad)) == 1
+    png = {"output_type": "display_data", "data": {"image/png": "..."}}
+    assert checks.check_rendered("S.show_images(grid);", [png]) == []
+    assert checks.check_rendered("S.show_images(grid);", []) == ["the cell draws but produced no image"]
+    assert checks.check_rendered("cutoff_slider(lab, ref, cutoffs);", []) == []  # draws inside its widget
+    dead = {"output_type": "display_data", "data": {"text/plain": "Error displaying widget: model not found"}}
+    assert checks.check_rendered("x = 1", [dead]) == ["an output holds 'Error displaying widget'"]
+    assert checks.check_rendered("t", [{"data": {"text/markdown": bad}}])[0].startswith("broken Markdown")

@@ -170,3 +170,103 @@ def test_a_labs_constants_are_its_own():
     one = S.assemble(random_components(), HUB_CONSTANTS, device="cpu")
     one.finetune_lr["ct"] = 123.0
     assert PAPER_FINETUNE_LR == before and HUB_CONSTANTS["finetune_lr"] == before
+
+
+def test_one_progress_bar_counts_every_generation_inside_it(lab):
+    from sdipc_lab.generate import progress
+
+    with progress(3, "experiment") as bar:
+        S.generate(lab, "a red star", n=1)
+        S.vary(lab, S.generate(lab, "a blue disk", n=1)[0], n=2)
+    assert bar.n == 3
+    assert lab.pipe._progress_bar_config.get("disable") is True  # no per-call bars left behind in notebooks
+
+
+def test_careless_arguments_get_a_message_not_a_library_traceback(lab, refs):
+    import numpy as np
+
+    with pytest.raises(ValueError, match="device 'gpu' is not a device"):
+        S.load_lab("tiny", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            S.load_lab("tiny", device="cuda")
+    assert S.load_lab("tiny", device="cpu", dtype="float16").dtype == torch.float16  # names work like dtypes
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        S.vary(lab, refs[0], n=1, seed=None)
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        S.vary(lab, refs[0], n=1, seed=2**64)
+    a = S.vary(lab, refs[0], n=1, seed=np.int64(2))  # NumPy scalars are numbers
+    b = S.edit(lab, refs[0], "a red star", alpha=np.float32(0.5), n=1, seed=np.int64(2))
+    assert a[0].size == b[0].size
+    with pytest.raises(ValueError, match="guidance_scale 1.0 <= 1 turns it off"):
+        S.vary(lab, refs[0], n=1, negative_images=[refs[1]], guidance_scale=1.0)
+    with pytest.raises(ValueError, match="cannot spell \\('!'\\)"):
+        S.encode_text(lab, "a red star!")
+    from sdipc_lab.widgets import cutoff_slider
+    with pytest.raises(ValueError, match="cutoffs is empty"):
+        cutoff_slider(lab, refs[0], [])
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from sdipc_lab.images import as_rgb_images
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    wide = Image.new("RGB", (40, 20), (200, 0, 0))
+    exif = wide.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    wide.save(tmp_path / "photo.jpg", exif=exif)
+    [shown] = as_rgb_images("~/photo.jpg")  # ~ expanded
+    assert shown.size == (20, 40)  # EXIF orientation applied, as diffusers' load_image does
+    eight_bit_in_i = Image.fromarray(np.full((20, 20), 200, dtype=np.int32), mode="I")
+    assert np.asarray(as_rgb_images(eight_bit_in_i)[0]).mean() == pytest.approx(200)  # not divided by 257
+    with pytest.raises(ValueError, match="is a folder"):
+        as_rgb_images(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ValueError, match="too large to open safely"):
+        as_rgb_images(tmp_path / "photo.jpg")
+
+
+def test_broken_lab_files_are_named(lab, tmp_path):
+    folder = S.save_lab(lab, tmp_path / "lab")
+    (folder / "sdipc_lab.json").write_text("{not json")
+    with pytest.raises(ValueError, match="sdipc_lab.json is not valid JSON"):
+        S.load_lab(folder)
+    S.save_lab(lab, tmp_path / "lab2")
+    weights = tmp_path / "lab2" / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
+    with pytest.raises(S.WeightsNotFoundError, match="text_encoder"):
+        S.load_lab(tmp_path / "lab2")
+
+
+def test_finetuned_files_and_folders_are_handled(lab, refs, tmp_path):
+    from sdipc_lab import finetune as FT
+
+    ct = FT.finetune(lab, FT.Concepts({"c": refs[:2]}), mode="ct", out=tmp_path / "ct", steps=2)
+    path = tmp_path / "ct" / "finetuned.safetensors"
+    assert S.vary(lab, refs[0], n=1, finetuned=str(path))[0].size == S.vary(lab, refs[0], n=1, finetuned=ct)[0].size
+    with pytest.raises(ValueError, match="is a folder.*finetuned.safetensors"):
+        FT.load_finetuned(lab, tmp_path / "ct")
+    (tmp_path / "mixed" / "sub").mkdir(parents=True)
+    refs[0].save(tmp_path / "mixed" / "loose.png")
+    refs[1].save(tmp_path / "mixed" / "sub" / "a.png")
+    with pytest.raises(ValueError, match="both image files .* and sub-folders"):
+        FT.read_folder(tmp_path / "mixed")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["unet", "--size", "test"], "reads tokenizer, text_encoder, vae"),
+    (["clip", "--size", "test", "--minutes", "abc"], "give minutes as a number"),
+    (["clip", "--size", "test", "--minutes", "foo=2"], "no stage named ['foo']"),
+    (["clip", "--size", "test", "--minutes", "clip=0"], "minutes must be positive"),
+    (["clip", "--size", "test", "--batch", "0"], "--batch must be positive"),
+    (["export"], "reads tokenizer"),
+])
+def test_the_training_cli_refuses_what_would_go_wrong(tmp_path, argv, message, capsys):
+    from sdipc_lab.toyworld import train as T
+
+    with pytest.raises(SystemExit) as error:
+        T.main([*argv, "--out", str(tmp_path / "run")])
+    assert message in str(error.value) or message in capsys.readouterr().err  # a message, or argparse's usage error

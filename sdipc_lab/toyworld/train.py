@@ -30,6 +30,8 @@ import math
 import multiprocessing
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,9 +70,14 @@ class Sizes:
 
 SIZES = {
     "full": Sizes(),  # for a GPU: about 30 minutes on one
-    # What fits a 2-core CPU in about an hour (the shipped lab, when no GPU was at hand).
-    "cpu": Sizes(width=128, text_layers=4, vision_layers=4, heads=4, patch=8, vae_channels=(16, 32, 32),
-                 unet_channels=(32, 64, 64), unet_layers=1, unet_heads=8, norm_groups=16, train_images=20000),
+    # The 2-core CPU recipe. U-Net (64, 128, 128): a proxy run of ~40 min drew shape 31 % / colour 71 % from the
+    # caption against 19 % / 58 % for (32, 64, 64) in the same time (docs/results/toyworld_proxies.md); the VAE's
+    # low-resolution blocks widened (16, 32, 64) at little cost (bench/train_speed.py).
+    "cpu": Sizes(width=128, text_layers=4, vision_layers=4, heads=4, patch=8, vae_channels=(16, 32, 64),
+                 unet_channels=(64, 128, 128), unet_layers=1, unet_heads=8, norm_groups=16, train_images=20000),
+    # The recipe of the lab shipped until 2026-11 (one-word-per-token tokenizer aside): kept to resume its runs.
+    "cpu-v1": Sizes(width=128, text_layers=4, vision_layers=4, heads=4, patch=8, vae_channels=(16, 32, 32),
+                    unet_channels=(32, 64, 64), unet_layers=1, unet_heads=8, norm_groups=16, train_images=20000),
     "test": Sizes(width=32, text_layers=1, vision_layers=1, heads=2, patch=16, vae_channels=(8, 16, 16),
                   unet_channels=(16, 32, 32), unet_layers=1, unet_heads=2, norm_groups=8, train_images=64, wordings=2),
 }
@@ -81,6 +88,8 @@ BUDGETS = {
              "decoder": (2000, 128, 5e-4), "judge": (1500, 256, 2e-3), "unet": (30000, 256, 4e-4)},
     "cpu": {"clip": (100000, 128, 5e-4), "vision": (100000, 128, 3e-4), "vae": (100000, 32, 1e-3),
             "decoder": (100000, 32, 5e-4), "judge": (100000, 128, 2e-3), "unet": (100000, 64, 4e-4)},
+    "cpu-v1": {"clip": (100000, 128, 5e-4), "vision": (100000, 128, 3e-4), "vae": (100000, 32, 1e-3),
+               "decoder": (100000, 32, 5e-4), "judge": (100000, 128, 2e-3), "unet": (100000, 64, 4e-4)},
     "test": {"clip": (6, 8, 1e-3), "vision": (6, 8, 1e-3), "vae": (6, 4, 1e-3), "decoder": (6, 4, 1e-3),
              "judge": (6, 8, 1e-3), "unet": (6, 8, 1e-3)},
 }
@@ -554,6 +563,9 @@ def main(argv=None) -> None:
     parser.add_argument("--snr-gamma", type=float, help="min-SNR-gamma weighting of the U-Net loss (e.g. 5)")
     parser.add_argument("--init-from-lab", type=Path, metavar="LAB",
                         help="continue from a lab's weights ('toy': the shipped one) where --out has none")
+    parser.add_argument("--parallel", action="store_true",
+                        help="with 'all' on a CPU: run clip beside vae, then vision beside decoder, one core each "
+                             "(bench/train_speed.py: 1.3-1.6x the throughput of one after the other), then the rest")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampler", help="export's sampler settings, e.g. scheduler=dpm++,steps=20,guidance_scale=5,"
@@ -561,6 +573,12 @@ def main(argv=None) -> None:
     parser.add_argument("--lab-dir", type=Path, help="where export writes the lab (default: OUT/lab; 'toy' names "
                         "the package's own lab, which is only ever written when asked by that name)")
     args = parser.parse_args(argv)
+    for name in ("steps", "batch", "lr"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name} must be positive, got {value}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file: name a folder for the run (it is created if missing)")
     s = SIZES[args.size]
     if args.unet_channels:
         s = dataclasses.replace(s, unet_channels=tuple(int(c) for c in args.unet_channels.split(",")))
@@ -586,8 +604,22 @@ def main(argv=None) -> None:
     unknown = set(stages) - {*STAGES, "export"}
     if unknown:
         parser.error(f"unknown stage(s) {sorted(unknown)}: use all, export, or {','.join(STAGES)}")
+    if args.parallel:
+        if args.stage != "all":
+            parser.error("--parallel runs the stages of 'all'")
+        argv = list(sys.argv[1:] if argv is None else argv)
+        argv = [a for a in argv if a != "--parallel"]
+        position = argv.index("all")
+        for pair in (("clip", "vae"), ("vision", "decoder")):
+            children = [subprocess.Popen([sys.executable, "-m", "sdipc_lab.toyworld.train",
+                                          *argv[:position], stage, *argv[position + 1:]],
+                                         env={**os.environ, "OMP_NUM_THREADS": "1"}) for stage in pair]
+            if any(child.wait() for child in children):
+                raise SystemExit(f"a stage of {pair} failed; see its output above (resume with the same command)")
+        stages = ["judge", "unet"]
     world = render(s.train_images, "train") if set(stages) - {"judge", "export"} else None  # judge draws its own
     for stage in stages:
+        _check_needs(stage, args.out)
         if stage == "export":
             continue
         steps, batch, lr = BUDGETS[args.size][stage]
@@ -604,12 +636,36 @@ def main(argv=None) -> None:
         export(args.out, lab_dir, **sampler)
 
 
+def _check_needs(stage: str, out: Path) -> None:
+    missing = [part for part in NEEDS.get(stage, ()) if not (out / part).exists()]
+    if missing:
+        raise SystemExit(f"the {stage} stage reads {', '.join(missing)} from {out}, which has none yet: run the "
+                         f"stages before it first ({', '.join(STAGES)}), or continue from a lab with "
+                         "--init-from-lab toy")
+
+
 def _parse_minutes(text: str | None) -> dict:
+    """"8" (every stage) or "clip=4,vae=2"; anything else is refused with what was wrong."""
     if not text:
         return {}
-    if "=" not in text:
-        return {stage: float(text) for stage in STAGES}
-    return {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
+    try:
+        if "=" not in text:
+            minutes = {stage: float(text) for stage in STAGES}
+        else:
+            minutes = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"--minutes {text!r}: give minutes as a number (8) or per stage (clip=4,vae=2)") from None
+    unknown = set(minutes) - set(STAGES)
+    bad = {k: v for k, v in minutes.items() if not (math.isfinite(v) and v > 0)}
+    if unknown or bad:
+        raise SystemExit(f"--minutes {text!r}: " + (f"no stage named {sorted(unknown)} (stages: {', '.join(STAGES)})"
+                         if unknown else f"minutes must be positive, got {bad}"))
+    return minutes
+
+
+NEEDS = {"vision": ("tokenizer", "text_encoder", "image_encoder"), "decoder": ("vae",),
+         "unet": ("tokenizer", "text_encoder", "vae"),
+         "export": ("tokenizer", "text_encoder", "image_encoder", "vae", "unet")}  # what a stage reads from the run
 
 
 if __name__ == "__main__":
