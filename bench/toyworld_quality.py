@@ -23,8 +23,14 @@ from common import median_seconds, table  # noqa: E402
 
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab.toyworld import samples  # noqa: E402
-from sdipc_lab.toyworld.evaluate import (judge_conditions, psnr, reconstruct, retrieval,  # noqa: E402
-                                         text_features, zero_shot)
+from sdipc_lab.toyworld.evaluate import (  # noqa: E402
+    judge_conditions,
+    psnr,
+    reconstruct,
+    retrieval,
+    text_features,
+    zero_shot,
+)
 from sdipc_lab.toyworld.judge import Judge, agreement, stray_pixels  # noqa: E402
 
 ATTRS = ("shape", "colour", "size", "position", "background")

@@ -5,11 +5,32 @@
     images = edit(lab, reference, "on a black background", alpha=0.9)   # Eq. 8
 """
 
-from .convert import (InverseProjection, blend, convert, edit_prompt_embeds, encode_text, eos_prompt_embeds, image_embeds,
-                      image_prompt_embeds, inverse_projection, pseudo_prompt, sos_state, text_embeds)
+from .convert import (
+                      InverseProjection,
+                      blend,
+                      convert,
+                      edit_prompt_embeds,
+                      encode_text,
+                      eos_prompt_embeds,
+                      image_embeds,
+                      image_prompt_embeds,
+                      inverse_projection,
+                      pseudo_prompt,
+                      sos_state,
+                      text_embeds,
+)
 from .generate import edit, generate, sample, vary
 from .images import as_rgb_images
-from .lab import KNOWN_SOURCES, Lab, WeightsNotFoundError, assemble, download, load_lab, pick_device, save_lab
+from .lab import (
+                      KNOWN_SOURCES,
+                      Lab,
+                      WeightsNotFoundError,
+                      assemble,
+                      download,
+                      load_lab,
+                      pick_device,
+                      save_lab,
+)
 from .measure import nearest_texts
 from .plots import pipeline_diagram, show_images
 

@@ -6,14 +6,15 @@ import argparse
 import sys
 import time
 
+from . import edit, load_lab, show_images, vary
+from .lab import download
+from .toyworld import sample
 
-def demo(source: str, out: str, n: int, seed: int, steps: int | None = None) -> None:
+
+def demo(source: str, out: str, n: int, seed: int, **settings) -> None:
     """Convert three randomly drawn test images to prompts, and save their variations and an edit as one figure."""
     import random
     from pathlib import Path
-
-    from . import edit, load_lab, show_images, vary
-    from .toyworld import sample
 
     out = Path(out).expanduser()
     if out.is_dir() or out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
@@ -28,10 +29,10 @@ def demo(source: str, out: str, n: int, seed: int, steps: int | None = None) -> 
     start = time.perf_counter()
     rows, labels = [], []
     for s in references:
-        rows += [s.image, *vary(lab, s.image, n=n, seed=seed, steps=steps)]
+        rows += [s.image, *vary(lab, s.image, n=n, seed=seed, **settings)]
         labels.append(_wrap(f"test #{indices[len(labels)]}: {s.caption}"))
     edit_text = "a huge star"
-    rows += [references[0].image, *edit(lab, references[0].image, edit_text, n=n, seed=seed, steps=steps)]
+    rows += [references[0].image, *edit(lab, references[0].image, edit_text, n=n, seed=seed, **settings)]
     labels.append(f"EDIT of test #{indices[0]}\n+ '{edit_text}'\n(alpha 0.9, Eq. 8)")
     seconds = time.perf_counter() - start
     titles = (["reference"] + [f"variation {k}" for k in range(n)]) * 3 + ["reference"] + [f"edit {k}" for k in range(n)]
@@ -57,14 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=4, help="variations per reference")
     p.add_argument("--seed", type=int, default=0, help="picks the references and the noise")
     p.add_argument("--steps", type=int, help="denoising steps (default: the lab's)")
+    p.add_argument("--size", type=int, help="image height and width in pixels (default: the lab's; SD v1.4: 512, "
+                   "256 is ~4x cheaper)")
     p = commands.add_parser("download", help="fetch a hub source's weights once, with internet")
     p.add_argument("source", choices=["sd-v1-4", "sd-v1-5"])
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            demo(args.source, args.out, args.n, args.seed, args.steps)
+            demo(args.source, args.out, args.n, args.seed, steps=args.steps, height=args.size, width=args.size)
         else:
-            from .lab import download
             download(args.source)
             print(f"{args.source}: weights are in the Hugging Face cache; load_lab({args.source!r}) now works offline")
     except (ValueError, TypeError, FileNotFoundError) as error:

@@ -16,9 +16,12 @@ Only cross-attention layers (`attn2`) act on them; self-attention wrappers pass 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
+from .convert import encode_text
 from .lab import Lab
 
 MASK_MODES = ("post", "pre")
@@ -108,6 +111,17 @@ def _full_batch(token_mask: torch.Tensor, batch: int) -> torch.Tensor:
     raise ValueError(f"token_mask has {len(token_mask)} rows for a batch of {batch}; give one row per image generated")
 
 
+@contextlib.contextmanager
+def installed(lab: Lab):
+    """`install` for the duration of a block, then the U-Net's processors exactly as they were."""
+    before = dict(lab.unet.attn_processors)
+    install(lab)
+    try:
+        yield lab
+    finally:
+        lab.unet.set_attn_processor(before)
+
+
 def install(lab: Lab) -> None:
     """Wrap each of the U-Net's attention processors (once); outputs are unchanged until asked."""
     processors = lab.unet.attn_processors
@@ -121,8 +135,6 @@ def install(lab: Lab) -> None:
 def token_mask(lab: Lab, prompts: list[str], keep: str = "sos+eos") -> torch.Tensor:
     """(B, 77) float masks. keep="sos+eos": mask the word tokens, keep start, end and padding
     (the paper's experiment); keep="sos+words": mask the end and padding tokens instead (the control)."""
-    from .convert import encode_text
-
     _, eos = encode_text(lab, prompts)
     positions = torch.arange(lab.max_length, device=eos.device)[None]  # (1, 77)
     words = (positions >= 1) & (positions < eos[:, None])  # (B, 77)
@@ -131,27 +143,3 @@ def token_mask(lab: Lab, prompts: list[str], keep: str = "sos+eos") -> torch.Ten
     if keep == "sos+words":
         return (positions < eos[:, None]).float()
     raise ValueError(f"keep must be 'sos+eos' or 'sos+words', got {keep!r}")
-
-
-def masked_generate(lab: Lab, prompts: list[str], *, keep: str = "sos+eos", mode: str = "post", n: int = 1,
-                    seed: int = 0, steps: int | None = None) -> list:
-    """Text-to-image with tokens masked in every cross-attention layer (n images per prompt)."""
-    from .generate import generate
-
-    install(lab)
-    mask = token_mask(lab, prompts, keep).repeat_interleave(n, dim=0)  # (B * n, 77)
-    return generate(lab, prompts, n=n, seed=seed, steps=steps,
-                    cross_attention_kwargs={"token_mask": mask.to(lab.device), "mask_mode": mode})
-
-
-def attention_maps(lab: Lab, prompts: list[str], *, seed: int = 0, steps: int | None = None,
-                   resolution: int = 16) -> tuple[torch.Tensor, list]:
-    """Cross-attention per token, averaged over layers and steps: maps (B, 77, res, res) and the images."""
-    from .generate import generate
-
-    install(lab)
-    store = AttentionStore(resolution)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    images = generate(lab, prompts, n=1, seed=seed, steps=steps, cross_attention_kwargs={"store": store})
-    maps = store.maps()
-    return (maps[len(prompts):] if len(maps) == 2 * len(prompts) else maps), images  # conditional half

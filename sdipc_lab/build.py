@@ -135,8 +135,13 @@ def random_components(sizes: Sizes = TINY, *, words: Iterable[str] = TINY_WORDS,
     feature_extractor, unet, vae, scheduler.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import (CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModelWithProjection,
-                              CLIPVisionConfig, CLIPVisionModelWithProjection)
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     s = sizes
     tokenizer = word_tokenizer(words)

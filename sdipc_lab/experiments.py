@@ -10,11 +10,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .attention import masked_generate
+from .attention import AttentionStore, installed, token_mask
 from .convert import convert, image_embeds
+from .finetune import Concepts, applied, custom_diffusion, finetune
 from .generate import edit, generate, progress, sample, vary
 from .lab import Lab
+from .latent_clip import reno
+from .measure import cutoff_sweep, eos_states
 from .metrics import clip_fid, clip_i, clip_score, clip_t
+from .toyworld import concept_samples
+from .toyworld.evaluate import prompt_conditions, zero_shot
+from .toyworld.judge import agreement
 
 MASKING_CONDITIONS = {
     "full prompt": None,
@@ -22,6 +28,26 @@ MASKING_CONDITIONS = {
     "words masked before softmax": ("sos+eos", "pre"),
     "end + padding masked (control)": ("sos+words", "post"),
 }
+
+
+def masked_generate(lab: Lab, prompts: list[str], *, keep: str = "sos+eos", mode: str = "post", n: int = 1,
+                    seed: int = 0, steps: int | None = None) -> list:
+    """Text-to-image with tokens masked in every cross-attention layer (n images per prompt)."""
+    mask = token_mask(lab, prompts, keep).repeat_interleave(n, dim=0)  # (B * n, 77)
+    with installed(lab):
+        return generate(lab, prompts, n=n, seed=seed, steps=steps,
+                        cross_attention_kwargs={"token_mask": mask.to(lab.device), "mask_mode": mode})
+
+
+def attention_maps(lab: Lab, prompts: list[str], *, seed: int = 0, steps: int | None = None,
+                   resolution: int = 16) -> tuple[torch.Tensor, list]:
+    """Cross-attention per token, averaged over layers and steps: maps (B, 77, res, res) and the images."""
+    store = AttentionStore(resolution)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    with installed(lab):
+        images = generate(lab, prompts, n=1, seed=seed, steps=steps, cross_attention_kwargs={"store": store})
+    maps = store.maps()
+    return (maps[len(prompts):] if len(maps) == 2 * len(prompts) else maps), images  # conditional half
 
 
 def pixel_change(images, references) -> float:
@@ -33,8 +59,6 @@ def pixel_change(images, references) -> float:
 def masking_experiment(lab: Lab, data, *, seeds=(0,), judge=None, steps=None) -> tuple[list[dict], dict]:
     """Sec. 3.1 / Fig. 2: generate each caption with word tokens masked (after or before the softmax),
     or with the end and padding tokens masked (control). Returns table rows and the images by condition."""
-    from .toyworld.judge import agreement
-
     captions = [s.caption for s in data]
     images = {name: [] for name in MASKING_CONDITIONS}
     with progress(len(seeds) * len(MASKING_CONDITIONS), "masking"):
@@ -65,9 +89,6 @@ def spectrum(lab: Lab) -> np.ndarray:
 def cutoff_experiment(lab: Lab, data, cutoffs) -> list[dict]:
     """Footnote 6: for each cutoff, the rank kept, how much of f_img^c the kept subspace reconstructs,
     the cosine of f_cnvrt to the true end-token state, and T-space zero-shot accuracy."""
-    from .measure import cutoff_sweep
-    from .toyworld.evaluate import zero_shot
-
     rows = []
     for row in cutoff_sweep(lab, [s.image for s in data], [s.caption for s in data], cutoffs):
         shot = zero_shot(lab, data, "t", cutoff=row["cutoff"])
@@ -78,8 +99,6 @@ def cutoff_experiment(lab: Lab, data, cutoffs) -> list[dict]:
 
 def norm_distributions(lab: Lab, captions) -> dict:
     """Per caption: the C-space norm ||f_txt^c|| (Eq. 6's constant) and the T-space end-token norm."""
-    from .measure import eos_states
-
     f_eos = eos_states(lab, captions)  # (N, D)
     return {"C-space ||f_txt^c||": (f_eos @ lab.W_t.float().T).norm(dim=-1).cpu().numpy(),
             "T-space ||f_txt^eos||": f_eos.norm(dim=-1).cpu().numpy()}
@@ -88,8 +107,6 @@ def norm_distributions(lab: Lab, captions) -> dict:
 def norm_experiment(lab: Lab, data, scales=(0.25, 0.5, 1.0, 2.0, 4.0), *, judge=None, seed=0, steps=None) -> list[dict]:
     """Eq. 6: variations with the paper's convention ("c") and the public code's ("t"), and with the norm
     scaled by each factor: the converted vector's T-space norm and what the judge finds."""
-    from .toyworld.judge import agreement
-
     images = [s.image for s in data]
     truths = [s.attributes for s in data]
     f_img_c = image_embeds(lab, images)
@@ -111,9 +128,6 @@ def norm_experiment(lab: Lab, data, scales=(0.25, 0.5, 1.0, 2.0, 4.0), *, judge=
 def variation_table(lab: Lab, data, *, judge=None, seed=0, steps=None) -> tuple[list[dict], dict]:
     """Table 2 analogue: each condition's judge agreement, CLIP-score against the true caption, and
     Fréchet distance (CLIP features) to the drawn references. Returns rows and images by condition."""
-    from .toyworld.evaluate import prompt_conditions
-    from .toyworld.judge import agreement
-
     refs = [s.image for s in data]
     captions = [s.caption for s in data]
     rows, images = [], {}
@@ -170,8 +184,6 @@ def concept_fidelity(lab: Lab, images, concept, references, *, judge=None) -> di
 def finetune_comparison(lab: Lab, test_concepts, finetuned, *, n_refs: int = 2, judge=None, seed=0,
                         steps=None) -> list[dict]:
     """Table 5 analogue: SD-IPC vs SD-IPC-FT variations of references from held-out concepts."""
-    from .toyworld import concept_samples
-
     rows = []
     for name, ft in (("SD-IPC", None), ("SD-IPC-FT", finetuned)):
         scores = []
@@ -199,7 +211,6 @@ def fidelity_curve(lab: Lab, concept, train_images, iterations, *, out, judge=No
     """
     from pathlib import Path
 
-    from .finetune import Concepts, applied, custom_diffusion, finetune
 
     out, lr = Path(out), lr or {}
     class_word = class_word or concept[0]
@@ -240,8 +251,6 @@ RENO_CONDITIONS = {
 
 def _reno_row(results, data, verdicts, attributes=("shape", "colour", "position")) -> dict:
     """One table row from `RenoResult`s and the judge's verdicts on their (first, best) images."""
-    from .toyworld.judge import agreement
-
     truths = [s.attributes for s in data]
     before, after = (agreement(v, truths) for v in verdicts)
     row = {"reward before": float(np.mean([r.history[0]["reward"] for r in results])),
@@ -260,8 +269,6 @@ def reno_experiment(lab: Lab, towers: dict, data, *, judge, iterations: int = 15
     one-step image) and after (the best iterate), the reward, seconds per iteration, and how far the noise
     left the Gaussian shell (||z|| / sqrt(d) = 1 is where N(0, I) lives; reward hacking drifts away).
     Returns the rows and the `RenoResult`s by condition."""
-    from .latent_clip import reno
-
     rows, results = [], {}
     for name, kwargs in conditions.items():
         results[name] = [reno(lab, s.caption, towers=towers, iterations=iterations, seed=seed + i, **kwargs)
@@ -276,8 +283,6 @@ def avoidance_experiment(lab: Lab, towers: dict, data, *, judge, iterations: int
     """The safety analogue of ReNO: the generator is asked for each sample's caption (a coloured object), and
     the reward moves the image toward the caption *without* its colour word and away from the caption itself.
     How often the judge still finds the avoided colour, and whether shape and position are kept."""
-    from .latent_clip import reno
-
     def without_colour(s) -> str:
         return " ".join(w for w in s.caption.split() if w != s.things[0].colour)
 

@@ -24,10 +24,7 @@ of the same base; `vary(..., finetuned=ft)` and `edit(..., finetuned=ft)` use it
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
-import math
 import os
 import random
 import sys
@@ -35,215 +32,24 @@ from pathlib import Path
 
 import torch
 
+# FT.load_finetuned, FT.applied, ...: the fine-tuned parts' public names, re-exported from adapters.py
+from .adapters import FineTuned as FineTuned
+from .adapters import applied as applied
+from .adapters import fingerprint, kv_processors, with_new_token
+from .adapters import load_finetuned as load_finetuned
+from .adapters import new_finetuned as new_finetuned
+from .adapters import save_finetuned as save_finetuned
 from .convert import encode_text, pseudo_prompt, token_ids
 from .images import as_rgb_images, digest
-from .lab import Lab
-from .training import diffusion_loss
+from .lab import Lab, load_lab
+from .latents import encode_latents
+from .training import diffusion_loss, fit
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MODES = {  # the paper's recipes (Sec. 4.1): steps, schedule, text-to-image regulariser; the lr is the lab's
     "ft": dict(steps=1000, schedule="cosine", text_weight=1.0),
     "ct": dict(steps=30, schedule="constant", text_weight=0.0),
 }
-
-
-class DeepVisualPrompts(torch.nn.Module):
-    """VPT-deep prompts (layers, N, width) for a `CLIPVisionModelWithProjection`."""
-
-    def __init__(self, image_encoder, n_tokens: int = 8, dropout: float = 0.1, seed: int = 0):
-        super().__init__()
-        config = image_encoder.config
-        width, patch = config.hidden_size, config.patch_size
-        bound = math.sqrt(6 / (3 * patch * patch + width))  # VPT's uniform initialisation
-        g = torch.Generator().manual_seed(seed)
-        prompts = (torch.rand(config.num_hidden_layers, n_tokens, width, generator=g) * 2 - 1) * bound
-        self.prompts = torch.nn.Parameter(prompts)  # (L, N, D)
-        self.dropout = torch.nn.Dropout(dropout)
-        self._handles: list = []
-
-    @property
-    def n_tokens(self) -> int:
-        return self.prompts.shape[1]
-
-    def attach(self, image_encoder) -> None:
-        """Insert prompts before every encoder layer, drop them after it (forward hooks)."""
-        self.detach()
-        layers = image_encoder.vision_model.encoder.layers
-        if len(layers) != len(self.prompts):
-            raise ValueError(f"prompts are for {len(self.prompts)} layers, the image tower has {len(layers)}")
-        for i, layer in enumerate(layers):
-            self._handles.append(layer.register_forward_pre_hook(self._inserter(i), with_kwargs=True))
-            self._handles.append(layer.register_forward_hook(self._dropper()))
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _inserter(self, i: int):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]  # (B, 1 + HW, D)
-            prompts = self.dropout(self.prompts[i]).to(hidden.dtype).expand(len(hidden), -1, -1)  # (B, N, D)
-            hidden = torch.cat([hidden[:, :1], prompts, hidden[:, 1:]], dim=1)  # (B, 1 + N + HW, D)
-            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-        return hook
-
-    def _dropper(self):
-        def hook(module, args, kwargs_or_output, output=None):
-            out = kwargs_or_output if output is None else output
-            hidden = out[0] if isinstance(out, tuple) else out
-            hidden = torch.cat([hidden[:, :1], hidden[:, 1 + self.n_tokens:]], dim=1)  # (B, 1 + HW, D)
-            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
-        return hook
-
-
-def kv_processors(lab: Lab) -> dict:
-    """Custom Diffusion k/v processors for every cross-attention layer, initialised from the base. Their weights
-    are float32 whatever the lab's dtype (diffusers' processor casts its inputs to them and its outputs back):
-    AdamW on fp16 weights goes NaN within a step, as in diffusers' own training scripts' warning."""
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
-
-    processors = {}
-    for name in lab.unet.attn_processors:
-        if not name.endswith("attn2.processor"):
-            continue
-        attn = lab.unet.get_submodule(name.rsplit(".processor", 1)[0])
-        proc = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False, hidden_size=attn.to_k.out_features,
-                                               cross_attention_dim=attn.to_k.in_features)
-        proc.to_k_custom_diffusion.weight.data.copy_(attn.to_k.weight.data)
-        proc.to_v_custom_diffusion.weight.data.copy_(attn.to_v.weight.data)
-        processors[name] = proc.to(lab.device, torch.float32)
-    return processors
-
-
-@dataclasses.dataclass
-class FineTuned:
-    """What SD-IPC-FT/CT trained: deep visual prompts and/or k/v weights per cross-attention layer."""
-
-    prompts: DeepVisualPrompts | None
-    kv: dict  # processor name -> CustomDiffusionAttnProcessor2_0
-    info: dict = dataclasses.field(default_factory=dict)
-    text: tuple | None = None  # Custom Diffusion: (tokenizer, text encoder) that know the new token
-
-    def tensors(self) -> dict:
-        out = {}
-        if self.prompts is not None:
-            out["prompts"] = self.prompts.prompts.detach().float().cpu().contiguous()
-        if self.text is not None:
-            tokenizer, encoder = self.text
-            row = tokenizer.convert_tokens_to_ids(self.info["token"])
-            out["token_embedding"] = encoder.get_input_embeddings().weight[row].detach().float().cpu().contiguous()
-        for name, proc in self.kv.items():
-            out[f"kv.{name}.to_k"] = proc.to_k_custom_diffusion.weight.detach().float().cpu().contiguous()
-            out[f"kv.{name}.to_v"] = proc.to_v_custom_diffusion.weight.detach().float().cpu().contiguous()
-        return out
-
-
-def new_finetuned(lab: Lab, *, n_tokens: int = 8, train_prompts: bool = True, train_kv: bool = True,
-                  seed: int = 0) -> FineTuned:
-    prompts = DeepVisualPrompts(lab.image_encoder, n_tokens, seed=seed).to(lab.device).eval() if train_prompts else None
-    return FineTuned(prompts, kv_processors(lab) if train_kv else {}, info=_fingerprint(lab))
-
-
-def _fingerprint(lab: Lab) -> dict:
-    return {"W_t": list(lab.W_t.shape), "vision_layers": lab.image_encoder.config.num_hidden_layers,
-            "vision_width": lab.image_encoder.config.hidden_size, "cross_attention_dim": lab.unet.config.cross_attention_dim}
-
-
-def save_finetuned(ft: FineTuned, path: str | os.PathLike) -> Path:
-    """One safetensors file (prompts and k/v only), written atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(ft.tensors(), str(tmp), metadata={"sdipc_lab": json.dumps(ft.info)})
-    os.replace(tmp, path)
-    return path
-
-
-def load_finetuned(lab: Lab, path: str | os.PathLike) -> FineTuned:
-    """Read a fine-tuned file into new modules for `lab`; refuses a file made for another base."""
-    from safetensors import safe_open
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"no fine-tuned file at {path}")
-    if path.is_dir():
-        found = sorted(path.glob("*.safetensors"))
-        hint = f" (it holds {', '.join(p.name for p in found)})" if found else ""
-        raise ValueError(f"{path} is a folder{hint}: pass the fine-tuned file itself, e.g. {path / 'finetuned.safetensors'}")
-    with safe_open(str(path), framework="pt") as f:
-        info = json.loads(f.metadata().get("sdipc_lab", "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    base = _fingerprint(lab)
-    if {k: info.get(k) for k in base} != base:
-        raise ValueError(f"{path} was trained on a lab with {info}; this lab has {base}. Load it into a lab of the same base.")
-    text = None
-    if "token_embedding" in tensors:
-        text = _with_new_token(lab, info["token"], tensors["token_embedding"])
-    prompts = None
-    if "prompts" in tensors:
-        prompts = DeepVisualPrompts(lab.image_encoder, tensors["prompts"].shape[1]).to(lab.device).eval()
-        prompts.prompts.data.copy_(tensors["prompts"])
-    kv = {}
-    names = sorted({k[3:].rsplit(".", 1)[0] for k in tensors if k.startswith("kv.")})
-    procs = kv_processors(lab) if names else {}
-    for name in names:
-        procs[name].to_k_custom_diffusion.weight.data.copy_(tensors[f"kv.{name}.to_k"])
-        procs[name].to_v_custom_diffusion.weight.data.copy_(tensors[f"kv.{name}.to_v"])
-        kv[name] = procs[name]
-    return FineTuned(prompts, kv, info, text)
-
-
-def _with_new_token(lab: Lab, token: str, init: torch.Tensor):
-    """Copies of the lab's tokenizer and text encoder with one more token, its embedding set to `init`."""
-    import copy
-
-    tokenizer = copy.deepcopy(lab.tokenizer)
-    if tokenizer.add_tokens([token]) != 1:
-        raise ValueError(f"{token!r} is already a word of this tokenizer; choose a new token")
-    encoder = copy.deepcopy(lab.text_encoder).float()  # the embedding table trains: float32, as k/v do
-    encoder.resize_token_embeddings(len(tokenizer))
-    with torch.no_grad():
-        encoder.get_input_embeddings().weight[-1] = init.to(encoder.get_input_embeddings().weight)
-    return tokenizer, encoder.requires_grad_(False).eval()
-
-
-@contextlib.contextmanager
-def applied(lab: Lab, ft: FineTuned | None):
-    """Use `ft` inside the block: prompts hooked into the image tower, k/v processors in the U-Net."""
-    if ft is None:
-        yield lab
-        return
-    if isinstance(ft, (str, os.PathLike)):
-        ft = load_finetuned(lab, ft)  # a saved file works wherever a FineTuned does
-    if not isinstance(ft, FineTuned):
-        raise TypeError(f"finetuned must be what finetune()/custom_diffusion() return, or the path of their "
-                        f"finetuned.safetensors; got {type(ft).__name__}")
-    from .attention import TokenAttnProcessor
-
-    before = dict(lab.unet.attn_processors)
-    if ft.kv:
-        procs = {}
-        for name, proc in before.items():
-            new = ft.kv.get(name, proc)
-            wrapped = isinstance(proc, TokenAttnProcessor)
-            procs[name] = TokenAttnProcessor(new, cross=proc.cross) if wrapped and name in ft.kv else new
-        lab.unet.set_attn_processor(procs)
-    if ft.prompts is not None:
-        ft.prompts.attach(lab.image_encoder)
-    base_text = (lab.tokenizer, lab.text_encoder)
-    if ft.text is not None:
-        lab.tokenizer, lab.text_encoder = ft.text
-    try:
-        yield lab
-    finally:
-        lab.tokenizer, lab.text_encoder = base_text
-        if ft.prompts is not None:
-            ft.prompts.detach()
-        if ft.kv:
-            lab.unet.set_attn_processor(before)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -306,8 +112,6 @@ class Eq9(torch.nn.Module):
 
 def latents_of(lab: Lab, images) -> torch.Tensor:
     """VAE latents (B, 4, h, w), scaled, of images resized to the lab's size (posterior means)."""
-    from .latent_clip import encode_latents
-
     return encode_latents(lab, images, sample=False)
 
 
@@ -323,8 +127,6 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
     background: per-image captions); without it the regulariser is off. `lr` defaults to the lab's `finetune_lr[mode]` (the paper's for SD v1.4, measured
     for the teaching lab). Returns the trained parts, also saved to `out/finetuned.safetensors`.
     """
-    from .training import fit
-
     if mode not in MODES:
         raise ValueError(f"mode must be 'ft' (SD-IPC-FT) or 'ct' (SD-IPC-CT), got {mode!r}")
     recipe = MODES[mode]
@@ -380,7 +182,7 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
     lab.image_encoder.train(ft.prompts is not None)  # prompt dropout on
     with applied(lab, ft):
         signature = dict(mode=mode, lr=lr, batch=batch, ab=bool(ab), seed=seed, n_tokens=n_tokens,
-                         train_prompts=train_prompts, train_kv=train_kv, lab=_fingerprint(lab),
+                         train_prompts=train_prompts, train_kv=train_kv, lab=fingerprint(lab),
                          concepts={c: digest(v) for c, v in concepts.images.items()},
                          captions=captions if text_weight else None)
         fit(f"sdipc-{mode}", module, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator,
@@ -418,8 +220,6 @@ def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>"
     captions are never that short (the teaching lab always names size, position and background), so the
     baseline learns in the language its U-Net was trained on.
     """
-    from .training import fit
-
     images = as_rgb_images(images)
     lr = lab.finetune_lr["custom-diffusion"] if lr is None else lr
     if captions is not None:
@@ -431,8 +231,8 @@ def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>"
     if len(class_ids) != 1:
         raise ValueError(f"class_word must be one token of the lab's vocabulary; {class_word!r} is {len(class_ids)}")
     init = lab.text_encoder.get_input_embeddings().weight[class_ids[0]].detach()
-    tokenizer, encoder = _with_new_token(lab, token, init)
-    ft = FineTuned(None, kv_processors(lab), info={**_fingerprint(lab), "token": token, "class_word": class_word},
+    tokenizer, encoder = with_new_token(lab, token, init)
+    ft = FineTuned(None, kv_processors(lab), info={**fingerprint(lab), "token": token, "class_word": class_word},
                    text=(tokenizer, encoder))
     table = encoder.get_input_embeddings().weight
     table.requires_grad_(True)
@@ -459,7 +259,7 @@ def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>"
 
     with applied(lab, dataclasses.replace(ft, text=None)):
         signature = dict(mode="custom-diffusion", token=token, class_word=class_word, lr=lr, batch=batch, seed=seed,
-                         token_lr_scale=token_lr_scale, lab=_fingerprint(lab), images=digest(images),
+                         token_lr_scale=token_lr_scale, lab=fingerprint(lab), images=digest(images),
                          captions=captions)
         fit("custom-diffusion", module, loss_fn, steps=steps, lr=lr, out=Path(out), accelerator=accelerator,
             minutes=minutes, schedule="constant", weight_decay=0.0, every=max(10, steps // 10),
@@ -485,7 +285,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ab", action="store_true", help="x_target = x_ref even with several images per concept")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from .lab import load_lab
 
     try:
         concepts = read_folder(args.folder)

@@ -17,7 +17,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .adapters import applied
 from .convert import edit_prompt_embeds, encode_text, image_prompt_embeds
+from .images import as_rgb_images
 from .lab import Lab
 
 
@@ -53,21 +55,31 @@ def progress(total: int, desc: str):
         bar.close()
 
 
+SETTINGS = ("steps", "guidance_scale", "guidance_rescale", "height", "width")  # a call's sampler settings
+
+
 def sample(lab: Lab, prompt_embeds: torch.Tensor, *, negative_prompt_embeds: torch.Tensor | None = None,
-           n: int = 4, seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
-           guidance_rescale: float | None = None, cross_attention_kwargs: dict | None = None,
-           output_type: str = "pil"):
+           n: int = 4, seed: int = 0, cross_attention_kwargs: dict | None = None, output_type: str = "pil",
+           **settings):
     """Generate `n` images per prompt from prompt embeddings (B, 77, D); returns a flat list (B * n).
 
-    `steps`, `guidance_scale` and `guidance_rescale` default to the lab's own (its sampler settings)."""
+    `settings`, each defaulting to the lab's own: steps, guidance_scale, guidance_rescale, and height / width in
+    pixels (the lab's image size; on SD v1.4, 256 is ~4x cheaper than 512)."""
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown sampler setting(s) {sorted(unknown)}: use {', '.join(SETTINGS)}")
+    get = lambda key, default: default if settings.get(key) is None else settings[key]  # noqa: E731
     n = whole_number("n (images per prompt)", n, low=1)
-    steps = whole_number("steps", lab.steps if steps is None else steps, low=1)
+    steps = whole_number("steps", get("steps", lab.steps), low=1)
     seed = whole_number("seed", seed, low=0, high=2**63 - 1)
-    guidance_scale = real_number("guidance_scale", lab.guidance_scale if guidance_scale is None else guidance_scale)
-    guidance_rescale = real_number("guidance_rescale", lab.guidance_rescale if guidance_rescale is None
-                                   else guidance_rescale)
+    guidance_scale = real_number("guidance_scale", get("guidance_scale", lab.guidance_scale))
+    guidance_rescale = real_number("guidance_rescale", get("guidance_rescale", lab.guidance_rescale))
     if not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale must be between 0 (off) and 1, got {guidance_rescale}")
+    factor = max(8, lab.pipe.vae_scale_factor)  # the pipeline's own rule, and the VAE's downsampling
+    height, width = (whole_number(k, get(k, lab.image_size), low=factor) for k in ("height", "width"))
+    if height % factor or width % factor:
+        raise ValueError(f"height and width must be multiples of {factor}, got {height} x {width}")
     if negative_prompt_embeds is not None and guidance_scale <= 1:
         raise ValueError(f"negative images act through guidance, and guidance_scale {guidance_scale} <= 1 turns it "
                          "off: they would be ignored. Raise guidance_scale, or drop negative_images.")
@@ -79,7 +91,7 @@ def sample(lab: Lab, prompt_embeds: torch.Tensor, *, negative_prompt_embeds: tor
         prompt_embeds=prompt_embeds.to(lab.device, lab.dtype),
         negative_prompt_embeds=None if negative_prompt_embeds is None else negative_prompt_embeds.to(lab.device, lab.dtype),
         num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance_scale,
-        guidance_rescale=guidance_rescale, generator=generator, output_type=output_type,
+        guidance_rescale=guidance_rescale, height=height, width=width, generator=generator, output_type=output_type,
         cross_attention_kwargs=cross_attention_kwargs,
     )
     if (bar := _overall.get()) is not None:
@@ -87,51 +99,44 @@ def sample(lab: Lab, prompt_embeds: torch.Tensor, *, negative_prompt_embeds: tor
     return list(result.images) if output_type == "pil" else result.images
 
 
-def vary(lab: Lab, images, *, n: int = 4, seed: int = 0, steps: int | None = None,
-         guidance_scale: float | None = None, negative_images=None, weights: Sequence[float] | None = None,
-         cutoff: float | None = None, norm: float | None = None, norm_space: str = "c", finetuned=None) -> list:
+def vary(lab: Lab, images, *, n: int = 4, seed: int = 0, negative_images=None, weights: Sequence[float] | None = None,
+         cutoff: float | None = None, norm: float | None = None, norm_space: str = "c", finetuned=None,
+         **settings) -> list:
     """SD-IPC image variation: `n` images for each reference image (or for their blend, with `weights`).
 
     `negative_images` are converted the same way (blended into one) and steer generation away.
-    `finetuned` (from `sdipc_lab.finetune`) applies SD-IPC-FT/CT prompts and k/v for this call.
-    Returns a flat list of PIL images, reference by reference.
+    `finetuned` (from `sdipc_lab.finetune`, or the path of its file) applies SD-IPC-FT/CT for this call.
+    `settings`: the sampler's (`sample`). Returns a flat list of PIL images, reference by reference.
     """
-    from .finetune import applied
-
     convert_kwargs = dict(cutoff=cutoff, norm=norm, norm_space=norm_space)
     with applied(lab, finetuned):
         prompt = image_prompt_embeds(lab, images, weights=weights, **convert_kwargs)  # (B, 77, D)
         negative = _negative(lab, negative_images, convert_kwargs)
-        return sample(lab, prompt, negative_prompt_embeds=negative, n=n, seed=seed, steps=steps,
-                      guidance_scale=guidance_scale)
+        return sample(lab, prompt, negative_prompt_embeds=negative, n=n, seed=seed, **settings)
 
 
-def edit(lab: Lab, image, text: str, *, alpha: float = 0.9, n: int = 4, seed: int = 0,
-         steps: int | None = None, guidance_scale: float | None = None, negative_images=None,
-         cutoff: float | None = None, norm: float | None = None, norm_space: str = "c", finetuned=None) -> list:
-    """SD-IPC editing (Eq. 8): `n` images of the reference image changed by `text`, strength `alpha`."""
-    from .finetune import applied
-
+def edit(lab: Lab, image, text: str, *, alpha: float = 0.9, n: int = 4, seed: int = 0, negative_images=None,
+         cutoff: float | None = None, norm: float | None = None, norm_space: str = "c", finetuned=None,
+         **settings) -> list:
+    """SD-IPC editing (Eq. 8): `n` images of the reference image changed by `text`, strength `alpha`.
+    `settings`: the sampler's (`sample`)."""
     convert_kwargs = dict(cutoff=cutoff, norm=norm, norm_space=norm_space)
     with applied(lab, finetuned):
         prompt = edit_prompt_embeds(lab, image, text, alpha=alpha, **convert_kwargs)  # (B, 77, D)
         negative = _negative(lab, negative_images, convert_kwargs)
-        return sample(lab, prompt, negative_prompt_embeds=negative, n=n, seed=seed, steps=steps,
-                      guidance_scale=guidance_scale)
+        return sample(lab, prompt, negative_prompt_embeds=negative, n=n, seed=seed, **settings)
 
 
-def generate(lab: Lab, prompts: str | Sequence[str], *, n: int = 4, seed: int = 0, steps: int | None = None,
-             guidance_scale: float | None = None, cross_attention_kwargs: dict | None = None) -> list:
-    """Plain text-to-image with the same pipeline, steps and noise: the reference SD-IPC is compared with."""
+def generate(lab: Lab, prompts: str | Sequence[str], *, n: int = 4, seed: int = 0,
+             cross_attention_kwargs: dict | None = None, **settings) -> list:
+    """Plain text-to-image with the same pipeline, steps and noise: the reference SD-IPC is compared with.
+    `settings`: the sampler's (`sample`)."""
     f_txt, _ = encode_text(lab, prompts)  # (B, 77, D), refuses texts over 77 tokens
-    return sample(lab, f_txt, n=n, seed=seed, steps=steps, guidance_scale=guidance_scale,
-                  cross_attention_kwargs=cross_attention_kwargs)
+    return sample(lab, f_txt, n=n, seed=seed, cross_attention_kwargs=cross_attention_kwargs, **settings)
 
 
 def _negative(lab: Lab, negative_images, convert_kwargs: dict) -> torch.Tensor | None:
     if negative_images is None:
         return None
-    from .images import as_rgb_images
-
     negatives = as_rgb_images(negative_images)
     return image_prompt_embeds(lab, negatives, weights=[1.0] * len(negatives), **convert_kwargs)  # (1, 77, D)

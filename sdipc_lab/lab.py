@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .build import random_components
+
 LAB_FILE = "sdipc_lab.json"
 COMPONENTS = ("tokenizer", "text_encoder", "image_encoder", "feature_extractor", "unet", "vae", "scheduler")
 CLIP_PARTS = ("tokenizer", "text_encoder", "image_encoder", "feature_extractor")
@@ -228,13 +230,26 @@ def download(source: str) -> None:
 
     if source not in HUB_SOURCES:
         raise ValueError(f"only hub sources can be downloaded: {', '.join(HUB_SOURCES)}")
-    snapshot_download(CLIP_L14, allow_patterns=["*.json", "*.txt", "model.safetensors"])
     weights = [f"{part}/diffusion_pytorch_model.safetensors" for part in ("unet", "vae")]
     configs = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"]
-    snapshot_download(HUB_SOURCES[source], allow_patterns=weights + configs)
+    for repo, patterns in ((CLIP_L14, ["*.json", "*.txt", "model.safetensors"]), (HUB_SOURCES[source], weights + configs)):
+        try:
+            snapshot_download(repo, allow_patterns=patterns)
+        except Exception as error:  # the hub client's errors vary by version; all mean the same here
+            raise WeightsNotFoundError(
+                f"could not download {repo} into the Hugging Face cache at {_hub_cache()}: {type(error).__name__}: "
+                f"{str(error)[:300]}\nThis needs internet access to huggingface.co (and, for some repositories, "
+                "`huggingface-cli login` after accepting their licence).") from None
 
 
 # ----------------------------------------------------------------------------------------------
+
+def _hub_cache() -> str:
+    """Where the hub client keeps repositories: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
 
 def _folder_places(folder: Path) -> dict:
     return {part: (str(folder / part), None) for part in COMPONENTS}
@@ -326,7 +341,7 @@ def _missing(part, where, subfolder, source, local_only, error) -> Exception:
             f"cannot load the lab's {part} from {place}: {type(error).__name__}: {str(error)[:300]}\n"
             "A lab folder needs tokenizer/, text_encoder/, image_encoder/, feature_extractor/, unet/, vae/, "
             "scheduler/ and sdipc_lab.json, as written by sdipc_lab.save_lab(lab, folder).")
-    cache = os.environ.get("HF_HOME") or os.environ.get("HF_HUB_CACHE") or "~/.cache/huggingface"
+    cache = _hub_cache()
     how = ("The hub was not asked (load_lab reads the local cache only unless download=True)."
            if local_only else "Downloading failed (no network, or the repository needs you to log in).")
     return WeightsNotFoundError(
@@ -334,7 +349,7 @@ def _missing(part, where, subfolder, source, local_only, error) -> Exception:
         f"Hugging Face cache at {cache}. {how}\n"
         f"To get them, on a machine with internet run once:\n"
         f"    python -m sdipc_lab download {source}\n"
-        f"(or load_lab({source!r}, download=True)), or set HF_HOME to a cache that already holds "
+        f"(or load_lab({source!r}, download=True)), or set HF_HUB_CACHE (or HF_HOME) to a cache that holds "
         f"{CLIP_L14} and {HUB_SOURCES[source]}. Offline, use load_lab('toy').")
 
 
@@ -380,8 +395,6 @@ def check_consistent(parts: dict) -> None:
 
 
 def _load_tiny(device, dtype, name: str = "tiny") -> Lab:
-    from .build import random_components
-
     constants = dict(cutoff=0.05, norm=10.0, norm_t=5.0, steps=4, guidance_scale=3.0,
                      finetune_lr={"ft": 1e-4, "ct": 1e-3, "custom-diffusion": 1e-3})
     with quiet():

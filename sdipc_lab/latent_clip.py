@@ -22,7 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .lab import Lab
+from .convert import encode_text, image_embeds, text_embeds
+from .lab import Lab, load_lab, quiet
+from .latents import decode_latents, encode_latents, pixels_of
+from .toyworld.evaluate import zero_shot_of
+from .toyworld.train import render
+from .training import fit
 
 TOWERS_DIR = Path(__file__).parent / "toyworld" / "latent_clip"
 KINDS = ("latent", "pixel")
@@ -44,28 +49,6 @@ def new_tower(lab: Lab, kind: str, *, width: int = 128, layers: int = 4, heads: 
         projection_dim=lab.W_t.shape[0], image_size=side, patch_size=side // tokens_side, num_channels=channels))
 
 
-def pixels_of(images, device, size: int) -> torch.Tensor:  # (B, 3, size, size) in [-1, 1]
-    import numpy as np
-
-    return torch.stack([torch.from_numpy(np.array(im.resize((size, size)))).permute(2, 0, 1)
-                        for im in images]).float().to(device) / 127.5 - 1
-
-
-@torch.no_grad()
-def encode_latents(lab: Lab, images, sample: bool = True) -> torch.Tensor:
-    """Scaled VAE latents (B, 4, h, w) of PIL images at the lab's size; sampled from the posterior by
-    default (as the latent tower was trained), its mean with `sample=False`."""
-    dist = lab.vae.encode(pixels_of(images, lab.device, lab.image_size).to(lab.dtype)).latent_dist
-    return (dist.sample() if sample else dist.mean) * lab.vae.config.scaling_factor
-
-
-@torch.no_grad()
-def decode_latents(lab: Lab, latents: torch.Tensor) -> list:
-    """PIL images of scaled latents (B, 4, h, w): the inverse of `encode_latents`."""
-    pixels = lab.vae.decode(latents.to(lab.dtype) / lab.vae.config.scaling_factor).sample.float().clamp(-1, 1)
-    return lab.pipe.image_processor.postprocess(pixels, output_type="pil")
-
-
 def tower_embeds(tower, x: torch.Tensor) -> torch.Tensor:
     """Unit C-space embeddings (B, P) from latents or pixels in [-1, 1]."""
     return F.normalize(tower(pixel_values=x).image_embeds.float(), dim=-1)
@@ -84,15 +67,12 @@ class TowerTrainer(torch.nn.Module):
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def train_tower(lab: Lab, kind: str, *, out: Path, n_images: int = 20000, steps: int = 2000, batch: int = 128,
-                lr: float = 5e-4, minutes: float | None = None, seed: int = 0, width: int = 128, layers: int = 4,
-                accelerator=None):
-    """Contrastive training against the lab's frozen text tower on toy-world images (resumable)."""
-    from .convert import text_embeds
-    from .toyworld.train import render
-    from .training import fit
-
-    world = render(n_images, "train")
+def train_tower(lab: Lab, kind: str, *, world, out: Path, steps: int = 2000, batch: int = 128, lr: float = 5e-4,
+                minutes: float | None = None, seed: int = 0, width: int = 128, layers: int = 4, accelerator=None):
+    """Contrastive training against the lab's frozen text tower on `world`'s images and captions (resumable): any
+    object with `images` (N, H, W, 3) uint8, `pixels(index, device)` and `captions(index, rng)`, such as
+    `toyworld.train.render(n)`."""
+    n_images = len(world.images)
     torch.manual_seed(seed)
     tower = new_tower(lab, kind, width=width, layers=layers)
     trainer = TowerTrainer(tower).to(lab.device)
@@ -136,7 +116,6 @@ def load_towers(folder: Path = TOWERS_DIR, device="cpu", dtype=torch.float32, *,
     for one lab mean nothing on another."""
     from transformers import CLIPVisionModelWithProjection
 
-    from .lab import quiet
 
     missing = [k for k in KINDS if not (Path(folder) / k / "config.json").exists()]
     if missing:
@@ -162,9 +141,6 @@ def load_towers(folder: Path = TOWERS_DIR, device="cpu", dtype=torch.float32, *,
 def zero_shot(lab: Lab, towers: dict, data) -> dict:
     """Per image encoder (the lab's pixel CLIP, the latent tower, the pixel tower): zero-shot accuracy per
     attribute, as in notebook 04 (captions that differ in one attribute)."""
-    from .convert import image_embeds
-    from .toyworld.evaluate import zero_shot_of
-
     images = [s.image for s in data]
     feats = {"pixel CLIP (the lab's)": F.normalize(image_embeds(lab, images).float(), dim=-1),
              "latent tower": tower_embeds(towers["latent"], encode_latents(lab, images, sample=False)),
@@ -234,8 +210,6 @@ def reno(lab: Lab, prompt: str, *, reward: str = "latent", towers: dict | None =
     reward: "latent" (latent tower on the latent: no decode) or "pixel" (decode, then the lab's CLIP).
     prior_weight=0 drops the norm prior (and invites reward hacking).
     """
-    from .convert import encode_text, text_embeds
-
     if reward not in KINDS:
         raise ValueError(f"reward must be 'latent' or 'pixel', got {reward!r}")
     if reward == "latent" and towers is None:
@@ -286,8 +260,6 @@ def _pixel_clip(lab: Lab, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv=None) -> None:
-    from .lab import load_lab
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train"])
     parser.add_argument("--lab", default="toy")
@@ -305,8 +277,9 @@ def main(argv=None) -> None:
     args.out = args.out or Path("runs/latent_clip") / Path(args.lab).name
     args.export = args.export or args.out / "towers"
     lab = load_lab(args.lab)
+    world = render(args.images, "train")
     for kind in KINDS:
-        tower = train_tower(lab, kind, out=args.out, steps=args.steps, minutes=args.minutes, n_images=args.images)
+        tower = train_tower(lab, kind, world=world, out=args.out, steps=args.steps, minutes=args.minutes)
         tower.half().save_pretrained(args.export / kind, safe_serialization=True)
     size = sum(f.stat().st_size for f in Path(args.export).rglob("*.safetensors"))
     print(f"exported both towers to {args.export} ({size / 2**20:.1f} MB)")

@@ -60,23 +60,6 @@ def singular_value_quantiles(lab: Lab, qs=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75))
     return [0.0] + [float(np.quantile(s.numpy(), q)) * 0.999 for q in qs[1:]]
 
 
-def measure_constants(lab: Lab, n: int = 512) -> dict:
-    """The teaching lab's `cutoff`, `norm`, `norm_t`, measured on the toy world's test split.
-
-    cutoff: the candidate (a quantile of W_t's singular values) whose converted vectors are closest in
-    cosine to the true end-token states; norms: means over test captions.
-    """
-    from .toyworld import samples
-
-    data = samples(n, "test", two_objects=0)
-    captions = [s.caption for s in data]
-    measured = norms(lab, captions)
-    sweep = cutoff_sweep(lab, [s.image for s in data], captions, singular_value_quantiles(lab))
-    best = max(sweep, key=lambda row: row["cosine"])
-    return dict(cutoff=round(best["cutoff"], 4), norm=round(measured["norm"], 3), norm_t=round(measured["norm_t"], 3),
-                cutoff_sweep=sweep, norms=measured)
-
-
 @torch.no_grad()
 def nearest_texts(lab: Lab, f_cnvrt: torch.Tensor, texts: Sequence[str], k: int = 5) -> list[dict]:
     """What a converted prompt "says": the `k` texts whose end-token states (T-space) are closest in cosine to

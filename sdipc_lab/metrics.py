@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from scipy import linalg
 
 from .convert import image_embeds, text_embeds
+from .images import as_rgb_images
 from .lab import Lab
 
 
@@ -71,7 +72,6 @@ class ClipFeatures(torch.nn.Module):
 
 
 def _uint8(images) -> torch.Tensor:  # (N, 3, H, W) uint8
-    from .images import as_rgb_images
 
     return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in as_rgb_images(list(images))])
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .convert import token_ids
+from .convert import encode_text, token_ids
 from .lab import Lab
+from .toyworld.world import BACKGROUNDS, COLOURS, POSITIONS, SIZES
 
 # Attribute groups with ground truth for the toy world. "words" lives only in the captions.
 SHAPE_CORNERS = {"circle": 0, "heart": 1, "triangle": 3, "square": 4, "star": 10, "cross": 12}
@@ -33,8 +34,6 @@ GROUPS = {"colour": ("hue cos", "hue sin", "warmth", "lightness"), "shape": ("ro
 
 def attributes(sample) -> dict:
     """Numeric attributes of a toy-world sample's first object (and of its caption's wording)."""
-    from .toyworld.world import BACKGROUNDS, COLOURS, POSITIONS, SIZES
-
     t = sample.things[0]
     h, lightness, _ = colorsys.rgb_to_hls(*(c / 255 for c in COLOURS[t.colour]))
     x, y = POSITIONS[t.position]
@@ -81,8 +80,6 @@ def unet_features(lab: Lab, captions: list[str], *, at_steps=(0, 5, 10, 15, 19),
 
     With `null_prompt=True` the U-Net gets the empty prompt instead (the control: if decoding drops to
     chance, the semantics came from CLIP)."""
-    from .convert import encode_text
-
     at_steps = set(at_steps)
     out: dict[str, list] = {}
     state = {"step": 0}

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 import sdipc_lab as S
-from sdipc_lab.attention import AttentionStore, TokenAttnProcessor, attention_maps, install, masked_generate, token_mask
+from sdipc_lab.attention import (
+    AttentionStore,
+    TokenAttnProcessor,
+    install,
+    installed,
+    token_mask,
+)
+from sdipc_lab.experiments import attention_maps, masked_generate
 
 PROMPTS = ["a large red circle on the left", "a small blue star at the top over white"]
 
@@ -91,3 +98,12 @@ def test_masked_generation_and_maps(fresh_lab):
 def test_store_refuses_to_report_nothing():
     with pytest.raises(RuntimeError, match="nothing recorded"):
         AttentionStore().maps()
+
+
+def test_installed_restores_what_it_replaced():
+    lab = S.load_lab("tiny", device="cpu")
+    before = dict(lab.unet.attn_processors)
+    with installed(lab):
+        assert all(isinstance(p, TokenAttnProcessor) for p in lab.unet.attn_processors.values())
+    after = lab.unet.attn_processors
+    assert all(after[name] is proc for name, proc in before.items())  # the very same processor objects

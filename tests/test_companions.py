@@ -7,6 +7,7 @@ import torch
 from sdipc_lab import latent_clip as LC
 from sdipc_lab import probing as P
 from sdipc_lab.toyworld import samples
+from sdipc_lab.toyworld.train import render
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_cache_reads_back(tmp_path):
 def towers(lab, tmp_path_factory):
     out = tmp_path_factory.mktemp("towers")
     for kind in LC.KINDS:
-        LC.train_tower(lab, kind, out=out, n_images=32, steps=3, batch=8, width=32, layers=1)
+        LC.train_tower(lab, kind, world=render(32, "train"), out=out, steps=3, batch=8, width=32, layers=1)
     return LC.load_towers(out, lab=lab)  # towers trained for this lab pass the fit check
 
 

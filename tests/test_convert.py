@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import rand_matrix
 
 import sdipc_lab as S
 from sdipc_lab.convert import InverseProjection
-from conftest import rand_matrix
 
 
 def numpy_pinv(W, cutoff):

@@ -7,6 +7,8 @@ from PIL import Image
 
 import sdipc_lab as S
 from sdipc_lab import finetune as FT
+from sdipc_lab.adapters import DeepVisualPrompts
+from sdipc_lab.convert import token_ids
 from sdipc_lab.toyworld import sample
 
 
@@ -29,7 +31,7 @@ def test_prompts_are_inserted_not_overwriting(fresh_lab):
     enc = fresh_lab.image_encoder
     pixels = fresh_lab.feature_extractor(images=[sample(0, "test").image], return_tensors="pt").pixel_values
     plain_inputs, plain = _layer_inputs(enc, pixels)
-    vpt = FT.DeepVisualPrompts(enc, n_tokens=3).eval()
+    vpt = DeepVisualPrompts(enc, n_tokens=3).eval()
     vpt.attach(enc)
     try:
         inputs, prompted = _layer_inputs(enc, pixels)
@@ -159,7 +161,7 @@ def test_custom_diffusion_pairs_each_image_with_its_own_caption(fresh_lab, tmp_p
                         lambda self, ids, latents: seen.append((ids.clone(), latents.clone())) or forward(self, ids, latents))
     ft = FT.custom_diffusion(fresh_lab, images, class_word="heart", captions=captions, steps=4, batch=3, out=tmp_path)
     tokenizer = ft.text[0]
-    caption_ids = FT.token_ids(tokenizer, captions)[0]  # (3, 77)
+    caption_ids = token_ids(tokenizer, captions)[0]  # (3, 77)
     latents = FT.latents_of(fresh_lab, images)  # (3, 4, h, w)
     for ids, z in seen:
         for row, latent in zip(ids, z):

@@ -101,3 +101,58 @@ def test_the_rendered_output_checks_catch_what_a_reader_would_see():
     dead = {"output_type": "display_data", "data": {"text/plain": "Error displaying widget: model not found"}}
     assert checks.check_rendered("x = 1", [dead]) == ["an output holds 'Error displaying widget'"]
     assert checks.check_rendered("t", [{"data": {"text/markdown": bad}}])[0].startswith("broken Markdown")
+
+
+# The package as a stack: a module imports only from layers below its own (issue 14). Read it bottom-up.
+LAYERS = [
+    {"images", "plots", "training", "build", "toyworld.world"},  # no package imports at all
+    {"lab", "toyworld"},                                          # load_lab(); the world's public names
+    {"convert"},                                                  # the paper's Eq. 5-8
+    {"latents", "attention", "metrics", "measure", "toyworld.judge"},
+    {"adapters"},                                                 # what fine-tuning trains, and `applied`
+    {"generate"},                                                 # vary / edit / generate
+    {"finetune", "probing", "toyworld.evaluate", "toyworld.train"},
+    {"latent_clip"},
+    {"experiments", "widgets", ""},                               # "" is the package's __init__
+    {"__main__"},
+]
+
+
+def _internal_imports():
+    """(module, imported module, line, at top level?) for every import of the package's own modules."""
+    import ast
+
+    package = ROOT / "sdipc_lab"
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package).with_suffix("").parts)
+        module = ".".join(p for p in parts if p != "__init__")
+        anchor = parts[:-1]  # the package the module is in
+        tree = ast.parse(path.read_text())
+        top_level = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = anchor[:len(anchor) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] if node.module else [".".join(base + [a.name]) if a.name in _MODULES else target
+                                                      for a in node.names]
+                for name in names:
+                    yield module, name, node.lineno, id(node) in top_level
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sdipc_lab"):
+                yield module, node.module.removeprefix("sdipc_lab").lstrip("."), node.lineno, id(node) in top_level
+
+
+_MODULES = {".".join(p for p in path.relative_to(ROOT / "sdipc_lab").with_suffix("").parts if p != "__init__")
+            for path in (ROOT / "sdipc_lab").rglob("*.py")}
+
+
+def test_every_import_points_down_the_stack():
+    layer = {name: i for i, names in enumerate(LAYERS) for name in names}
+    assert _MODULES <= set(layer), f"modules not placed in LAYERS: {sorted(_MODULES - set(layer))}"
+    up, hidden = [], []
+    for module, target, line, top in _internal_imports():
+        if layer[target] >= layer[module]:
+            up.append(f"{module}:{line} imports {target or 'sdipc_lab'}")
+        if not top:
+            hidden.append(f"{module}:{line} imports {target or 'sdipc_lab'} inside a function")
+    assert not up, "imports that point up or sideways: " + "; ".join(up)
+    assert not hidden, "package imports belong at the top of the file: " + "; ".join(hidden)

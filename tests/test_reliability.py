@@ -270,3 +270,25 @@ def test_the_training_cli_refuses_what_would_go_wrong(tmp_path, argv, message, c
     with pytest.raises(SystemExit) as error:
         T.main([*argv, "--out", str(tmp_path / "run")])
     assert message in str(error.value) or message in capsys.readouterr().err  # a message, or argparse's usage error
+
+
+def test_sampler_settings_size_and_steps_per_call(lab, refs):
+    [small] = S.vary(lab, refs[0], n=1, steps=2, height=48, width=64)
+    assert small.size == (64, 48)
+    assert S.generate(lab, "a red star", n=1)[0].size == (lab.image_size,) * 2  # the lab's default
+    with pytest.raises(TypeError, match="unknown sampler setting.*heigth"):
+        S.generate(lab, "a red star", n=1, heigth=64)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        S.edit(lab, refs[0], "a red star", n=1, height=30)
+
+
+def test_the_demo_checks_its_output_path_before_generating(tmp_path, capsys):
+    from sdipc_lab.__main__ import main
+
+    assert main(["demo", "--source", "tiny", "--out", str(tmp_path)]) == 2  # a folder, not an image file
+    assert "must name an image file" in capsys.readouterr().err
+    assert main(["demo", "--source", "tiny", "--out", str(tmp_path / "nope" / "d.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--source", "tiny", "--out", str(out), "--n", "2", "--steps", "2", "--size", "48"]) == 0
+    assert out.stat().st_size > 10_000 and str(out) in capsys.readouterr().out

@@ -115,7 +115,11 @@ def test_decoder_stage_trains_the_decoder_and_keeps_the_latent_space(tiny_run):
 def test_vision_stage_trains_the_image_tower_against_the_frozen_text_tower(tiny_run):
     """The vision stage must not move the text tower (the U-Net was trained on its states) and must align
     images better with their captions: the contrastive loss on a fixed batch falls."""
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionModelWithProjection,
+    )
 
     from sdipc_lab.toyworld import train as T
 

@@ -13,14 +13,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..convert import (convert, encode_text, eos_prompt_embeds, image_embeds, image_prompt_embeds, pseudo_prompt,
-                       text_embeds)
-from ..generate import progress
+from ..convert import (
+    convert,
+    encode_text,
+    eos_prompt_embeds,
+    image_embeds,
+    image_prompt_embeds,
+    pseudo_prompt,
+    text_embeds,
+)
+from ..generate import generate, progress, vary
 from ..generate import sample as generate_from_embeds
 from ..lab import Lab
+from ..latents import decode_latents, encode_latents
 from ..measure import eos_states
+from ..plots import show_images
 from .judge import agreement, stray_pixels
-from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, caption
+from .world import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Thing,
+    caption,
+    samples,
+)
 
 VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS),
           "background": tuple(BACKGROUNDS)}
@@ -104,8 +123,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 @torch.no_grad()
 def reconstruct(lab: Lab, images) -> list:
     """Encode and decode through the lab's VAE (posterior mean)."""
-    from ..latent_clip import decode_latents, encode_latents
-
     return decode_latents(lab, encode_latents(lab, images, sample=False))
 
 
@@ -148,10 +165,6 @@ def contact_sheet(lab: Lab, *, seed: int = 0, n_references: int = 12, variations
     """Two figures of what the lab draws, nothing picked by hand: every (shape, colour) pair from its canonical
     caption (large, in the middle, one background per colour; held-out pairs marked *), and SD-IPC variations of
     `n_references` test references drawn at random by `seed`. Returns (pairs_figure, variations_figure)."""
-    from ..generate import generate, vary
-    from ..plots import show_images
-    from .world import HELD_OUT, Thing, samples
-
     backgrounds = {"red": "white", "orange": "teal", "yellow": "gray", "green": "beige", "blue": "white",
                    "purple": "gray"}
     captions, titles = [], []

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES
+from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZE
 
 JUDGE_FILE = Path(__file__).parent / "judge.safetensors"
 THRESHOLD = 50.0  # RGB distance from the background colour that counts as foreground
@@ -25,7 +25,6 @@ LARGE_EXTENT = 25  # pixels: small objects span about 17-20, large ones 29-34
 def _as_array(images) -> np.ndarray:  # (N, 64, 64, 3) float32; larger images (SD's 512 px) are resized
     from PIL import Image
 
-    from .world import SIZE
 
     if isinstance(images, torch.Tensor):
         return images.numpy().astype(np.float32)
@@ -71,13 +70,19 @@ def _nearest(value: np.ndarray, table: dict) -> str:
     return names[int(np.argmin([np.linalg.norm(value - np.array(table[n])) for n in names]))]
 
 
+def new_judge_cnn(n_classes: int) -> torch.nn.Module:
+    """Shape classifier on a 32x32 foreground mask (see judge.py)."""
+    def block(i, o):
+        return [torch.nn.Conv2d(i, o, 3, padding=1), torch.nn.GELU(), torch.nn.MaxPool2d(2)]
+    return torch.nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 64), torch.nn.Flatten(),
+                               torch.nn.Linear(64 * 16, 128), torch.nn.GELU(), torch.nn.Linear(128, n_classes))
+
+
 class Judge:
     """`judge(images)` -> one dict per image: shape, colour, size, position, background (None if no object)."""
 
     def __init__(self, path: Path = JUDGE_FILE):
         from safetensors.torch import load_file
-
-        from .train import new_judge_cnn
 
         self.cnn = new_judge_cnn(len(SHAPES)).eval()
         if not Path(path).exists():

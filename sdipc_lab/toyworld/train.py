@@ -41,8 +41,11 @@ import torch.nn.functional as F
 
 from ..build import sd_v1_scheduler, word_tokenizer
 from ..convert import token_ids
+from ..lab import Lab, assemble, load_lab, quiet, save_lab
+from ..measure import cutoff_sweep, norms, singular_value_quantiles
 from ..training import diffusion_loss, fit
-from .world import SIZE, caption, sample, vocabulary
+from .judge import mask_crops, new_judge_cnn
+from .world import SHAPES, SIZE, caption, sample, samples, vocabulary
 
 LAB_DIR = Path(__file__).parent / "lab"
 JUDGE_FILE = Path(__file__).parent / "judge.safetensors"
@@ -145,7 +148,12 @@ def new_tokenizer():
 
 
 def new_clip(s: Sizes, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     text = CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=s.width, intermediate_size=4 * s.width, num_hidden_layers=s.text_layers,
@@ -216,14 +224,6 @@ def toy_scheduler():
     return sd_v1_scheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
 
 
-def new_judge_cnn(n_classes: int) -> torch.nn.Module:
-    """Shape classifier on a 32x32 foreground mask (see judge.py)."""
-    def block(i, o):
-        return [torch.nn.Conv2d(i, o, 3, padding=1), torch.nn.GELU(), torch.nn.MaxPool2d(2)]
-    return torch.nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 64), torch.nn.Flatten(),
-                               torch.nn.Linear(64 * 16, 128), torch.nn.GELU(), torch.nn.Linear(128, n_classes))
-
-
 # ---------------------------------------------------------------------------------- the loop
 
 def batch_index(n: int, batch: int, step: int, seed: int, accelerator) -> torch.Tensor:
@@ -286,7 +286,11 @@ def train_vision(world: World, s: Sizes, budget, out: Path, accelerator, seed: i
     """Train CLIP's image tower further against the frozen text tower ("locked text"): the text states the
     U-Net is conditioned on stay bit-identical, so the U-Net stays valid, while the image embeddings (what
     SD-IPC converts) line up better with the captions. Needs `clip` first; overwrites out/image_encoder."""
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionModelWithProjection,
+    )
 
     steps, batch, lr = budget
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
@@ -450,9 +454,6 @@ def train_judge(s: Sizes, budget, out: Path, accelerator, seed: int, minutes=Non
     """The independent judge's shape classifier, on foreground masks of freshly drawn images."""
     from safetensors.torch import save_file
 
-    from .judge import mask_crops
-    from .world import SHAPES
-
     steps, batch, lr = budget
     n = max(batch * 8, 4000 if steps > 100 else batch * 2)
     world = render(n, "train")
@@ -473,6 +474,21 @@ def train_judge(s: Sizes, budget, out: Path, accelerator, seed: int, minutes=Non
     return cnn
 
 
+def measure_constants(lab: Lab, n: int = 512) -> dict:
+    """The teaching lab's `cutoff`, `norm`, `norm_t`, measured on the toy world's test split.
+
+    cutoff: the candidate (a quantile of W_t's singular values) whose converted vectors are closest in
+    cosine to the true end-token states; norms: means over test captions.
+    """
+    data = samples(n, "test", two_objects=0)
+    captions = [s.caption for s in data]
+    measured = norms(lab, captions)
+    sweep = cutoff_sweep(lab, [s.image for s in data], captions, singular_value_quantiles(lab))
+    best = max(sweep, key=lambda row: row["cosine"])
+    return dict(cutoff=round(best["cutoff"], 4), norm=round(measured["norm"], 3), norm_t=round(measured["norm_t"], 3),
+                cutoff_sweep=sweep, norms=measured)
+
+
 SAMPLER = dict(scheduler="ddim", steps=20, guidance_scale=5.0, guidance_rescale=0.0)  # export's defaults
 
 
@@ -484,12 +500,14 @@ def export(out: Path, lab_dir: Path | None = None, **sampler) -> Path:
 
     lab_dir = Path(lab_dir) if lab_dir is not None else out / "lab"
 
-    from ..lab import assemble, load_lab, quiet, save_lab
-    from ..measure import measure_constants
-
     with quiet():
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPImageProcessorPil, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+        from transformers import (
+            CLIPImageProcessorPil,
+            CLIPTextModelWithProjection,
+            CLIPTokenizer,
+            CLIPVisionModelWithProjection,
+        )
 
         parts = dict(
             tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),

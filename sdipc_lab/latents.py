@@ -1,0 +1,30 @@
+"""The lab's VAE as a pair of functions: images to scaled latents and back (used by fine-tuning, Latent-CLIP,
+and the toy world's reconstruction measure)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .lab import Lab
+
+
+def pixels_of(images, device, size: int) -> torch.Tensor:  # (B, 3, size, size) in [-1, 1]
+    """PIL images resized to `size` and scaled to [-1, 1], as the VAE reads them."""
+    return torch.stack([torch.from_numpy(np.array(im.resize((size, size)))).permute(2, 0, 1)
+                        for im in images]).float().to(device) / 127.5 - 1
+
+
+@torch.no_grad()
+def encode_latents(lab: Lab, images, sample: bool = True) -> torch.Tensor:
+    """Scaled VAE latents (B, 4, h, w) of PIL images at the lab's size; sampled from the posterior by
+    default (as the latent tower was trained), its mean with `sample=False`."""
+    dist = lab.vae.encode(pixels_of(images, lab.device, lab.image_size).to(lab.dtype)).latent_dist
+    return (dist.sample() if sample else dist.mean) * lab.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(lab: Lab, latents: torch.Tensor) -> list:
+    """PIL images of scaled latents (B, 4, h, w): the inverse of `encode_latents`."""
+    pixels = lab.vae.decode(latents.to(lab.dtype) / lab.vae.config.scaling_factor).sample.float().clamp(-1, 1)
+    return lab.pipe.image_processor.postprocess(pixels, output_type="pil")
