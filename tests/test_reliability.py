@@ -292,3 +292,14 @@ def test_the_demo_checks_its_output_path_before_generating(tmp_path, capsys):
     out = tmp_path / "demo.png"
     assert main(["demo", "--source", "tiny", "--out", str(out), "--n", "2", "--steps", "2", "--size", "48"]) == 0
     assert out.stat().st_size > 10_000 and str(out) in capsys.readouterr().out
+
+
+def test_latent_tower_training_never_replaces_the_shipped_towers(tmp_path):
+    from sdipc_lab import latent_clip as LC
+
+    shipped = {p: p.read_bytes() for p in LC.TOWERS_DIR.rglob("*.safetensors")}
+    with pytest.raises(SystemExit):  # the package's towers belong to the toy lab
+        LC.main(["train", "--lab", "tiny", "--export", "toy", "--out", str(tmp_path)])
+    LC.main(["train", "--lab", "tiny", "--out", str(tmp_path / "run"), "--steps", "1", "--images", "16"])
+    assert sorted(p.name for p in (tmp_path / "run" / "towers").iterdir()) == ["latent", "pixel"]
+    assert {p: p.read_bytes() for p in LC.TOWERS_DIR.rglob("*.safetensors")} == shipped

@@ -378,15 +378,15 @@ def test_export_never_replaces_a_folder_that_is_not_a_lab(tiny_run, tmp_path):
     with pytest.raises(SystemExit, match="not a lab folder"):
         T.export(out, precious)
     assert (precious / "thesis.txt").read_text() == "two years of work"
-    lab_dir = T.export(out, tmp_path / "lab", guidance_rescale=0.7, scheduler="dpm++", steps=12)
-    assert json.loads((lab_dir / "sdipc_lab.json").read_text())["guidance_rescale"] == 0.7
+    lab_dir = T.export(out, tmp_path / "lab", guidance_rescale=0.3, scheduler="dpm++", steps=12)
+    assert json.loads((lab_dir / "sdipc_lab.json").read_text())["guidance_rescale"] == 0.3
     import sdipc_lab as S
 
     lab = S.load_lab(lab_dir, device="cpu")
     assert type(lab.scheduler).__name__ == "DPMSolverMultistepScheduler" and lab.steps == 12
-    assert lab.guidance_rescale == 0.7
+    assert lab.guidance_rescale == 0.3
     T.export(out, lab_dir)  # a lab is replaced whole
-    assert S.load_lab(lab_dir, device="cpu").guidance_rescale == 0.0
+    assert S.load_lab(lab_dir, device="cpu").guidance_rescale == T.SAMPLER["guidance_rescale"]  # the defaults again
     assert not list(tmp_path.glob("lab.*"))  # no .tmp / .old left beside it
 
 

@@ -174,8 +174,8 @@ def contact_sheet(lab: Lab, *, seed: int = 0, n_references: int = 12, variations
             titles.append(f"{colour} {shape}" + (" *" if (shape, colour) in HELD_OUT else ""))
     images = generate(lab, captions, n=1, seed=seed)
     pairs = show_images(images, titles, ncols=len(SHAPES), size=1.3,
-                        suptitle=f"'{lab.source}' lab, from the caption 'a large <colour> <shape> in the middle on "
-                                 f"a <background> background' (* never seen in training; seed {seed})")
+                        suptitle=f"'{lab.source}' lab, from the caption 'a large <colour> <shape> in the middle\n"
+                                 f"on a <background> background' (* never seen in training; seed {seed})")
     rng = np.random.default_rng(seed)
     index = sorted(rng.choice(1000, n_references, replace=False).tolist())
     refs = [samples(1, "test", start=int(i), two_objects=0)[0] for i in index]

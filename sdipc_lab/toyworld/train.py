@@ -489,7 +489,7 @@ def measure_constants(lab: Lab, n: int = 512) -> dict:
                 cutoff_sweep=sweep, norms=measured)
 
 
-SAMPLER = dict(scheduler="ddim", steps=20, guidance_scale=5.0, guidance_rescale=0.0)  # export's defaults
+SAMPLER = dict(scheduler="ddim", steps=10, guidance_scale=2.0, guidance_rescale=0.7)  # docs/results/sampler_sweep.md
 
 
 def export(out: Path, lab_dir: Path | None = None, **sampler) -> Path:
