@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 import sdipc_lab as S
 from sdipc_lab.build import FULL_WIDTH, random_components
@@ -22,7 +21,3 @@ def full_lab():
 @pytest.fixture(scope="session")
 def refs():
     return [sample(i, "test", two_objects=0).image for i in range(3)]
-
-
-def rand_matrix(rows, cols, seed=0, dtype=torch.float64):
-    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=dtype)

@@ -3,10 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from conftest import rand_matrix
 
 import sdipc_lab as S
 from sdipc_lab.convert import InverseProjection
+
+
+def rand_matrix(rows, cols, seed=0, dtype=torch.float64):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def numpy_pinv(W, cutoff):
