@@ -1,0 +1,67 @@
+"""The quality of a run's CLIP and VAE before its U-Net exists: zero-shot and retrieval of the CLIP, and the
+reconstruction of the VAE judged by the independent judge, beside the shipped lab's (100 test images).
+
+    python bench/stage_quality.py runs/toy          # a run folder with tokenizer/, text_encoder/, image_encoder/, vae/
+
+The run's parts are put in a lab with the shipped U-Net only to reuse the lab-level measures; nothing is generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from transformers import CLIPImageProcessorPil, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import table  # noqa: E402
+
+import sdipc_lab as S  # noqa: E402
+from sdipc_lab.toyworld import samples  # noqa: E402
+from sdipc_lab.toyworld.evaluate import psnr, reconstruct, retrieval, zero_shot  # noqa: E402
+from sdipc_lab.toyworld.judge import Judge, agreement  # noqa: E402
+from sdipc_lab.toyworld.train import CLIP_MEAN, CLIP_STD, SIZE, toy_scheduler  # noqa: E402
+
+
+def run_lab(out: Path, shipped: S.Lab) -> S.Lab:
+    parts = dict(
+        tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(out / "text_encoder", dtype=torch.float32),
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder", dtype=torch.float32),
+        feature_extractor=CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                                                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)),
+        unet=shipped.unet, vae=AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32),
+        scheduler=toy_scheduler())
+    return S.assemble(parts, dict(cutoff=0.0, norm=1.0, norm_t=1.0), source=str(out), device="cpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--n", type=int, default=100)
+    args = parser.parse_args()
+    shipped = S.load_lab("toy", device="cpu")
+    test = samples(args.n, "test", two_objects=0)
+    truths = [s.attributes for s in test]
+    judge = Judge()
+    rows = []
+    for name, lab in (("shipped", shipped), (str(args.run), run_lab(args.run, shipped))):
+        shot, r = zero_shot(lab, test), retrieval(lab, test)
+        recon = reconstruct(lab, [s.image for s in test])
+        judged = agreement(judge(recon), truths)
+        rows.append([name, *(f"{100 * shot[k]:.0f}" for k in ("shape", "colour", "size", "position", "background")),
+                     f"{100 * r['i2t R@1']:.0f} / {100 * r['t2i R@1']:.0f}",
+                     f"{np.mean([psnr(np.asarray(a), np.asarray(s.image)) for a, s in zip(recon, test)]):.1f}",
+                     f"{100 * judged['shape']:.0f}", f"{100 * judged['colour']:.0f}"])
+    print(f"## CLIP and VAE of a run ({args.n} test images; judge agreement in %)\n")
+    print(table(["CLIP + VAE", "zero-shot shape", "colour", "size", "position", "background", "R@1 i2t / t2i",
+                 "VAE PSNR dB", "VAE judge shape", "VAE judge colour"], rows))
+
+
+if __name__ == "__main__":
+    main()
