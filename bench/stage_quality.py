@@ -14,9 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from diffusers import AutoencoderKL
-from transformers import CLIPImageProcessorPil, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import table  # noqa: E402
@@ -25,19 +22,12 @@ import sdipc_lab as S  # noqa: E402
 from sdipc_lab.toyworld import samples  # noqa: E402
 from sdipc_lab.toyworld.evaluate import psnr, reconstruct, retrieval, zero_shot  # noqa: E402
 from sdipc_lab.toyworld.judge import Judge, agreement  # noqa: E402
-from sdipc_lab.toyworld.train import CLIP_MEAN, CLIP_STD, SIZE, toy_scheduler  # noqa: E402
+from sdipc_lab.toyworld.train import load_parts  # noqa: E402
 
 
 def run_lab(out: Path, shipped: S.Lab) -> S.Lab:
-    parts = dict(
-        tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
-        text_encoder=CLIPTextModelWithProjection.from_pretrained(out / "text_encoder", dtype=torch.float32),
-        image_encoder=CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder", dtype=torch.float32),
-        feature_extractor=CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
-                                                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)),
-        unet=shipped.unet, vae=AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32),
-        scheduler=toy_scheduler())
-    return S.assemble(parts, dict(cutoff=0.0, norm=1.0, norm_t=1.0), source=str(out), device="cpu")
+    return S.assemble(load_parts(out, unet=shipped.unet), dict(cutoff=0.0, norm=1.0, norm_t=1.0), source=str(out),
+                      device="cpu")
 
 
 def main() -> None:

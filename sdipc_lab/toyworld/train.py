@@ -489,6 +489,26 @@ def measure_constants(lab: Lab, n: int = 512) -> dict:
                 cutoff_sweep=sweep, norms=measured)
 
 
+def load_parts(out: Path, unet=None) -> dict:
+    """A run folder's trained parts as float32 lab components (`assemble` takes them); `unet` stands in for a
+    run whose U-Net is not trained yet."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPImageProcessorPil, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    with quiet():
+        return dict(
+            tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(out / "text_encoder", dtype=torch.float32),
+            image_encoder=CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder", dtype=torch.float32),
+            feature_extractor=CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                                                    image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)),
+            unet=unet if unet is not None else UNet2DConditionModel.from_pretrained(out / "unet",
+                                                                                    torch_dtype=torch.float32),
+            vae=AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32),
+            scheduler=toy_scheduler(),
+        )
+
+
 SAMPLER = dict(scheduler="ddim", steps=10, guidance_scale=2.0, guidance_rescale=0.7)  # docs/results/sampler_sweep.md
 
 
@@ -500,25 +520,7 @@ def export(out: Path, lab_dir: Path | None = None, **sampler) -> Path:
 
     lab_dir = Path(lab_dir) if lab_dir is not None else out / "lab"
 
-    with quiet():
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import (
-            CLIPImageProcessorPil,
-            CLIPTextModelWithProjection,
-            CLIPTokenizer,
-            CLIPVisionModelWithProjection,
-        )
-
-        parts = dict(
-            tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
-            text_encoder=CLIPTextModelWithProjection.from_pretrained(out / "text_encoder", dtype=torch.float32),
-            image_encoder=CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder", dtype=torch.float32),
-            feature_extractor=CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
-                                                    image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)),
-            unet=UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32),
-            vae=AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32),
-            scheduler=toy_scheduler(),
-        )
+    parts = load_parts(out)
     unknown = set(sampler) - set(SAMPLER)
     if unknown:
         raise ValueError(f"unknown sampler setting(s) {sorted(unknown)}: use {', '.join(SAMPLER)}")
