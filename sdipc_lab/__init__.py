@@ -27,9 +27,11 @@ from .lab import (
                       WeightsNotFoundError,
                       assemble,
                       download,
+                      limit_threads,
                       load_lab,
                       pick_device,
                       save_lab,
+                      usable_cpus,
 )
 from .measure import nearest_texts
 from .plots import pipeline_diagram, show_images
@@ -37,7 +39,7 @@ from .plots import pipeline_diagram, show_images
 __all__ = [
     "InverseProjection", "KNOWN_SOURCES", "Lab", "WeightsNotFoundError", "as_rgb_images", "assemble", "blend",
     "convert", "download", "edit", "edit_prompt_embeds", "encode_text", "eos_prompt_embeds", "generate", "image_embeds",
-    "image_prompt_embeds", "inverse_projection", "load_lab", "nearest_texts", "pick_device", "pipeline_diagram",
+    "image_prompt_embeds", "inverse_projection", "limit_threads", "load_lab", "nearest_texts", "pick_device", "pipeline_diagram",
     "pseudo_prompt", "sample", "save_lab", "show_images",
-    "sos_state", "text_embeds", "vary",
+    "sos_state", "text_embeds", "usable_cpus", "vary",
 ]

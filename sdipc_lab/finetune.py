@@ -41,7 +41,7 @@ from .adapters import new_finetuned as new_finetuned
 from .adapters import save_finetuned as save_finetuned
 from .convert import encode_text, pseudo_prompt, token_ids
 from .images import as_rgb_images, digest
-from .lab import Lab, load_lab
+from .lab import Lab, limit_threads, load_lab
 from .latents import encode_latents
 from .training import diffusion_loss, fit
 
@@ -180,7 +180,7 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
         return m(pixels[idx], latents[tgt], text_states[idx], latents[idx])
 
     lab.image_encoder.train(ft.prompts is not None)  # prompt dropout on
-    with applied(lab, ft):
+    with applied(lab, ft), limit_threads(lab.threads):
         signature = dict(mode=mode, lr=lr, batch=batch, ab=bool(ab), seed=seed, n_tokens=n_tokens,
                          train_prompts=train_prompts, train_kv=train_kv, lab=fingerprint(lab),
                          concepts={c: digest(v) for c, v in concepts.images.items()},
@@ -257,7 +257,7 @@ def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>"
         which = pick if per_image else [rng.randrange(len(captions)) for _ in range(batch)]
         return m(ids[torch.tensor(which, device=lab.device)], latents[torch.tensor(pick, device=lab.device)])
 
-    with applied(lab, dataclasses.replace(ft, text=None)):
+    with applied(lab, dataclasses.replace(ft, text=None)), limit_threads(lab.threads):
         signature = dict(mode="custom-diffusion", token=token, class_word=class_word, lr=lr, batch=batch, seed=seed,
                          token_lr_scale=token_lr_scale, lab=fingerprint(lab), images=digest(images),
                          captions=captions)

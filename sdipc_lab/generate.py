@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .adapters import applied
 from .convert import edit_prompt_embeds, encode_text, image_prompt_embeds
 from .images import as_rgb_images
-from .lab import Lab
+from .lab import Lab, limit_threads
 
 
 def whole_number(name: str, value, *, low: int, high: int | None = None) -> int:
@@ -87,13 +87,14 @@ def sample(lab: Lab, prompt_embeds: torch.Tensor, *, negative_prompt_embeds: tor
     if negative_prompt_embeds is not None and len(negative_prompt_embeds) == 1 and B > 1:
         negative_prompt_embeds = negative_prompt_embeds.expand(B, -1, -1)
     generator = torch.Generator("cpu").manual_seed(seed)
-    result = lab.pipe(
-        prompt_embeds=prompt_embeds.to(lab.device, lab.dtype),
-        negative_prompt_embeds=None if negative_prompt_embeds is None else negative_prompt_embeds.to(lab.device, lab.dtype),
-        num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance_scale,
-        guidance_rescale=guidance_rescale, height=height, width=width, generator=generator, output_type=output_type,
-        cross_attention_kwargs=cross_attention_kwargs,
-    )
+    with limit_threads(lab.threads):
+        result = lab.pipe(
+            prompt_embeds=prompt_embeds.to(lab.device, lab.dtype),
+            negative_prompt_embeds=None if negative_prompt_embeds is None else negative_prompt_embeds.to(lab.device, lab.dtype),
+            num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale, height=height, width=width, generator=generator,
+            output_type=output_type, cross_attention_kwargs=cross_attention_kwargs,
+        )
     if (bar := _overall.get()) is not None:
         bar.update(1)
     return list(result.images) if output_type == "pil" else result.images

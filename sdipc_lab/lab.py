@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -78,6 +79,7 @@ class Lab:
     source: str = ""
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    threads: int = 1  # CPU threads of the lab's heavy calls (`limit_threads`); `load_lab` picks `usable_cpus()`
     cache: dict = dataclasses.field(default_factory=dict, repr=False)  # e.g. W_t^+ per cutoff
 
     @property
@@ -129,13 +131,22 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_lab(source: str | os.PathLike = "toy", *, device=None, dtype=None, download: bool = False) -> Lab:
+def load_lab(source: str | os.PathLike = "toy", *, device=None, dtype=None, download: bool = False,
+             threads: int | None = None) -> Lab:
     """Load a lab: `"toy"` (default, shipped), `"tiny"` (random), `"sd-v1-4"`, `"sd-v1-5"`, or a folder.
 
     Hub sources are read from the local Hugging Face cache only, unless `download=True`.
     The device defaults to CUDA, then MPS, then CPU; the dtype to fp16 on a GPU, fp32 on CPU.
+    `threads`: CPU threads for the lab's generation and training calls (default: torch's own count, capped by
+    what this process may really use, `usable_cpus()`); the process's setting is put back after each call.
     """
-    device, dtype = _device_and_dtype(device, dtype)
+    lab = _load_source(source, *_device_and_dtype(device, dtype), download=download)
+    if threads is not None:
+        lab.threads = whole_threads(threads)
+    return lab
+
+
+def _load_source(source, device, dtype, *, download: bool) -> Lab:
     name = os.fspath(source)
     if name == "tiny":
         return _load_tiny(device, dtype)
@@ -161,6 +172,76 @@ def load_lab(source: str | os.PathLike = "toy", *, device=None, dtype=None, down
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def usable_cpus(root: str | os.PathLike = "/") -> int:
+    """How many CPUs this process may really use: its CPU affinity (taskset, Slurm, `docker --cpuset-cpus`), capped
+    by its cgroup's CPU quota (`docker --cpus`, Kubernetes and JupyterHub CPU limits), rounded up; at least 1.
+
+    torch's default thread count follows the affinity but not the quota: a kernel limited to 2 CPUs on a 64-core
+    server would run 64 threads that take turns on 2 CPUs. `root` is for tests (a fake /proc and /sys)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity API
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(Path(root))
+    return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
+
+
+def cgroup_cpu_quota(root: Path = Path("/")) -> float | None:
+    """CPUs allowed by this process's cgroups (v2 `cpu.max`, v1 `cpu.cfs_quota_us / cpu.cfs_period_us`), its own
+    and its parents' up to the mount: the tightest, or None when nothing limits it (or this is not Linux)."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:  # "hierarchy-id:controllers:path"; v2 has no controllers
+        _, controllers, path = line.split(":", 2)
+        if controllers and "cpu" not in controllers.split(","):
+            continue
+        mount = root / "sys/fs/cgroup" / ("" if not controllers else controllers)
+        if controllers and not mount.is_dir():
+            mount = root / "sys/fs/cgroup/cpu"
+        folder = mount / path.lstrip("/")
+        for place in (folder, *folder.parents):
+            quotas.append(_quota_in(place, v2=not controllers))
+            if place == mount:
+                break
+    quotas = [q for q in quotas if q]
+    return min(quotas) if quotas else None
+
+
+def _quota_in(folder: Path, *, v2: bool) -> float | None:
+    try:
+        if v2:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]  # "max 100000" or "150000 100000"
+        else:
+            quota, period = ((folder / f"cpu.cfs_{k}_us").read_text().strip() for k in ("quota", "period"))
+        return None if quota in ("max", "-1") else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def whole_threads(threads) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a whole number >= 1 (this process may use {usable_cpus()} CPUs), "
+                         f"got {threads!r}")
+    return threads
+
+
+@contextlib.contextmanager
+def limit_threads(threads: int):
+    """Run the block on `threads` CPU threads (torch's intra-op pool), then put back the process's own setting:
+    what a user set with `torch.set_num_threads` outside the lab's calls stays theirs."""
+    before = torch.get_num_threads()
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
@@ -368,9 +449,10 @@ def assemble(parts: dict, constants: dict, *, source: str = "", device=None, dty
         image_encoder=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)  # experiments show one bar over many calls (generate.progress)
-    known = {f.name for f in dataclasses.fields(Lab)}
+    known = {f.name for f in dataclasses.fields(Lab)} - {"threads"}  # threads: this machine's, not the lab's
     own = {k: dict(v) if isinstance(v, dict) else v for k, v in constants.items() if k in known}  # never shared
-    return Lab(**parts, pipe=pipe, source=source, device=device, dtype=dtype, **own)
+    threads = min(torch.get_num_threads(), usable_cpus())
+    return Lab(**parts, pipe=pipe, source=source, device=device, dtype=dtype, threads=threads, **own)
 
 
 def check_consistent(parts: dict) -> None:

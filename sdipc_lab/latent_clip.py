@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .convert import encode_text, image_embeds, text_embeds
-from .lab import Lab, load_lab, quiet
+from .lab import Lab, limit_threads, load_lab, quiet
 from .latents import decode_latents, encode_latents, pixels_of
 from .toyworld.evaluate import zero_shot_of
 from .toyworld.train import render
@@ -100,8 +100,9 @@ def train_tower(lab: Lab, kind: str, *, world, out: Path, steps: int = 2000, bat
 
     signature = dict(kind=kind, lab=lab.source, text=list(lab.W_t.shape), images=n_images, batch=batch, lr=lr,
                      seed=seed, width=width, layers=layers)
-    fit(f"{kind}-clip", trainer, loss_fn, steps=steps, lr=lr, out=Path(out), accelerator=accelerator, minutes=minutes,
-        signature=signature)
+    with limit_threads(lab.threads):
+        fit(f"{kind}-clip", trainer, loss_fn, steps=steps, lr=lr, out=Path(out), accelerator=accelerator,
+            minutes=minutes, signature=signature)
     tower.eval().requires_grad_(False)
     tower.save_pretrained(Path(out) / kind)
     return tower
@@ -223,28 +224,29 @@ def reno(lab: Lab, prompt: str, *, reward: str = "latent", towers: dict | None =
         goal = F.normalize(text_embeds(lab, target or prompt).float(), dim=-1)  # (1, P)
         away = F.normalize(text_embeds(lab, avoid).float(), dim=-1) if avoid else None
     first, best, best_reward, history = None, None, -float("inf"), []
-    for it in range(iterations + 1):
-        start = time.perf_counter()
-        x0 = one_step(lab, z, context)  # (1, 4, h, w) scaled latents
-        if reward == "latent":
-            f = tower_embeds(towers["latent"], x0)
-        else:
-            pixels = lab.vae.decode(x0 / lab.vae.config.scaling_factor).sample.clamp(-1, 1)
-            f = _pixel_clip(lab, pixels)
-        score = (f * goal).sum() - ((f * away).sum() if away is not None else 0)
-        loss = 100 * (1 - score) + prior_weight * norm_prior(z)
-        if it == 0:
-            first = x0.detach()
-        if score.item() > best_reward:
-            best_reward, best = score.item(), x0.detach()
-        z_norm = z.detach().float().norm().item() / z.numel() ** 0.5
-        if it < iterations:
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([z], clip)
-            optimizer.step()
-        history.append({"iteration": it, "reward": score.item(), "seconds": time.perf_counter() - start,
-                        "z_norm": z_norm})
+    with limit_threads(lab.threads):
+        for it in range(iterations + 1):
+            start = time.perf_counter()
+            x0 = one_step(lab, z, context)  # (1, 4, h, w) scaled latents
+            if reward == "latent":
+                f = tower_embeds(towers["latent"], x0)
+            else:
+                pixels = lab.vae.decode(x0 / lab.vae.config.scaling_factor).sample.clamp(-1, 1)
+                f = _pixel_clip(lab, pixels)
+            score = (f * goal).sum() - ((f * away).sum() if away is not None else 0)
+            loss = 100 * (1 - score) + prior_weight * norm_prior(z)
+            if it == 0:
+                first = x0.detach()
+            if score.item() > best_reward:
+                best_reward, best = score.item(), x0.detach()
+            z_norm = z.detach().float().norm().item() / z.numel() ** 0.5
+            if it < iterations:
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([z], clip)
+                optimizer.step()
+            history.append({"iteration": it, "reward": score.item(), "seconds": time.perf_counter() - start,
+                            "z_norm": z_norm})
     best_image, first_image = decode_latents(lab, torch.cat([best, first]))
     return RenoResult(best_image, first_image, history)
 

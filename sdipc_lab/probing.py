@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .convert import encode_text, token_ids
-from .lab import Lab
+from .lab import Lab, limit_threads
 from .toyworld.world import BACKGROUNDS, COLOURS, POSITIONS, SIZES
 
 # Attribute groups with ground truth for the toy world. "words" lives only in the captions.
@@ -101,17 +101,18 @@ def unet_features(lab: Lab, captions: list[str], *, at_steps=(0, 5, 10, 15, 19),
         return kwargs
 
     try:
-        for i in range(0, len(captions), batch):
-            chunk = captions[i:i + batch]
-            f_txt, _ = encode_text(lab, [""] * len(chunk) if null_prompt else chunk)
-            state["step"] = 0
-            latents = lab.pipe(prompt_embeds=f_txt, num_inference_steps=steps, guidance_scale=lab.guidance_scale,
-                               generator=torch.Generator("cpu").manual_seed(seed + i), output_type="latent",
-                               callback_on_step_end=on_step_end).images
-            out.setdefault("latent", []).append(latents.float().flatten(1).cpu())
-            decoded = lab.vae.decode(latents / lab.vae.config.scaling_factor).sample.float().clamp(-1, 1)
-            small = torch.nn.functional.interpolate(decoded, size=(16, 16), mode="area")
-            out.setdefault("pixels", []).append(small.flatten(1).cpu())
+        with limit_threads(lab.threads):
+            for i in range(0, len(captions), batch):
+                chunk = captions[i:i + batch]
+                f_txt, _ = encode_text(lab, [""] * len(chunk) if null_prompt else chunk)
+                state["step"] = 0
+                latents = lab.pipe(prompt_embeds=f_txt, num_inference_steps=steps, guidance_scale=lab.guidance_scale,
+                                   generator=torch.Generator("cpu").manual_seed(seed + i), output_type="latent",
+                                   callback_on_step_end=on_step_end).images
+                out.setdefault("latent", []).append(latents.float().flatten(1).cpu())
+                decoded = lab.vae.decode(latents / lab.vae.config.scaling_factor).sample.float().clamp(-1, 1)
+                small = torch.nn.functional.interpolate(decoded, size=(16, 16), mode="area")
+                out.setdefault("pixels", []).append(small.flatten(1).cpu())
     finally:
         for h in handles:
             h.remove()

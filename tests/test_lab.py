@@ -117,3 +117,48 @@ def test_vit_l14_legacy_eos_id_is_accepted(lab):
     parts["text_encoder"].config.eos_token_id = 5
     with pytest.raises(ValueError, match="eos_token_id"):
         S.assemble(parts, lab.constants, device="cpu")
+
+
+def fake_cgroups(root, lines: str, files: dict) -> None:
+    """A fake /proc/self/cgroup and /sys/fs/cgroup under `root`."""
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text(lines)
+    for name, text in files.items():
+        (root / "sys/fs/cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "sys/fs/cgroup" / name).write_text(text)
+
+
+def test_usable_cpus_follow_the_cgroup_quota(tmp_path):
+    affinity = len(__import__("os").sched_getaffinity(0))
+    v2 = tmp_path / "v2"  # JupyterHub / Kubernetes style: a 0.5-CPU limit two levels up
+    fake_cgroups(v2, "0::/user/kernel\n", {"user/cpu.max": "50000 100000\n", "user/kernel/cpu.max": "max 100000\n"})
+    assert S.lab.cgroup_cpu_quota(v2) == 0.5
+    assert S.usable_cpus(v2) == 1
+    v1 = tmp_path / "v1"  # docker --cpus=3 on cgroup v1, the container's own cgroup mounted at the root
+    fake_cgroups(v1, "4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n",
+                 {"cpu,cpuacct/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"})
+    assert S.lab.cgroup_cpu_quota(v1) == 3.0
+    assert S.usable_cpus(v1) == min(affinity, 3)
+    free = tmp_path / "free"  # no limit anywhere: the affinity decides
+    fake_cgroups(free, "0::/\n", {"cpu.max": "max 100000\n"})
+    assert S.lab.cgroup_cpu_quota(free) is None and S.usable_cpus(free) == affinity
+    assert S.usable_cpus(tmp_path / "not-linux") == affinity  # no /proc: no quota
+
+
+def test_the_lab_runs_on_its_threads_and_gives_the_process_its_own_back(lab, refs):
+    seen = []
+    hook = lab.unet.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    before, threads = torch.get_num_threads(), lab.threads
+    try:
+        torch.set_num_threads(2)
+        lab.threads = 1
+        S.vary(lab, refs[0], n=1, steps=2)
+        assert seen and set(seen) == {1}  # every U-Net call on the lab's threads
+        assert torch.get_num_threads() == 2  # the user's setting, back
+    finally:
+        hook.remove()
+        lab.threads = threads
+        torch.set_num_threads(before)
+    assert 1 <= lab.threads <= S.usable_cpus()
+    with pytest.raises(ValueError, match="threads must be a whole number"):
+        S.load_lab("tiny", device="cpu", threads=0)

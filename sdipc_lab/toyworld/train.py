@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..build import sd_v1_scheduler, word_tokenizer
 from ..convert import token_ids
-from ..lab import Lab, assemble, load_lab, quiet, save_lab
+from ..lab import Lab, assemble, load_lab, quiet, save_lab, usable_cpus
 from ..measure import cutoff_sweep, norms, singular_value_quantiles
 from ..training import diffusion_loss, fit
 from .judge import mask_crops, new_judge_cnn
@@ -599,6 +599,7 @@ def main(argv=None) -> None:
             parser.error(f"--{name} must be positive, got {value}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file: name a folder for the run (it is created if missing)")
+    torch.set_num_threads(min(torch.get_num_threads(), usable_cpus()))  # this script's own process: within its quota
     s = SIZES[args.size]
     if args.unet_channels:
         s = dataclasses.replace(s, unet_channels=tuple(int(c) for c in args.unet_channels.split(",")))
