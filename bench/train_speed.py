@@ -56,7 +56,7 @@ def _timed_steps(parts, params, steps: int, autocast: bool):
     return {name: statistics.median(v[1:]) for name, v in times.items()}  # the first step warms up
 
 
-def clip_parts(s: T.Sizes, world, batch: int):
+def clip_parts(s: T.ModelSizes, world, batch: int):
     tokenizer = T.new_tokenizer()
     trainer = T.ClipTrainer(*T.new_clip(s, tokenizer))
     parts = {"data": lambda o: T.contrastive_batch(world, tokenizer, batch, o["step"], 0, _Accel, "clip"),
@@ -64,14 +64,14 @@ def clip_parts(s: T.Sizes, world, batch: int):
     return parts, list(trainer.parameters())
 
 
-def vae_parts(s: T.Sizes, world, batch: int):
+def vae_parts(s: T.ModelSizes, world, batch: int):
     trainer = T.VaeTrainer(T.new_vae(s))
     parts = {"data": lambda o: world.pixels(T.batch_index(len(world.images), batch, o["step"], 0, _Accel), "cpu"),
              "forward": lambda o: trainer(o["data"])}
     return parts, list(trainer.parameters())
 
 
-def unet_parts(s: T.Sizes, world, batch: int, text, tokenizer, channels_last: bool, cached: torch.Tensor | None):
+def unet_parts(s: T.ModelSizes, world, batch: int, text, tokenizer, channels_last: bool, cached: torch.Tensor | None):
     unet = T.new_unet(s, text.config.hidden_size)
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
@@ -107,7 +107,7 @@ def parse_unet(text: str) -> dict:  # "64,128,128x2" -> channels and layers per 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="cpu", choices=list(T.SIZES))
+    parser.add_argument("--size", default="cpu", choices=list(T.MODEL_SIZES))
     parser.add_argument("--unet", nargs="*", default=None, help="U-Net sizes, channels x layers per block")
     parser.add_argument("--vae", nargs="*", default=None, help="VAE channel lists")
     parser.add_argument("--stages", default="clip,vae,unet")
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variants", action="store_true", help="also channels_last, bf16 autocast, torch.compile")
     args = parser.parse_args()
-    base = T.SIZES[args.size]
+    base = T.MODEL_SIZES[args.size]
     world = T.render(2048, "train")
     tokenizer = T.new_tokenizer()
     text, _ = T.new_clip(base, tokenizer)

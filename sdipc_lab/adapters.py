@@ -205,12 +205,14 @@ def applied(lab: Lab, ft: FineTuned | None):
     if ft.prompts is not None:
         ft.prompts.attach(lab.image_encoder)
     base_text = (lab.tokenizer, lab.text_encoder)
-    if ft.text is not None:
+    if ft.text is not None:  # the lab's and its pipeline's (which encodes the empty prompt for guidance)
         lab.tokenizer, lab.text_encoder = ft.text
+        lab.pipe.tokenizer, lab.pipe.text_encoder = ft.text[0], ft.text[1].text_model
     try:
         yield lab
     finally:
         lab.tokenizer, lab.text_encoder = base_text
+        lab.pipe.tokenizer, lab.pipe.text_encoder = base_text[0], base_text[1].text_model
         if ft.prompts is not None:
             ft.prompts.detach()
         if ft.kv:

@@ -101,12 +101,21 @@ def token_ids(tokenizer, texts) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(tokens.input_ids), torch.tensor(tokens.attention_mask).sum(1) - 1
 
 
+def at_end(states: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Each row's state at its end token: (B, 77, D) and positions (B,) -> f_txt^{t,eos} (B, D)."""
+    return states[torch.arange(len(eos), device=states.device), eos.to(states.device)]
+
+
+def to_c_space(lab: Lab, f_eos: torch.Tensor) -> torch.Tensor:
+    """f_txt^c = W_t f_txt^{t,eos}: T-space end-token states (B, D) -> C-space (B, P), in float32."""
+    return f_eos.float() @ lab.W_t.float().T.to(f_eos.device)
+
+
 @torch.no_grad()
 def text_embeds(lab: Lab, texts: str | Sequence[str]) -> torch.Tensor:
     """f_txt_c = W_t f_txt[eos], the C-space text embedding (B, P)."""
     f_txt, eos = encode_text(lab, texts)
-    f_eos = f_txt[torch.arange(len(eos)), eos]  # (B, D)
-    return lab.text_encoder.text_projection(f_eos)
+    return lab.text_encoder.text_projection(at_end(f_txt, eos))  # (B, P), in the lab's dtype
 
 
 @torch.no_grad()
@@ -191,7 +200,7 @@ def eos_prompt_embeds(lab: Lab, texts: str | Sequence[str]) -> torch.Tensor:
     """
     f_txt, eos = encode_text(lab, texts)  # (B, 77, D)
     B, _, D = f_txt.shape
-    f_eos = f_txt[torch.arange(B), eos]  # (B, D)
+    f_eos = at_end(f_txt, eos)  # (B, D)
     return torch.cat([f_txt[:, :1], f_eos[:, None].expand(B, lab.max_length - 1, D)], dim=1)
 
 
@@ -213,8 +222,7 @@ def edit_prompt_embeds(lab: Lab, images, text: str | Sequence[str], *, alpha: fl
         raise ValueError(f"got {len(texts)} edit texts for {B} prompts; give one text, or one per image")
     f_txt, eos = encode_text(lab, texts)  # (B, 77, D), (B,)
     f_txt = f_txt.to(pseudo.dtype)
-    rows = torch.arange(B, device=f_txt.device)
-    f_comb = pseudo[:, 1] + alpha * f_txt[rows, eos]  # (B, D)
+    f_comb = pseudo[:, 1] + alpha * at_end(f_txt, eos)  # (B, D)
     positions = torch.arange(lab.max_length, device=f_txt.device)[None, :, None]  # (1, 77, 1)
     return torch.where(positions >= eos[:, None, None], f_comb[:, None], f_txt)  # (B, 77, D)
 

@@ -11,8 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import AttentionStore, installed, token_mask
-from .convert import convert, image_embeds
-from .finetune import Concepts, applied, custom_diffusion, finetune
+from .convert import convert, image_embeds, to_c_space
+from .finetune import Concepts, custom_diffusion, finetune
 from .generate import edit, generate, progress, sample, vary
 from .lab import Lab
 from .latent_clip import reno
@@ -100,7 +100,7 @@ def cutoff_experiment(lab: Lab, data, cutoffs) -> list[dict]:
 def norm_distributions(lab: Lab, captions) -> dict:
     """Per caption: the C-space norm ||f_txt^c|| (Eq. 6's constant) and the T-space end-token norm."""
     f_eos = eos_states(lab, captions)  # (N, D)
-    return {"C-space ||f_txt^c||": (f_eos @ lab.W_t.float().T).norm(dim=-1).cpu().numpy(),
+    return {"C-space ||f_txt^c||": to_c_space(lab, f_eos).norm(dim=-1).cpu().numpy(),
             "T-space ||f_txt^eos||": f_eos.norm(dim=-1).cpu().numpy()}
 
 
@@ -230,8 +230,7 @@ def fidelity_curve(lab: Lab, concept, train_images, iterations, *, out, judge=No
             return generate(lab, [p.replace("<new1> ", "") for p in prompts], n=1, seed=seed, steps=steps)
         cd = custom_diffusion(lab, train_images, class_word=class_word, steps=it, batch=batch, out=out / "cd",
                               seed=seed, captions=train_captions, lr=lr.get("custom-diffusion"))
-        with applied(lab, cd):
-            return generate(lab, prompts, n=1, seed=seed, steps=steps)
+        return generate(lab, prompts, n=1, seed=seed, steps=steps, finetuned=cd)
 
     run = {"SD-IPC-CT": sd_ipc_ct, "Custom Diffusion": custom}
     rows = []

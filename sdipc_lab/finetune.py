@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-# FT.load_finetuned, FT.applied, ...: the fine-tuned parts' public names, re-exported from adapters.py
+# FT.load_finetuned, FT.FineTuned, ...: the fine-tuned parts' public names, re-exported from adapters.py. They are
+# applied by passing them (or their file) as `finetuned=` to vary / edit / generate: the one way to use them.
 from .adapters import FineTuned as FineTuned
-from .adapters import applied as applied
-from .adapters import fingerprint, kv_processors, with_new_token
+from .adapters import applied, fingerprint, kv_processors, with_new_token
 from .adapters import load_finetuned as load_finetuned
 from .adapters import new_finetuned as new_finetuned
 from .adapters import save_finetuned as save_finetuned

@@ -129,11 +129,12 @@ def edit(lab: Lab, image, text: str, *, alpha: float = 0.9, n: int = 4, seed: in
 
 
 def generate(lab: Lab, prompts: str | Sequence[str], *, n: int = 4, seed: int = 0,
-             cross_attention_kwargs: dict | None = None, **settings) -> list:
+             cross_attention_kwargs: dict | None = None, finetuned=None, **settings) -> list:
     """Plain text-to-image with the same pipeline, steps and noise: the reference SD-IPC is compared with.
-    `settings`: the sampler's (`sample`)."""
-    f_txt, _ = encode_text(lab, prompts)  # (B, 77, D), refuses texts over 77 tokens
-    return sample(lab, f_txt, n=n, seed=seed, cross_attention_kwargs=cross_attention_kwargs, **settings)
+    `finetuned`, as in `vary` (a Custom Diffusion file brings its new token's word). `settings`: the sampler's."""
+    with applied(lab, finetuned):
+        f_txt, _ = encode_text(lab, prompts)  # (B, 77, D), refuses texts over 77 tokens
+        return sample(lab, f_txt, n=n, seed=seed, cross_attention_kwargs=cross_attention_kwargs, **settings)
 
 
 def _negative(lab: Lab, negative_images, convert_kwargs: dict) -> torch.Tensor | None:

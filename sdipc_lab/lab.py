@@ -34,6 +34,9 @@ from .build import random_components
 LAB_FILE = "sdipc_lab.json"
 COMPONENTS = ("tokenizer", "text_encoder", "image_encoder", "feature_extractor", "unet", "vae", "scheduler")
 CLIP_PARTS = ("tokenizer", "text_encoder", "image_encoder", "feature_extractor")
+# A lab's constants, saved in its sdipc_lab.json and held as the Lab's fields of the same names (defaults there).
+CONSTANTS = ("cutoff", "norm", "norm_t", "steps", "guidance_scale", "guidance_rescale", "finetune_lr")
+REQUIRED_CONSTANTS = ("cutoff", "norm", "norm_t")
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
 HUB_SOURCES = {
@@ -100,9 +103,21 @@ class Lab:
 
     @property
     def constants(self) -> dict:
-        return dict(cutoff=self.cutoff, norm=self.norm, norm_t=self.norm_t, steps=self.steps,
-                    guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
-                    finetune_lr=dict(self.finetune_lr))
+        """The lab's constants (`CONSTANTS`), as saved in its sdipc_lab.json; a copy."""
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in ((k, getattr(self, k)) for k in CONSTANTS)}
+
+    def replace(self, **parts) -> Lab:
+        """A new lab with some components swapped, e.g. `lab.replace(text_encoder=other)`: its own stock pipeline
+        built from them and an empty cache (W_t^+ and the rest are recomputed for the new parts). The parts not
+        named are shared with this lab, not copied; this lab is left as it was."""
+        unknown = set(parts) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"lab.replace takes components ({', '.join(COMPONENTS)}), not {sorted(unknown)}")
+        components = {part: getattr(self, part) for part in COMPONENTS} | parts
+        check_consistent(components)
+        for part in set(parts) & {"text_encoder", "image_encoder", "unet", "vae"}:
+            parts[part].to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        return dataclasses.replace(self, **parts, pipe=_pipeline(components), cache={})
 
     def use_scheduler(self, name: str) -> None:
         """Sample with another scheduler from the same noise schedule: "ddim", or "dpm++" (DPM-Solver++,
@@ -344,9 +359,13 @@ def _read_constants(folder: Path) -> dict:
                          "sdipc_lab.save_lab, or restore the file") from None
     if not isinstance(constants, dict):
         raise ValueError(f"{folder / LAB_FILE} must hold a JSON object of the lab's constants")
-    missing = {"cutoff", "norm", "norm_t"} - set(constants)
+    missing = set(REQUIRED_CONSTANTS) - set(constants)
     if missing:
         raise ValueError(f"{folder / LAB_FILE} lacks {sorted(missing)}; re-save the lab with save_lab")
+    unknown = set(constants) - set(CONSTANTS)
+    if unknown:  # a typo ("guidance" for "guidance_scale") would otherwise be dropped without a word
+        raise ValueError(f"{folder / LAB_FILE} has keys a lab does not know: {sorted(unknown)}; a lab's constants "
+                         f"are {', '.join(CONSTANTS)}")
     return constants
 
 
@@ -436,23 +455,31 @@ def _missing(part, where, subfolder, source, local_only, error) -> Exception:
 
 def assemble(parts: dict, constants: dict, *, source: str = "", device=None, dtype=None) -> Lab:
     """Put loaded (or freshly built) components together into a `Lab` with a stock pipeline."""
-    from diffusers import StableDiffusionPipeline
-
     device = torch.device(device) if device is not None else pick_device()
     dtype = dtype or torch.float32
     check_consistent(parts)
     for part in ("text_encoder", "image_encoder", "unet", "vae"):
         parts[part].to(device=device, dtype=dtype).eval().requires_grad_(False)
+    pipe = _pipeline(parts)
+    unknown = set(constants) - set(CONSTANTS)
+    if unknown:
+        raise ValueError(f"unknown lab constants {sorted(unknown)}: a lab's constants are {', '.join(CONSTANTS)}")
+    own = {k: dict(v) if isinstance(v, dict) else v for k, v in constants.items()}  # never shared
+    threads = min(torch.get_num_threads(), usable_cpus())
+    return Lab(**parts, pipe=pipe, source=source, device=device, dtype=dtype, threads=threads, **own)
+
+
+def _pipeline(parts: dict):
+    """The stock `StableDiffusionPipeline` over a lab's components (no safety checker: the images are a lab's)."""
+    from diffusers import StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(
         vae=parts["vae"], text_encoder=parts["text_encoder"].text_model, tokenizer=parts["tokenizer"],
         unet=parts["unet"], scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None,
         image_encoder=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)  # experiments show one bar over many calls (generate.progress)
-    known = {f.name for f in dataclasses.fields(Lab)} - {"threads"}  # threads: this machine's, not the lab's
-    own = {k: dict(v) if isinstance(v, dict) else v for k, v in constants.items() if k in known}  # never shared
-    threads = min(torch.get_num_threads(), usable_cpus())
-    return Lab(**parts, pipe=pipe, source=source, device=device, dtype=dtype, threads=threads, **own)
+    return pipe
 
 
 def check_consistent(parts: dict) -> None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import random
@@ -68,22 +69,27 @@ class TowerTrainer(torch.nn.Module):
 
 
 def train_tower(lab: Lab, kind: str, *, world, out: Path, steps: int = 2000, batch: int = 128, lr: float = 5e-4,
-                minutes: float | None = None, seed: int = 0, width: int = 128, layers: int = 4, accelerator=None):
+                minutes: float | None = None, seed: int = 0, width: int = 128, layers: int = 4, accelerator=None,
+                posterior: str = "sample", init=None):
     """Contrastive training against the lab's frozen text tower on `world`'s images and captions (resumable): any
     object with `images` (N, H, W, 3) uint8, `pixels(index, device)` and `captions(index, rng)`, such as
-    `toyworld.train.render(n)`."""
+    `toyworld.train.render(n)`. A latent tower reads VAE latents drawn from the posterior (`posterior="sample"`,
+    the companion paper's) or its means (`"mean"`); `init`: a tower to go on training (a copy is trained)."""
+    if posterior not in ("sample", "mean"):
+        raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
     n_images = len(world.images)
     torch.manual_seed(seed)
-    tower = new_tower(lab, kind, width=width, layers=layers)
+    tower = new_tower(lab, kind, width=width, layers=layers) if init is None else copy.deepcopy(init)
+    tower.train().requires_grad_(True)
     trainer = TowerTrainer(tower).to(lab.device)
     def pixels(index):  # (B, 3, S, S) in [-1, 1] at the lab's image size
         x = world.pixels(index, lab.device)
         return x if x.shape[-1] == lab.image_size else F.interpolate(x, size=(lab.image_size,) * 2, mode="area")
 
-    posterior = None
+    moments = None
     if kind == "latent":  # the posterior (mean, log-variance) of every image, once
         with torch.no_grad():
-            posterior = torch.cat([lab.vae.encode(pixels(torch.arange(i, min(i + 256, n_images))).to(lab.dtype))
+            moments = torch.cat([lab.vae.encode(pixels(torch.arange(i, min(i + 256, n_images))).to(lab.dtype))
                                    .latent_dist.parameters for i in range(0, n_images, 256)])  # (N, 8, h, w)
 
     def loss_fn(module, step):
@@ -91,15 +97,18 @@ def train_tower(lab: Lab, kind: str, *, world, out: Path, steps: int = 2000, bat
         index = torch.tensor([rng.randrange(n_images) for _ in range(batch)])
         with torch.no_grad():
             f_txt_c = F.normalize(text_embeds(lab, world.captions(index, rng)).float(), dim=-1)
-            if kind == "latent":  # scaled, *sampled* latents: "rescaling is key"
-                mean, logvar = posterior[index.to(lab.device)].chunk(2, dim=1)
-                x = (mean + torch.randn_like(mean) * (0.5 * logvar).exp()) * lab.vae.config.scaling_factor
+            if kind == "latent":  # scaled (and by default sampled) latents: "rescaling is key"
+                mean, logvar = moments[index.to(lab.device)].chunk(2, dim=1)
+                noise = torch.randn_like(mean) * (0.5 * logvar).exp() if posterior == "sample" else 0
+                x = (mean + noise) * lab.vae.config.scaling_factor
             else:
                 x = pixels(index)
         return module(x, f_txt_c)
 
     signature = dict(kind=kind, lab=lab.source, text=list(lab.W_t.shape), images=n_images, batch=batch, lr=lr,
                      seed=seed, width=width, layers=layers)
+    if posterior != "sample" or init is not None:  # (only then: runs started before these options still resume)
+        signature.update(posterior=posterior, init=init is not None)
     with limit_threads(lab.threads):
         fit(f"{kind}-clip", trainer, loss_fn, steps=steps, lr=lr, out=Path(out), accelerator=accelerator,
             minutes=minutes, signature=signature)
@@ -139,7 +148,7 @@ def load_towers(folder: Path = TOWERS_DIR, device="cpu", dtype=torch.float32, *,
 
 
 @torch.no_grad()
-def zero_shot(lab: Lab, towers: dict, data) -> dict:
+def zero_shot_by_encoder(lab: Lab, towers: dict, data) -> dict:
     """Per image encoder (the lab's pixel CLIP, the latent tower, the pixel tower): zero-shot accuracy per
     attribute, as in notebook 04 (captions that differ in one attribute)."""
     images = [s.image for s in data]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .convert import InverseProjection, convert, encode_text, image_embeds
+from .convert import InverseProjection, at_end, convert, encode_text, image_embeds, to_c_space
 from .lab import Lab
 
 
@@ -21,7 +21,7 @@ def eos_states(lab: Lab, captions: Sequence[str], batch: int = 256) -> torch.Ten
     out = []
     for i in range(0, len(captions), batch):
         f_txt, eos = encode_text(lab, list(captions[i:i + batch]))
-        out.append(f_txt[torch.arange(len(eos)), eos].float())
+        out.append(at_end(f_txt, eos).float())
     return torch.cat(out)
 
 
@@ -29,7 +29,7 @@ def eos_states(lab: Lab, captions: Sequence[str], batch: int = 256) -> torch.Ten
 def norms(lab: Lab, captions: Sequence[str]) -> dict:
     """The C-space text norm ||f_txt^c|| (paper Eq. 6) and the T-space end-token norm, over captions."""
     f_eos = eos_states(lab, captions)
-    f_txt_c = f_eos @ lab.W_t.float().T  # (N, P)
+    f_txt_c = to_c_space(lab, f_eos)  # (N, P)
     c, t = f_txt_c.norm(dim=1), f_eos.norm(dim=1)
     return dict(norm=c.mean().item(), norm_std=c.std().item(), norm_t=t.mean().item(), norm_t_std=t.std().item())
 

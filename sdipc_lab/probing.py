@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .convert import encode_text, token_ids
+from .convert import at_end, encode_text, token_ids
 from .lab import Lab, limit_threads
 from .toyworld.world import BACKGROUNDS, COLOURS, POSITIONS, SIZES
 
@@ -51,7 +51,7 @@ def attribute_matrix(data) -> tuple[np.ndarray, list[str]]:
 
 
 @torch.no_grad()
-def text_features(lab: Lab, captions: list[str], batch: int = 128) -> dict:
+def text_layer_features(lab: Lab, captions: list[str], batch: int = 128) -> dict:
     """Every layer's end-token state and mean over real tokens: {"text:L{i}:eos": (N, D), ...}."""
     out: dict[str, list] = {}
     for i in range(0, len(captions), batch):
@@ -59,7 +59,7 @@ def text_features(lab: Lab, captions: list[str], batch: int = 128) -> dict:
         hidden = lab.text_encoder.text_model(input_ids.to(lab.device), output_hidden_states=True).hidden_states
         mask = (torch.arange(input_ids.shape[1]) <= eos[:, None]).to(lab.device)[..., None].float()  # (B, 77, 1)
         for layer, h in enumerate(hidden):  # embeddings, then each transformer layer
-            out.setdefault(f"text:L{layer}:eos", []).append(h[torch.arange(len(eos)), eos].float().cpu())
+            out.setdefault(f"text:L{layer}:eos", []).append(at_end(h, eos).float().cpu())
             out.setdefault(f"text:L{layer}:mean", []).append(((h * mask).sum(1) / mask.sum(1)).float().cpu())
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 

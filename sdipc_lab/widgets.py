@@ -11,9 +11,28 @@ from .lab import Lab
 from .plots import show_images
 
 
+SIZE = 1.6  # inches per image, as show_images draws them
+
+
 def _show(images, title: str) -> None:
-    show_images(images, suptitle=title)
+    show_images(images, suptitle=title, size=SIZE)
     plt.show()
+
+
+def _panel(show, **controls):
+    """The controls above one output area that keeps its height while it redraws (the page does not jump when
+    a knob moves) and labels that are never cut off. `show(**values)` draws one figure. Displays the panel
+    (end the cell with `;`, as with `ipywidgets.interact`) and returns it."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    for control in controls.values():
+        control.style.description_width = "initial"
+    out = w.interactive_output(show, controls)
+    out.layout.min_height = f"{int(100 * (SIZE + 0.4)) + 30}px"  # one row of images and a title, at 100 dpi
+    panel = w.VBox([w.HBox(list(controls.values()), layout=w.Layout(flex_flow="row wrap")), out])
+    display(panel)
+    return panel
 
 
 def cutoff_slider(lab: Lab, image, cutoffs: Sequence[float], *, n: int = 4, seed: int = 0):
@@ -25,8 +44,8 @@ def cutoff_slider(lab: Lab, image, cutoffs: Sequence[float], *, n: int = 4, seed
         raise ValueError("cutoffs is empty: give the cutoffs the slider steps through, e.g. [0.0, lab.cutoff, 0.5]")
     options = [(f"{c:.3g}", c) for c in cutoffs]
     value = min(cutoffs, key=lambda c: abs(c - lab.cutoff))
-    return w.interact(lambda cutoff: _show(vary(lab, image, n=n, seed=seed, cutoff=cutoff), f"cutoff {cutoff:.3g}"),
-                      cutoff=w.SelectionSlider(options=options, value=value, description="cutoff"))
+    return _panel(lambda cutoff: _show(vary(lab, image, n=n, seed=seed, cutoff=cutoff), f"cutoff {cutoff:.3g}"),
+                  cutoff=w.SelectionSlider(options=options, value=value, description="cutoff"))
 
 
 def norm_slider(lab: Lab, image, *, n: int = 4, seed: int = 0):
@@ -38,8 +57,8 @@ def norm_slider(lab: Lab, image, *, n: int = 4, seed: int = 0):
         _show(vary(lab, image, n=n, seed=seed, norm=base * scale, norm_space=convention),
               f"norm = {scale:g} x {base:.3g} ({'paper, C-space' if convention == 'c' else 'public code, T-space'})")
 
-    return w.interact(show, scale=w.FloatLogSlider(value=1.0, base=2, min=-3, max=3, step=0.5, description="scale"),
-                      convention=w.ToggleButtons(options=[("paper (C)", "c"), ("public (T)", "t")], description="norm"))
+    return _panel(show, scale=w.FloatLogSlider(value=1.0, base=2, min=-3, max=3, step=0.5, description="scale"),
+                  convention=w.ToggleButtons(options=[("paper (C)", "c"), ("public (T)", "t")], description="norm"))
 
 
 def edit_panel(lab: Lab, references: dict, *, n: int = 4):
@@ -50,7 +69,9 @@ def edit_panel(lab: Lab, references: dict, *, n: int = 4):
         image = references[reference]
         _show([image, *edit(lab, image, text, alpha=alpha, n=n, seed=seed)], f"'{text}', alpha {alpha:.2f}")
 
-    return w.interact(show, reference=w.Dropdown(options=list(references), description="reference"),
-                      text=w.Text(value="a blue disk", description="edit text", continuous_update=False),
-                      alpha=w.FloatSlider(value=0.9, min=0.0, max=2.0, step=0.1, description="alpha"),
-                      seed=w.IntSlider(value=0, min=0, max=20, description="seed"))
+    longest = max(map(len, references), default=10)
+    return _panel(show, reference=w.Dropdown(options=list(references), description="reference",
+                                             layout=w.Layout(width=f"min(100%, {longest + 14}ch)")),
+                  text=w.Text(value="a blue disk", description="edit text", continuous_update=False),
+                  alpha=w.FloatSlider(value=0.9, min=0.0, max=2.0, step=0.1, description="alpha"),
+                  seed=w.IntSlider(value=0, min=0, max=20, description="seed"))

@@ -51,7 +51,7 @@ def test_entanglement_index():
 
 
 def test_features_have_the_documented_keys(lab, data):
-    text = P.text_features(lab, [s.caption for s in data[:4]])
+    text = P.text_layer_features(lab, [s.caption for s in data[:4]])
     layers = lab.text_encoder.config.num_hidden_layers
     assert {f"text:L{i}:eos" for i in range(layers + 1)} <= set(text)
     unet = P.unet_features(lab, [s.caption for s in data[:4]], at_steps=(0, 2), steps=3)
@@ -166,3 +166,28 @@ def test_reno_experiment_starts_every_condition_from_the_same_noise(lab, towers)
     rows, results = E.avoidance_experiment(lab, towers, data, judge=Judge(), iterations=2)
     assert len(rows) == 2 and rows[0]["avoided colour before"] == rows[1]["avoided colour before"]
     assert {"shape before", "shape after", "position after"} <= set(rows[0])
+
+
+def test_latent_tower_reads_posterior_samples_or_means(lab, towers, tmp_path):
+    world = render(8, "train")
+    seen = {}
+    for mode in ("sample", "mean"):
+        def record(module, args, kwargs, mode=mode):
+            seen.setdefault(mode, kwargs["pixel_values"].detach().clone())
+        start = towers["latent"]
+        hook = start.register_forward_pre_hook(record, with_kwargs=True)  # deep-copied with it: fires in training
+        try:
+            trained = LC.train_tower(lab, "latent", world=world, out=tmp_path / mode, steps=1, batch=4,
+                                     posterior=mode, init=start)
+        finally:
+            hook.remove()
+        assert not any(torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters()))  # a copy trained
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate(world.pixels(torch.arange(8), lab.device), size=(lab.image_size,) * 2,
+                                            mode="area")  # as train_tower sizes them
+        means = lab.vae.encode(x).latent_dist.mean * lab.vae.config.scaling_factor
+    first = [torch.isclose(seen["mean"][0], m, atol=1e-5).all().item() for m in means]
+    assert any(first), "with posterior='mean' the tower must read a posterior mean"
+    assert not any(torch.isclose(seen["sample"][0], m, atol=1e-5).all().item() for m in means)  # a sample is not one
+    with pytest.raises(ValueError, match="posterior must be"):
+        LC.train_tower(lab, "latent", world=world, out=tmp_path / "x", steps=1, posterior="mode")

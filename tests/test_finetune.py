@@ -7,7 +7,7 @@ from PIL import Image
 
 import sdipc_lab as S
 from sdipc_lab import finetune as FT
-from sdipc_lab.adapters import DeepVisualPrompts
+from sdipc_lab.adapters import DeepVisualPrompts, applied
 from sdipc_lab.convert import token_ids
 from sdipc_lab.toyworld import sample
 
@@ -68,7 +68,7 @@ def _eval_loss(lab, ft, concepts):
     flat = [im for _, im in concepts.flat]
     torch.manual_seed(123)
     pixels = lab.feature_extractor(images=flat, return_tensors="pt").pixel_values
-    with FT.applied(lab, ft), torch.no_grad():
+    with applied(lab, ft), torch.no_grad():  # the internal context vary(finetuned=...) uses
         return FT.Eq9(lab, ft)(pixels, FT.latents_of(lab, flat)).item()
 
 
@@ -143,9 +143,12 @@ def test_custom_diffusion_baseline(fresh_lab, tmp_path):
     trained = encoder.get_input_embeddings().weight
     torch.testing.assert_close(trained[:-1], base)  # only the new token's row moved
     assert not torch.allclose(trained[-1], base[tokenizer.convert_tokens_to_ids("heart</w>")])
-    with FT.applied(fresh_lab, ft):
-        images = S.generate(fresh_lab, "a <new1> heart", n=1)
+    base_pipe_text = fresh_lab.pipe.text_encoder
+    with applied(fresh_lab, ft):
+        assert fresh_lab.pipe.text_encoder is encoder.text_model and fresh_lab.pipe.tokenizer is tokenizer  # one text
+    images = S.generate(fresh_lab, "a <new1> heart", n=1, finetuned=ft)
     assert len(images) == 1 and fresh_lab.tokenizer is not tokenizer  # the lab's own tokenizer is back
+    assert fresh_lab.pipe.text_encoder is base_pipe_text and fresh_lab.pipe.tokenizer is fresh_lab.tokenizer
     again = FT.load_finetuned(fresh_lab, tmp_path / "finetuned.safetensors")
     torch.testing.assert_close(again.text[1].get_input_embeddings().weight[-1], trained[-1])
     with pytest.raises(ValueError, match="one token"):

@@ -162,3 +162,29 @@ def test_the_lab_runs_on_its_threads_and_gives_the_process_its_own_back(lab, ref
     assert 1 <= lab.threads <= S.usable_cpus()
     with pytest.raises(ValueError, match="threads must be a whole number"):
         S.load_lab("tiny", device="cpu", threads=0)
+
+
+def test_replace_builds_its_own_pipeline_and_cache(lab, refs):
+    S.image_prompt_embeds(lab, refs[:1])  # fills lab.cache (W_t^+)
+    assert lab.cache
+    other = S.lab._load_tiny(torch.device("cpu"), torch.float32).text_encoder  # another text tower, same shapes
+    new = lab.replace(text_encoder=other)
+    assert new.text_encoder is other and new.pipe.text_encoder is other.text_model  # the pipeline uses it too
+    assert new.cache == {} and lab.cache and lab.text_encoder is not other  # the old lab is as it was
+    assert new.unet is lab.unet and new.pipe is not lab.pipe  # the rest shared, not copied
+    torch.testing.assert_close(new.W_t, other.text_projection.weight)
+    expected = torch.linalg.pinv(other.text_projection.weight.double(), atol=lab.cutoff)
+    torch.testing.assert_close(S.inverse_projection(new).matrix.double(), expected, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="takes components"):
+        lab.replace(cutoff=0.5)
+
+
+def test_a_constant_the_lab_does_not_know_is_refused(lab, tmp_path):
+    folder = S.save_lab(lab, tmp_path / "lab")
+    constants = json.loads((folder / "sdipc_lab.json").read_text())
+    assert set(constants) == set(S.lab.CONSTANTS)  # what a lab saves is exactly what it knows
+    (folder / "sdipc_lab.json").write_text(json.dumps({**constants, "guidance": 5.0}))  # a typo for guidance_scale
+    with pytest.raises(ValueError, match=r"keys a lab does not know: \['guidance'\]"):
+        S.load_lab(folder, device="cpu")
+    with pytest.raises(ValueError, match="unknown lab constants"):
+        S.assemble(dict(zip(S.lab.COMPONENTS, (getattr(lab, p) for p in S.lab.COMPONENTS))), {**constants, "x": 1})

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 import sdipc_lab as S
 from sdipc_lab.training import NonFiniteLoss, fit
+from sdipc_lab.toyworld.judge import JUDGE_FILE
 
 
 class Noisy(torch.nn.Module):
@@ -144,13 +145,13 @@ def test_trainers_never_write_into_the_package_by_default(tmp_path):
     from sdipc_lab.toyworld import train as T
 
     shipped = {p: p.stat().st_mtime_ns for p in T.LAB_DIR.rglob("*") if p.is_file()}
-    judge = T.JUDGE_FILE.read_bytes()
+    judge = JUDGE_FILE.read_bytes()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "sdipc_lab.toyworld.train", "all", "--size", "test", "--out",
                     str(tmp_path / "run")], check=True, env=env, capture_output=True)
     assert (tmp_path / "run" / "lab" / "sdipc_lab.json").exists()  # export went into the run folder
     assert {p: p.stat().st_mtime_ns for p in T.LAB_DIR.rglob("*") if p.is_file()} == shipped
-    assert T.JUDGE_FILE.read_bytes() == judge
+    assert JUDGE_FILE.read_bytes() == judge
 
 
 def test_a_blend_that_cancels_out_is_refused_not_nan():
@@ -303,3 +304,24 @@ def test_latent_tower_training_never_replaces_the_shipped_towers(tmp_path):
     LC.main(["train", "--lab", "tiny", "--out", str(tmp_path / "run"), "--steps", "1", "--images", "16"])
     assert sorted(p.name for p in (tmp_path / "run" / "towers").iterdir()) == ["latent", "pixel"]
     assert {p: p.read_bytes() for p in LC.TOWERS_DIR.rglob("*.safetensors")} == shipped
+
+
+def test_panels_redraw_in_place_with_labels_shown(lab, refs, monkeypatch):
+    """Each panel: controls above one output area that keeps its height while it redraws; moving a control draws
+    again with the new value; descriptions are never cut off."""
+    from sdipc_lab import widgets
+
+    drawn = []
+    monkeypatch.setattr(widgets, "_show", lambda images, title: drawn.append((len(images), title)))
+    panel = widgets.edit_panel(lab, {"a long caption of the first reference image": refs[0], "b": refs[1]}, n=1)
+    controls, out = panel.children
+    assert out.layout.min_height and int(out.layout.min_height.rstrip("px")) >= 150
+    by_name = {c.description: c for c in controls.children}
+    assert all(c.style.description_width == "initial" for c in controls.children)
+    assert "ch" in by_name["reference"].layout.width  # as wide as its longest label
+    first = len(drawn)
+    by_name["alpha"].value = 0.3
+    assert len(drawn) == first + 1 and drawn[-1][1] == "'a blue disk', alpha 0.30"
+    slider = widgets.cutoff_slider(lab, refs[0], [0.0, lab.cutoff], n=1)
+    slider.children[0].children[0].value = 0.0
+    assert drawn[-1][1] == "cutoff 0"

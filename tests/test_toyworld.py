@@ -67,7 +67,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     world = T.render(64, "train")
     acc = Accelerator(cpu=True)
-    s = T.SIZES["test"]
+    s = T.MODEL_SIZES["test"]
     T.train_clip(world, s, (20, 8, 2e-3), out, acc, seed=0)
     shutil.copytree(out / "image_encoder", out / "image_encoder_before_vision")
     T.train_vision(world, s, (20, 16, 5e-3), out, acc, seed=0)  # batch 8 sits at chance (log 8) for 20 steps
@@ -146,7 +146,7 @@ def test_training_resumes_from_the_checkpoint(tiny_run, capsys):
 
     out, world, acc = tiny_run
     _, before = _losses(out / "clip.ckpt.safetensors")
-    T.train_clip(world, T.SIZES["test"], (24, 8, 2e-3), out, acc, seed=0)
+    T.train_clip(world, T.MODEL_SIZES["test"], (24, 8, 2e-3), out, acc, seed=0)
     assert "resumed at step 20" in capsys.readouterr().out
     step, after = _losses(out / "clip.ckpt.safetensors")
     assert step == 24 and after[:20] == before and len(after) == 24
@@ -250,7 +250,7 @@ def test_every_size_budgets_every_stage():
     from sdipc_lab.toyworld import train as T
 
     assert all(set(budget) == set(T.STAGES) for budget in T.BUDGETS.values())
-    assert set(T.SIZES) == set(T.BUDGETS)
+    assert set(T.MODEL_SIZES) == set(T.BUDGETS)
     assert T._parse_minutes("3") == dict.fromkeys(T.STAGES, 3.0)
 
 
@@ -261,7 +261,7 @@ def test_every_size_builds_a_lab_within_the_weight_budget(size):
     CLIP + VAE + U-Net stay within the issue's 40 MB."""
     from sdipc_lab.toyworld import train as T
 
-    s = T.SIZES[size]
+    s = T.MODEL_SIZES[size]
     text, vision = T.new_clip(s, T.new_tokenizer())
     models = [text, vision, T.new_vae(s), T.new_unet(s, cross_dim=text.config.hidden_size)]
     P, D = text.text_projection.weight.shape

@@ -21,6 +21,7 @@ from ..convert import (
     image_prompt_embeds,
     pseudo_prompt,
     text_embeds,
+    to_c_space,
 )
 from ..generate import generate, progress, vary
 from ..generate import sample as generate_from_embeds
@@ -49,7 +50,7 @@ VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "posi
 def text_features(lab: Lab, texts: list[str], space: str = "c", batch: int = 512) -> torch.Tensor:
     """Unit-norm text features: C-space f_txt^c, or T-space end-token states ("t")."""
     f_eos = eos_states(lab, texts, batch)  # (N, D)
-    return F.normalize(f_eos @ lab.W_t.float().T if space == "c" else f_eos, dim=-1)
+    return F.normalize(to_c_space(lab, f_eos) if space == "c" else f_eos, dim=-1)
 
 
 @torch.no_grad()

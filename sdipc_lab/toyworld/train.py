@@ -44,17 +44,16 @@ from ..convert import token_ids
 from ..lab import Lab, assemble, load_lab, quiet, save_lab, usable_cpus
 from ..measure import cutoff_sweep, norms, singular_value_quantiles
 from ..training import diffusion_loss, fit
-from .judge import mask_crops, new_judge_cnn
+from .judge import JUDGE_FILE, mask_crops, new_judge_cnn
 from .world import SHAPES, SIZE, caption, sample, samples, vocabulary
 
 LAB_DIR = Path(__file__).parent / "lab"
-JUDGE_FILE = Path(__file__).parent / "judge.safetensors"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass
-class Sizes:
+class ModelSizes:
     width: int = 192  # text width = projection width: W_t is square, as in ViT-L/14
     text_layers: int = 4
     vision_layers: int = 4
@@ -71,17 +70,17 @@ class Sizes:
     init_unet: bool = False  # start the U-Net from out/unet (--init-from-lab) instead of random
 
 
-SIZES = {
-    "full": Sizes(),  # for a GPU: about 30 minutes on one
+MODEL_SIZES = {
+    "full": ModelSizes(),  # for a GPU: about 30 minutes on one
     # The 2-core CPU recipe. U-Net (64, 128, 128): a proxy run of ~40 min drew shape 31 % / colour 71 % from the
     # caption against 19 % / 58 % for (32, 64, 64) in the same time (docs/results/toyworld_proxies.md); the VAE's
     # low-resolution blocks widened (16, 32, 64) at little cost (bench/train_speed.py).
-    "cpu": Sizes(width=128, text_layers=4, vision_layers=4, heads=4, patch=8, vae_channels=(16, 32, 64),
+    "cpu": ModelSizes(width=128, text_layers=4, vision_layers=4, heads=4, patch=8, vae_channels=(16, 32, 64),
                  unet_channels=(64, 128, 128), unet_layers=1, unet_heads=8, norm_groups=16, train_images=20000),
     # The recipe of the lab shipped until 2026-11 (one-word-per-token tokenizer aside): kept to resume its runs.
-    "cpu-v1": Sizes(width=128, text_layers=4, vision_layers=4, heads=4, patch=8, vae_channels=(16, 32, 32),
+    "cpu-v1": ModelSizes(width=128, text_layers=4, vision_layers=4, heads=4, patch=8, vae_channels=(16, 32, 32),
                     unet_channels=(32, 64, 64), unet_layers=1, unet_heads=8, norm_groups=16, train_images=20000),
-    "test": Sizes(width=32, text_layers=1, vision_layers=1, heads=2, patch=16, vae_channels=(8, 16, 16),
+    "test": ModelSizes(width=32, text_layers=1, vision_layers=1, heads=2, patch=16, vae_channels=(8, 16, 16),
                   unet_channels=(16, 32, 32), unet_layers=1, unet_heads=2, norm_groups=8, train_images=64, wordings=2),
 }
 STAGES = ("clip", "vision", "vae", "decoder", "judge", "unet")  # the order `all` runs them in
@@ -147,7 +146,7 @@ def new_tokenizer():
     return word_tokenizer(vocabulary())
 
 
-def new_clip(s: Sizes, tokenizer):
+def new_clip(s: ModelSizes, tokenizer):
     from transformers import (
         CLIPTextConfig,
         CLIPTextModelWithProjection,
@@ -187,7 +186,7 @@ class ClipTrainer(torch.nn.Module):
         return loss
 
 
-def new_vae(s: Sizes):
+def new_vae(s: ModelSizes):
     from diffusers import AutoencoderKL
 
     n = len(s.vae_channels)
@@ -207,7 +206,7 @@ class VaeTrainer(torch.nn.Module):
         return F.l1_loss(recon, x) + F.mse_loss(recon, x) + self.kl_weight * posterior.kl().mean()
 
 
-def new_unet(s: Sizes, cross_dim: int):
+def new_unet(s: ModelSizes, cross_dim: int):
     from diffusers import UNet2DConditionModel
 
     n = len(s.unet_channels)
@@ -249,7 +248,7 @@ def contrastive_batch(world: World, tokenizer, batch: int, step: int, seed: int,
 
 # ---------------------------------------------------------------------------------- stages
 
-def signature(stage: str, s: Sizes, budget, seed: int, world: World | None, out: Path, reads=()) -> dict:
+def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None, out: Path, reads=()) -> dict:
     """What a stage's checkpoint must match to be resumed: sizes, batch, lr, seed, the images, and a hash of the
     frozen parts it reads (`reads`, e.g. the text tower the U-Net is conditioned on)."""
     import hashlib
@@ -264,7 +263,7 @@ def signature(stage: str, s: Sizes, budget, seed: int, world: World | None, out:
                 images=None if world is None else len(world.images), inputs=inputs)
 
 
-def train_clip(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
+def train_clip(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
     steps, batch, lr = budget
     tokenizer = new_tokenizer()
     torch.manual_seed(seed)
@@ -282,7 +281,7 @@ def train_clip(world: World, s: Sizes, budget, out: Path, accelerator, seed: int
     return trainer
 
 
-def train_vision(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
+def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
     """Train CLIP's image tower further against the frozen text tower ("locked text"): the text states the
     U-Net is conditioned on stay bit-identical, so the U-Net stays valid, while the image embeddings (what
     SD-IPC converts) line up better with the captions. Needs `clip` first; overwrites out/image_encoder."""
@@ -309,7 +308,7 @@ def train_vision(world: World, s: Sizes, budget, out: Path, accelerator, seed: i
     return trainer
 
 
-def train_vae(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
+def train_vae(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
     steps, batch, lr = budget
     torch.manual_seed(seed + 1)
     trainer = VaeTrainer(new_vae(s))
@@ -347,7 +346,7 @@ class DecoderTrainer(torch.nn.Module):
         return F.l1_loss(recon, x) + F.mse_loss(recon, x)
 
 
-def train_decoder(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
+def train_decoder(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
     """Train the VAE's decoder further with its encoder frozen: sharper images, and the latent space (hence the
     U-Net and the latent CLIP tower trained on it) unchanged. Needs `vae` first; overwrites out/vae."""
     from diffusers import AutoencoderKL
@@ -413,7 +412,7 @@ def cached_caption_states(out: Path, world: World, tokenizer, text, device, *, w
 # is saved in fp16 (--init-from-lab) - training or encoding in fp16 on a CPU is slow and lossy.
 
 
-def train_unet(world: World, s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
+def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -450,7 +449,7 @@ def train_unet(world: World, s: Sizes, budget, out: Path, accelerator, seed: int
     return unet
 
 
-def train_judge(s: Sizes, budget, out: Path, accelerator, seed: int, minutes=None):
+def train_judge(s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
     """The independent judge's shape classifier, on foreground masks of freshly drawn images."""
     from safetensors.torch import save_file
 
@@ -532,13 +531,14 @@ def export(out: Path, lab_dir: Path | None = None, **sampler) -> Path:
         lab = assemble(parts, constants, source="toy", device="cpu", dtype=torch.float32)
     lab.use_scheduler(sampler["scheduler"])
     parts["scheduler"] = lab.scheduler
-    constants.update(measure_constants(lab))
+    measured = measure_constants(lab)  # the three constants, and the sweep and norms they came from
     for key in ("cutoff", "norm", "norm_t"):
+        constants[key] = measured[key]
         setattr(lab, key, constants[key])
     with quiet():
         half = assemble(dict(parts), constants, source="toy", device="cpu", dtype=torch.float16)
     try:
-        save_lab(half, lab_dir, extra={"constants_measured.json": json.dumps(constants, indent=2) + "\n"},
+        save_lab(half, lab_dir, extra={"constants_measured.json": json.dumps({**constants, **measured}, indent=2) + "\n"},
                  into_package=lab_dir == LAB_DIR)
     except ValueError as error:
         raise SystemExit(f"export: {error}") from None
@@ -572,7 +572,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", help=f"all, export, or one or more of {','.join(STAGES)} (comma-separated)")
     parser.add_argument("--out", type=Path, default=Path("runs/toyworld"))
-    parser.add_argument("--size", choices=list(SIZES), default="full")
+    parser.add_argument("--size", choices=list(MODEL_SIZES), default="full")
     parser.add_argument("--steps", type=int, help="total steps for the stage (default: the size's budget)")
     parser.add_argument("--minutes", help="time budget per stage, e.g. 8 or clip=4,vae=2 (the lr decays by it)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the size's budget)")
@@ -600,7 +600,7 @@ def main(argv=None) -> None:
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file: name a folder for the run (it is created if missing)")
     torch.set_num_threads(min(torch.get_num_threads(), usable_cpus()))  # this script's own process: within its quota
-    s = SIZES[args.size]
+    s = MODEL_SIZES[args.size]
     if args.unet_channels:
         s = dataclasses.replace(s, unet_channels=tuple(int(c) for c in args.unet_channels.split(",")))
     if args.vae_channels:

@@ -1,0 +1,151 @@
+"""The notebooks as a static website, executed, then opened in a real headless browser and checked.
+
+    pip install -e '.[book]'            # mkdocs + mkdocs-jupyter (and Chromium from your OS for the check)
+    python bench/book.py                # execute, build site/, check every page; prints a table
+    python bench/book.py --no-execute   # build from notebooks already executed into build/book/
+    python bench/book.py --check-only   # check an existing site/
+
+Each notebook is executed on the default (teaching) lab with nbconvert into `build/book/`, then mkdocs with
+mkdocs-jupyter renders them beside an index page into `site/` (open `site/index.html`). The check loads
+every page in headless Chromium (`chromium --headless --dump-dom`, JavaScript run) and counts, per page, the
+figures drawn and any error text a reader would see: "Error displaying widget", a Python traceback, an
+"Error" output. Screenshots of each page's top go to `build/book/screenshots/` to look at.
+
+nbconvert's client now and then stalls on a slider cell (jupyter/nbclient#312: the kernel is idle, the client
+waits on): a notebook that exceeds its time limit is executed again, up to `--tries` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+BUILD = ROOT / "build" / "book"
+SITE = ROOT / "site"
+ERRORS = ("Error displaying widget", "Traceback (most recent call last)", "model not found", "NameError",
+          "ModuleNotFoundError")
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def execute(notebook: Path, out: Path, minutes: float, tries: int) -> float:
+    """Run `notebook` top to bottom into `out`; returns the seconds of the run that finished."""
+    for attempt in range(1, tries + 1):
+        start = time.time()
+        cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", str(notebook),
+               "--output-dir", str(out.parent), "--output", out.name, "--ExecutePreprocessor.timeout=900"]
+        try:
+            subprocess.run(cmd, check=True, timeout=60 * minutes, cwd=NOTEBOOKS, capture_output=True, text=True)
+            return time.time() - start
+        except subprocess.TimeoutExpired:
+            print(f"  {notebook.name}: no end after {minutes} min (try {attempt} of {tries})", file=sys.stderr)
+        except subprocess.CalledProcessError as error:
+            raise SystemExit(f"{notebook.name} failed to execute:\n{error.stderr[-3000:]}") from None
+    raise SystemExit(f"{notebook.name} did not finish in {tries} tries of {minutes} min")
+
+
+def first_heading(notebook: Path) -> str:
+    for cell in json.loads(notebook.read_text())["cells"]:
+        if cell["cell_type"] == "markdown":
+            match = re.search(r"^#\s+(.+)$", "".join(cell["source"]), re.M)
+            if match:
+                return match.group(1).strip()
+    return notebook.stem
+
+
+def build(executed: list[Path]) -> None:
+    src = BUILD / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    intro = ("Each page is a notebook run top to bottom on the teaching-scale lab (`load_lab(\"toy\")`) on a CPU. "
+             "Sliders and panels need a live kernel: open the notebook in JupyterLab to move them. Formulas are "
+             "typeset by MathJax, fetched when the page is read online.")
+    nav, lines = [{"Home": "index.md"}], ["# sdipc_lab — the notebooks, executed", "", intro, ""]
+    for nb in executed:
+        shutil.copy(nb, src / nb.name)
+        title = first_heading(nb)
+        nav.append({title: nb.name})
+        lines.append(f"- [{title}]({nb.name})")
+    (src / "index.md").write_text("\n".join(lines) + "\n")
+    config = {"site_name": "sdipc_lab notebooks", "docs_dir": str(src), "site_dir": str(SITE),
+              "use_directory_urls": False, "theme": {"name": "material"}, "nav": nav,
+              "plugins": [{"mkdocs-jupyter": {"execute": False, "include_source": True, "ignore_h1_titles": True}}]}
+    (BUILD / "mkdocs.yml").write_text(json.dumps(config, indent=1))  # JSON is YAML
+    subprocess.run([sys.executable, "-m", "mkdocs", "build", "--quiet", "-f", str(BUILD / "mkdocs.yml")], check=True,
+                   env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, cwd=BUILD)  # its .cache/ goes there too
+
+
+def browser() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    raise SystemExit("the check needs Chromium: apt-get install chromium (Debian/Ubuntu), or brew install chromium")
+
+
+def check(pages: list[Path]) -> list[list]:
+    exe, rows = browser(), []
+    shots = BUILD / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    for page in pages:
+        url = page.resolve().as_uri()
+        with_profile = [*BROWSER_FLAGS, f"--user-data-dir={BUILD / 'chromium-profile'}", "--virtual-time-budget=5000"]
+        dom = subprocess.run([exe, *with_profile, "--dump-dom", url], capture_output=True, text=True,
+                             timeout=120).stdout
+        subprocess.run([exe, *with_profile, f"--screenshot={shots / (page.stem + '.png')}", "--window-size=1280,2400",
+                        url], capture_output=True, timeout=120)
+        text = html.unescape(re.sub(r"<[^>]+>", " ", dom))
+        figures = len(re.findall(r'<img[^>]+src="data:image/(?:png|jpeg|svg)', dom))
+        errors = [e for e in ERRORS if e in text]
+        rows.append([page.name, len(dom) // 1000, figures, ", ".join(errors) or "none",
+                     "ok" if dom and not errors and (figures or page.stem == "index") else "CHECK"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-execute", action="store_true", help="use the notebooks already in build/book/")
+    parser.add_argument("--check-only", action="store_true", help="only check the pages of an existing site/")
+    parser.add_argument("--minutes", type=float, default=20, help="time limit per notebook run")
+    parser.add_argument("--tries", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 05")
+    args = parser.parse_args()
+    notebooks = sorted(NOTEBOOKS.glob("[0-9]*.ipynb"))
+    if args.only:
+        notebooks = [nb for nb in notebooks if nb.name.startswith(tuple(args.only))]
+    executed, timing = [BUILD / "executed" / nb.name for nb in notebooks], {}
+    if not args.check_only:
+        if not args.no_execute:
+            for nb, out in zip(notebooks, executed):
+                out.parent.mkdir(parents=True, exist_ok=True)
+                timing[nb.name] = execute(nb, out, args.minutes, args.tries)
+                print(f"  {nb.name}: executed in {timing[nb.name]:.0f} s", file=sys.stderr)
+        missing = [str(p) for p in executed if not p.exists()]
+        if missing:
+            raise SystemExit(f"not executed yet: {missing}; run without --no-execute")
+        build(executed)
+    pages = [SITE / "index.html", *(SITE / (nb.stem + ".html") for nb in notebooks)]
+    rows = check([p for p in pages if p.exists()])
+    for row in rows:
+        row.insert(1, f"{timing[row[0].replace('.html', '.ipynb')]:.0f}" if row[0].replace(".html", ".ipynb") in timing
+                   else "-")
+    print(f"site: {SITE / 'index.html'}; screenshots: {BUILD / 'screenshots'}\n")
+    print(table(["page", "executed in s", "DOM kB", "figures", "error text", "verdict"], rows))
+    if any(row[-1] != "ok" for row in rows):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
