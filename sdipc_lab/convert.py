@@ -119,10 +119,14 @@ def text_embeds(lab: Lab, texts: str | Sequence[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def image_embeds(lab: Lab, images) -> torch.Tensor:
-    """f_img_c = W_i CLIP_i(x), the C-space image embedding (B, P)."""
-    pixels = lab.feature_extractor(images=as_rgb_images(images), return_tensors="pt").pixel_values
-    return lab.image_encoder(pixel_values=pixels.to(lab.device, lab.dtype)).image_embeds
+def image_embeds(lab: Lab, images, batch: int = 256) -> torch.Tensor:
+    """f_img_c = W_i CLIP_i(x), the C-space image embedding (B, P); `batch` images at a time."""
+    images = as_rgb_images(images)
+    out = []
+    for i in range(0, len(images), batch):
+        pixels = lab.feature_extractor(images=images[i:i + batch], return_tensors="pt").pixel_values
+        out.append(lab.image_encoder(pixel_values=pixels.to(lab.device, lab.dtype)).image_embeds)
+    return torch.cat(out)
 
 
 def sos_state(lab: Lab) -> torch.Tensor:

@@ -11,12 +11,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import AttentionStore, installed, token_mask
-from .convert import convert, image_embeds, to_c_space
+from .convert import convert, image_embeds
 from .finetune import Concepts, custom_diffusion, finetune
 from .generate import edit, generate, progress, sample, vary
 from .lab import Lab
 from .latent_clip import reno
-from .measure import cutoff_sweep, eos_states
+from .measure import cutoff_sweep, norm_distributions  # noqa: F401 (norm_distributions: notebook 03 calls it here)
 from .metrics import clip_fid, clip_i, clip_score, clip_t
 from .toyworld import concept_samples
 from .toyworld.evaluate import prompt_conditions, zero_shot
@@ -95,13 +95,6 @@ def cutoff_experiment(lab: Lab, data, cutoffs) -> list[dict]:
         rows.append({"cutoff": row["cutoff"], "rank": row["rank"], "reconstruction error": row["reconstruction_error"],
                      "cos(f_cnvrt, true EOS)": row["cosine"], **{f"T-space {k}": v for k, v in shot.items()}})
     return rows
-
-
-def norm_distributions(lab: Lab, captions) -> dict:
-    """Per caption: the C-space norm ||f_txt^c|| (Eq. 6's constant) and the T-space end-token norm."""
-    f_eos = eos_states(lab, captions)  # (N, D)
-    return {"C-space ||f_txt^c||": to_c_space(lab, f_eos).norm(dim=-1).cpu().numpy(),
-            "T-space ||f_txt^eos||": f_eos.norm(dim=-1).cpu().numpy()}
 
 
 def norm_experiment(lab: Lab, data, scales=(0.25, 0.5, 1.0, 2.0, 4.0), *, judge=None, seed=0, steps=None) -> list[dict]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .convert import encode_text, image_embeds, text_embeds
 from .lab import Lab, limit_threads, load_lab, quiet
-from .latents import decode_latents, encode_latents, pixels_of
+from .latents import decode_latents, encode_latents, from_posterior, pixels_of
 from .toyworld.evaluate import zero_shot_of
 from .toyworld.train import render
 from .training import fit
@@ -98,9 +98,8 @@ def train_tower(lab: Lab, kind: str, *, world, out: Path, steps: int = 2000, bat
         with torch.no_grad():
             f_txt_c = F.normalize(text_embeds(lab, world.captions(index, rng)).float(), dim=-1)
             if kind == "latent":  # scaled (and by default sampled) latents: "rescaling is key"
-                mean, logvar = moments[index.to(lab.device)].chunk(2, dim=1)
-                noise = torch.randn_like(mean) * (0.5 * logvar).exp() if posterior == "sample" else 0
-                x = (mean + noise) * lab.vae.config.scaling_factor
+                x = from_posterior(moments[index.to(lab.device)], lab.vae.config.scaling_factor,
+                                   sample=posterior == "sample")
             else:
                 x = pixels(index)
         return module(x, f_txt_c)

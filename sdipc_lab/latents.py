@@ -23,6 +23,14 @@ def encode_latents(lab: Lab, images, sample: bool = True) -> torch.Tensor:
     return (dist.sample() if sample else dist.mean) * lab.vae.config.scaling_factor
 
 
+def from_posterior(moments: torch.Tensor, scaling_factor: float, sample: bool = True) -> torch.Tensor:
+    """Scaled latents (B, C, h, w) from the VAE posterior's moments (B, 2C, h, w) (`latent_dist.parameters`: mean,
+    log-variance): a draw from it (torch's global generator), or its mean with `sample=False`."""
+    mean, logvar = moments.chunk(2, dim=1)
+    z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+    return z * scaling_factor
+
+
 @torch.no_grad()
 def decode_latents(lab: Lab, latents: torch.Tensor) -> list:
     """PIL images of scaled latents (B, 4, h, w): the inverse of `encode_latents`."""

@@ -26,12 +26,18 @@ def eos_states(lab: Lab, captions: Sequence[str], batch: int = 256) -> torch.Ten
 
 
 @torch.no_grad()
+def norm_distributions(lab: Lab, captions: Sequence[str]) -> dict:
+    """Per caption: the C-space norm ||f_txt^c|| (Eq. 6's constant) and the T-space end-token norm, (N,) each."""
+    f_eos = eos_states(lab, captions)  # (N, D)
+    return {"C-space ||f_txt^c||": to_c_space(lab, f_eos).norm(dim=-1).cpu().numpy(),
+            "T-space ||f_txt^eos||": f_eos.norm(dim=-1).cpu().numpy()}
+
+
 def norms(lab: Lab, captions: Sequence[str]) -> dict:
-    """The C-space text norm ||f_txt^c|| (paper Eq. 6) and the T-space end-token norm, over captions."""
-    f_eos = eos_states(lab, captions)
-    f_txt_c = to_c_space(lab, f_eos)  # (N, P)
-    c, t = f_txt_c.norm(dim=1), f_eos.norm(dim=1)
-    return dict(norm=c.mean().item(), norm_std=c.std().item(), norm_t=t.mean().item(), norm_t_std=t.std().item())
+    """Their means and (sample) standard deviations: the lab's `norm` and `norm_t`, measured."""
+    c, t = norm_distributions(lab, captions).values()
+    return dict(norm=float(c.mean()), norm_std=float(c.std(ddof=1)), norm_t=float(t.mean()),
+                norm_t_std=float(t.std(ddof=1)))
 
 
 @torch.no_grad()
@@ -39,7 +45,7 @@ def cutoff_sweep(lab: Lab, images, captions: Sequence[str], cutoffs: Sequence[fl
     """For each cutoff that keeps at least one singular value: the rank kept, the reconstruction error
     ||W_t W_t^+ f - f|| of unit image embeddings (how much of f_img^c the kept subspace holds), and the mean
     cosine of f_cnvrt to the true caption's end-token state."""
-    f_img_c = torch.cat([image_embeds(lab, images[i:i + 256]) for i in range(0, len(images), 256)]).double().cpu()
+    f_img_c = image_embeds(lab, images).double().cpu()
     f_eos = eos_states(lab, captions).double().cpu()
     W = lab.W_t.detach().double().cpu()  # (P, D)
     unit = F.normalize(f_img_c, dim=-1)  # (N, P)

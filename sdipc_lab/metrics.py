@@ -22,8 +22,7 @@ from .lab import Lab
 
 
 def _image_features(lab: Lab, images, batch: int = 128) -> torch.Tensor:  # (N, P), unit norm
-    images = list(images)
-    return F.normalize(torch.cat([image_embeds(lab, images[i:i + batch]) for i in range(0, len(images), batch)]).float(), dim=-1)
+    return F.normalize(image_embeds(lab, images, batch).float(), dim=-1)
 
 
 def clip_i(lab: Lab, images, references) -> np.ndarray:

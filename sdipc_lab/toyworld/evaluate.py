@@ -56,7 +56,7 @@ def text_features(lab: Lab, texts: list[str], space: str = "c", batch: int = 512
 @torch.no_grad()
 def image_features(lab: Lab, images, space: str = "c", batch: int = 256, cutoff: float | None = None) -> torch.Tensor:
     """Unit-norm image features: C-space f_img^c, or T-space f_cnvrt ("t", after W_t^+ at `cutoff`)."""
-    f = torch.cat([image_embeds(lab, images[i:i + batch]) for i in range(0, len(images), batch)]).float()
+    f = image_embeds(lab, images, batch).float()
     return F.normalize(f if space == "c" else convert(lab, f, cutoff=cutoff).float(), dim=-1)
 
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from ..build import sd_v1_scheduler, word_tokenizer
 from ..convert import token_ids
 from ..lab import Lab, assemble, load_lab, quiet, save_lab, usable_cpus
+from ..latents import from_posterior
 from ..measure import cutoff_sweep, norms, singular_value_quantiles
 from ..training import diffusion_loss, fit
 from .judge import JUDGE_FILE, mask_crops, new_judge_cnn
@@ -438,8 +439,7 @@ def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed
         dropped = torch.rand(batch, generator=g) < 0.1  # 10 % caption dropout, for guidance
         f_txt[dropped.to(device)] = empty
         with torch.no_grad():
-            mean, logvar = posterior[index.to(device)].chunk(2, dim=1)
-            z0 = (mean + torch.randn_like(mean) * (0.5 * logvar).exp()) * vae.config.scaling_factor
+            z0 = from_posterior(posterior[index.to(device)], vae.config.scaling_factor)
         return diffusion_loss(module, scheduler, z0, f_txt, snr_gamma=s.snr_gamma)
 
     unet = fit("unet", unet, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
