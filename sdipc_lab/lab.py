@@ -174,6 +174,8 @@ def _load_source(source, device, dtype, *, download: bool) -> Lab:
     if name in HUB_SOURCES:
         places = {part: (CLIP_L14, None) for part in CLIP_PARTS}
         places.update({part: (HUB_SOURCES[name], part) for part in ("unet", "vae", "scheduler")})
+        if download and not hub_reachable():  # offline: the cache may hold them, and no minutes of retries
+            return _load(places, HUB_CONSTANTS, name, device, dtype, local_only=True, unreachable=True)
         return _load(places, HUB_CONSTANTS, name, device, dtype, local_only=not download)
     folder = Path(name).expanduser()
     if folder.is_dir():
@@ -320,12 +322,36 @@ def save_lab(lab: Lab, folder: str | os.PathLike, *, extra: dict | None = None, 
     return folder
 
 
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub answers from here (and HF_HUB_OFFLINE is not set): one request, `timeout`
+    seconds at most, instead of the hub client's minutes of retries when there is no network."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError:  # it answered, if not with 200
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def download(source: str) -> None:
     """Fetch a hub source's weights (safetensors and configs only) into the Hugging Face cache."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     if source not in HUB_SOURCES:
         raise ValueError(f"only hub sources can be downloaded: {', '.join(HUB_SOURCES)}")
+    if not hub_reachable():
+        raise WeightsNotFoundError(
+            f"cannot download {CLIP_L14} and {HUB_SOURCES[source]}: {constants.ENDPOINT} cannot be reached from this "
+            "machine (no network, a proxy that needs HTTPS_PROXY, or HF_HUB_OFFLINE=1). Run this where the hub can "
+            f"be reached, then copy the Hugging Face cache ({_hub_cache()}) here or point HF_HUB_CACHE at it.")
     weights = [f"{part}/diffusion_pytorch_model.safetensors" for part in ("unet", "vae")]
     configs = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"]
     for repo, patterns in ((CLIP_L14, ["*.json", "*.txt", "model.safetensors"]), (HUB_SOURCES[source], weights + configs)):
@@ -406,7 +432,10 @@ def quiet():
     diffusers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():  # the user's own warning filters come back on exit
+            # diffusers passes the hub client an argument it has deprecated, on every hub load: nothing to act on.
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            yield
     finally:
         transformers_logging.set_verbosity(t_level)
         diffusers_logging.set_verbosity(d_level)
@@ -414,7 +443,8 @@ def quiet():
             transformers_logging.enable_progress_bar()
 
 
-def _load(places: dict, constants: dict, source: str, device, dtype, *, local_only: bool) -> Lab:
+def _load(places: dict, constants: dict, source: str, device, dtype, *, local_only: bool,
+          unreachable: bool = False) -> Lab:
     parts = {}
     with quiet():
         for part, (where, subfolder) in places.items():
@@ -430,11 +460,11 @@ def _load(places: dict, constants: dict, source: str, device, dtype, *, local_on
                     # transformers 5 builds an empty tokenizer when its files are missing, silently.
                     raise OSError("no tokenizer files (vocabulary and merges) there")
             except (OSError, ValueError, SafetensorError) as error:  # hub/cache misses are OSErrors; cut files
-                raise _missing(part, where, subfolder, source, local_only, error) from None
+                raise _missing(part, where, subfolder, source, local_only, error, unreachable) from None
         return assemble(parts, constants, source=source, device=device, dtype=dtype)
 
 
-def _missing(part, where, subfolder, source, local_only, error) -> Exception:
+def _missing(part, where, subfolder, source, local_only, error, unreachable: bool = False) -> Exception:
     place = f"{where}" + (f" (sub-folder {subfolder!r})" if subfolder else "")
     if Path(where).is_absolute() or os.path.exists(where) or source not in HUB_SOURCES:
         return WeightsNotFoundError(
@@ -442,7 +472,9 @@ def _missing(part, where, subfolder, source, local_only, error) -> Exception:
             "A lab folder needs tokenizer/, text_encoder/, image_encoder/, feature_extractor/, unet/, vae/, "
             "scheduler/ and sdipc_lab.json, as written by sdipc_lab.save_lab(lab, folder).")
     cache = _hub_cache()
-    how = ("The hub was not asked (load_lab reads the local cache only unless download=True)."
+    how = ("download=True was asked, but the hub cannot be reached from this machine (no network, or "
+           "HF_HUB_OFFLINE=1), so only the cache was read." if unreachable else
+           "The hub was not asked (load_lab reads the local cache only unless download=True)."
            if local_only else "Downloading failed (no network, or the repository needs you to log in).")
     return WeightsNotFoundError(
         f"The weights for {source!r} are not on this machine: {part} from {place} is missing from the "

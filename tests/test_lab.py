@@ -188,3 +188,31 @@ def test_a_constant_the_lab_does_not_know_is_refused(lab, tmp_path):
         S.load_lab(folder, device="cpu")
     with pytest.raises(ValueError, match="unknown lab constants"):
         S.assemble(dict(zip(S.lab.COMPONENTS, (getattr(lab, p) for p in S.lab.COMPONENTS))), {**constants, "x": 1})
+
+
+def test_download_offline_says_so_at_once(tmp_path, monkeypatch):
+    """With no network, download=True reads the cache (it may hold the weights) and says the hub cannot be
+    reached, instead of minutes of the hub client's retries; `download()` names both repositories."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert not S.lab.hub_reachable(timeout=2)
+    with pytest.raises(S.WeightsNotFoundError, match="download=True was asked, but the hub cannot be reached"):
+        S.load_lab("sd-v1-4", device="cpu", download=True)
+    with pytest.raises(S.WeightsNotFoundError, match="openai/clip-vit-large-patch14 and CompVis/stable-diffusion-v1-4"):
+        S.download("sd-v1-4")
+
+
+def test_loading_hides_the_hub_clients_deprecation_and_keeps_the_users_filters():
+    import warnings
+
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with S.lab.quiet():
+            warnings.warn("The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`.")
+            warnings.warn("something else")  # other warnings still reach the user
+    assert [str(w.message) for w in seen] == ["something else"]
+    assert warnings.filters == before
