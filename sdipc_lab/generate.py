@@ -64,7 +64,7 @@ def sample(lab: Lab, prompt_embeds: torch.Tensor, *, negative_prompt_embeds: tor
     """Generate `n` images per prompt from prompt embeddings (B, 77, D); returns a flat list (B * n).
 
     `settings`, each defaulting to the lab's own: steps, guidance_scale, guidance_rescale, and height / width in
-    pixels (the lab's image size; on SD v1.4, 256 is ~4x cheaper than 512)."""
+    pixels (the lab's `size`, by default its U-Net's own: 512 on SD v1.4, where 256 is ~4x cheaper)."""
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise TypeError(f"unknown sampler setting(s) {sorted(unknown)}: use {', '.join(SETTINGS)}")
@@ -77,7 +77,7 @@ def sample(lab: Lab, prompt_embeds: torch.Tensor, *, negative_prompt_embeds: tor
     if not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale must be between 0 (off) and 1, got {guidance_rescale}")
     factor = max(8, lab.pipe.vae_scale_factor)  # the pipeline's own rule, and the VAE's downsampling
-    height, width = (whole_number(k, get(k, lab.image_size), low=factor) for k in ("height", "width"))
+    height, width = (whole_number(k, get(k, lab.size or lab.image_size), low=factor) for k in ("height", "width"))
     if height % factor or width % factor:
         raise ValueError(f"height and width must be multiples of {factor}, got {height} x {width}")
     if negative_prompt_embeds is not None and guidance_scale <= 1:

@@ -216,3 +216,19 @@ def test_loading_hides_the_hub_clients_deprecation_and_keeps_the_users_filters()
             warnings.warn("something else")  # other warnings still reach the user
     assert [str(w.message) for w in seen] == ["something else"]
     assert warnings.filters == before
+
+
+def test_a_sessions_steps_and_size_are_every_calls_default():
+    lab = S.load_lab("tiny", device="cpu", steps=3, size=16)
+    calls = []
+    hook = lab.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        [image] = S.generate(lab, "a red star", n=1)
+        assert image.size == (16, 16) and len(calls) == 3  # one U-Net call per step (guidance batched)
+        [image] = S.generate(lab, "a red star", n=1, steps=1, height=lab.image_size, width=lab.image_size)
+        assert image.size == (lab.image_size,) * 2 and len(calls) == 4  # a call's own settings win
+    finally:
+        hook.remove()
+    for bad in ({"steps": 0}, {"size": 12}, {"size": 2.5}):
+        with pytest.raises(ValueError, match="steps|size"):
+            S.load_lab("tiny", device="cpu", **bad)
