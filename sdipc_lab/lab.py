@@ -49,7 +49,7 @@ PAPER_FINETUNE_LR = {"ft": 1e-5, "ct": 5e-6, "custom-diffusion": 1e-5}
 # The paper's constants for CLIP ViT-L/14 (footnote 6, Eq. 6) and the public code's T-space norm.
 HUB_CONSTANTS = dict(cutoff=0.3, norm=27.0, norm_t=27.5, steps=50, guidance_scale=7.5, finetune_lr=PAPER_FINETUNE_LR)
 TOY_FOLDER = Path(__file__).parent / "toyworld" / "lab"
-KNOWN_SOURCES = ("toy", "tiny", *HUB_SOURCES)
+KNOWN_SOURCES = ("toy", "tiny", *HUB_SOURCES, "auto")
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -149,7 +149,9 @@ def pick_device() -> torch.device:
 
 def load_lab(source: str | os.PathLike = "toy", *, device=None, dtype=None, download: bool = False,
              threads: int | None = None, steps: int | None = None, size: int | None = None) -> Lab:
-    """Load a lab: `"toy"` (default, shipped), `"tiny"` (random), `"sd-v1-4"`, `"sd-v1-5"`, or a folder.
+    """Load a lab: `"toy"` (default, shipped), `"tiny"` (random), `"sd-v1-4"`, `"sd-v1-5"`, a folder, or `"auto"`:
+    SD v1.4 where a CUDA GPU is present (downloaded into the Hugging Face cache if missing), else the teaching lab;
+    the choice is printed.
 
     Hub sources are read from the local Hugging Face cache only, unless `download=True`.
     The device defaults to CUDA, then MPS, then CPU; the dtype to fp16 on a GPU, fp32 on CPU.
@@ -173,6 +175,10 @@ def load_lab(source: str | os.PathLike = "toy", *, device=None, dtype=None, down
 
 def _load_source(source, device, dtype, *, download: bool) -> Lab:
     name = os.fspath(source)
+    if name == "auto":
+        name, why = ("sd-v1-4", "a CUDA GPU is present") if device.type == "cuda" else ("toy", f"no CUDA GPU ({device})")
+        print(f"SOURCE 'auto' -> {name!r}: {why}")
+        download = download or name in HUB_SOURCES
     if name == "tiny":
         return _load_tiny(device, dtype)
     if name == "toy":

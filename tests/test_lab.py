@@ -232,3 +232,17 @@ def test_a_sessions_steps_and_size_are_every_calls_default():
     for bad in ({"steps": 0}, {"size": 12}, {"size": 2.5}):
         with pytest.raises(ValueError, match="steps|size"):
             S.load_lab("tiny", device="cpu", **bad)
+
+
+def test_auto_source_follows_the_hardware(capsys, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    lab = S.load_lab("auto", device="cpu")
+    assert lab.source == "toy" and "SOURCE 'auto' -> 'toy': no CUDA GPU (cpu)" in capsys.readouterr().out
+    # On a CUDA device "auto" means SD v1.4, fetched if missing: offline here, so the cache is read and the
+    # message says why (the device object is all that is consulted; nothing runs on it).
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(S.WeightsNotFoundError, match="download=True was asked"):
+        S.lab._load_source("auto", torch.device("cuda"), torch.float16, download=False)
+    assert "SOURCE 'auto' -> 'sd-v1-4': a CUDA GPU is present" in capsys.readouterr().out
