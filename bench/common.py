@@ -18,11 +18,12 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
 
 
 def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table (the package's own writer, `sdipc_lab.plots.Table`), numbers as bench tables show them."""
+    from sdipc_lab.plots import Table
+
     def fmt(x):
         if isinstance(x, float):
             return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
         return str(x)
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return str(Table([dict(zip(headers, map(fmt, row))) for row in rows]))
