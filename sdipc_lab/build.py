@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -180,3 +181,82 @@ def random_components(sizes: Sizes = TINY, *, words: Iterable[str] = TINY_WORDS,
     )
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=image_encoder,
                 feature_extractor=feature_extractor, unet=unet, vae=vae, scheduler=sd_v1_scheduler())
+
+
+# ---------------------------------------------------------------------------------- a local hub cache
+
+HUB_REPOS = {"clip": "openai/clip-vit-large-patch14", "sd": "CompVis/stable-diffusion-v1-4"}
+# Reduced widths for a fast offline test of the full-scale path; the rest of each real config is kept.
+SHRUNK = dict(text=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=1),
+              vision=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=1),
+              projection_dim=64, unet=dict(block_out_channels=[32, 64, 64, 64], layers_per_block=1),
+              vae=dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1))
+
+
+def hub_cache(folder, configs, *, shrink: dict | None = SHRUNK, words: Iterable[str] = TINY_WORDS,
+              seed: int = 0) -> Path:
+    """A Hugging Face hub cache (`folder/models--org--name/{refs/main, snapshots/REV/...}`, as the hub client
+    writes it) holding CLIP ViT-L/14 and SD v1.4 with their real configuration files (read from `configs`, one
+    sub-folder per repository: `openai--clip-vit-large-patch14/`, `CompVis--stable-diffusion-v1-4/`) and random
+    weights, at the widths of `shrink` (None: the real ones, several GB). The tokenizer is a small word-level
+    one (`words`) in the real tokenizer's files and layout. Point HF_HUB_CACHE at `folder` and set
+    HF_HUB_OFFLINE=1: `load_lab("sd-v1-4")` then runs its real `from_pretrained` path on this machine."""
+    import json
+    import shutil
+    import tempfile
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPModel
+
+    folder, configs = Path(folder), Path(configs)
+    shrink = shrink or {}
+    snapshots = {}
+    for key, repo in HUB_REPOS.items():
+        root = folder / f"models--{repo.replace('/', '--')}"
+        revision = "0" * 40  # any commit hash: refs/main names the snapshot
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / "main").write_text(revision)
+        snapshots[key] = root / "snapshots" / revision
+        shutil.copytree(configs / repo.replace("/", "--"), snapshots[key], dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.md"))
+
+    def edit(path: Path, change) -> dict:
+        config = json.loads(path.read_text())
+        change(config)
+        path.write_text(json.dumps(config, indent=2) + "\n")
+        return config
+
+    def shrink_clip(config):
+        for tower in ("text", "vision"):
+            for key in (f"{tower}_config", f"{tower}_config_dict"):  # the legacy file has both; *_dict wins
+                if key in config:
+                    config[key].update(shrink.get(tower, {}))
+                    if "projection_dim" in shrink and "projection_dim" in config[key]:
+                        config[key]["projection_dim"] = shrink["projection_dim"]
+        config["projection_dim"] = shrink.get("projection_dim", config["projection_dim"])
+
+    clip_dir, sd_dir = snapshots["clip"], snapshots["sd"]
+    clip_config = edit(clip_dir / "config.json", shrink_clip)
+    unet_config = edit(sd_dir / "unet" / "config.json", lambda c: c.update(
+        shrink.get("unet", {}), cross_attention_dim=clip_config["text_config_dict"].get(
+            "hidden_size", clip_config["text_config"]["hidden_size"])))
+    vae_config = edit(sd_dir / "vae" / "config.json", lambda c: c.update(shrink.get("vae", {})))
+
+    with tempfile.TemporaryDirectory() as tmp:  # the BPE files the hub holds: vocab.json and merges.txt
+        word_tokenizer(words).save_pretrained(tmp)
+        model = json.loads((Path(tmp) / "tokenizer.json").read_text())["model"]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    for where in (clip_dir, sd_dir / "tokenizer"):
+        where.mkdir(exist_ok=True)
+        (where / "vocab.json").write_text(json.dumps(model["vocab"]))
+        (where / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = CLIPModel(CLIPConfig.from_dict(clip_config))
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, clip_dir / "model.safetensors")
+        for part, cls, config in (("unet", UNet2DConditionModel, unet_config), ("vae", AutoencoderKL, vae_config)):
+            model = cls.from_config(config)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      sd_dir / part / "diffusion_pytorch_model.safetensors")
+    return folder
