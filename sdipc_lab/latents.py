@@ -16,10 +16,11 @@ def pixels_of(images, device, size: int) -> torch.Tensor:  # (B, 3, size, size) 
 
 
 @torch.no_grad()
-def encode_latents(lab: Lab, images, sample: bool = True) -> torch.Tensor:
-    """Scaled VAE latents (B, 4, h, w) of PIL images at the lab's size; sampled from the posterior by
-    default (as the latent tower was trained), its mean with `sample=False`."""
-    dist = lab.vae.encode(pixels_of(images, lab.device, lab.image_size).to(lab.dtype)).latent_dist
+def encode_latents(lab: Lab, images, sample: bool = True, size: int | None = None) -> torch.Tensor:
+    """Scaled VAE latents (B, 4, h, w) of PIL images resized to `size` pixels (default: the U-Net's own,
+    `lab.image_size`); sampled from the posterior by default (as the latent tower was trained), its mean with
+    `sample=False`."""
+    dist = lab.vae.encode(pixels_of(images, lab.device, size or lab.image_size).to(lab.dtype)).latent_dist
     return (dist.sample() if sample else dist.mean) * lab.vae.config.scaling_factor
 
 
