@@ -129,52 +129,65 @@ def sd_v1_scheduler(**overrides):
     return DDIMScheduler(**config)
 
 
+def new_text_encoder(tokenizer, width: int, layers: int, heads: int, projection_dim: int):
+    """A random CLIP text tower with its projection W_t (projection_dim, width), for `tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+        num_attention_heads=heads, projection_dim=projection_dim, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+
+def new_image_encoder(width: int, layers: int, heads: int, projection_dim: int, image_size: int, patch_size: int):
+    """A random CLIP ViT image tower with its projection W_i (projection_dim, width)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+        projection_dim=projection_dim, image_size=image_size, patch_size=patch_size))
+
+
+def new_vae(channels: tuple[int, ...], norm_groups: int, image_size: int):
+    """A random SD-style VAE: 4 latent channels, len(channels) - 1 halvings of `image_size`."""
+    from diffusers import AutoencoderKL
+
+    n = len(channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         layers_per_block=1, norm_num_groups=norm_groups, sample_size=image_size)
+
+
+def new_unet(channels: tuple[int, ...], layers: int, heads: int, cross_dim: int, norm_groups: int, latent_size: int):
+    """A random SD-style U-Net on 4-channel latents (latent_size, latent_size), cross-attending to width `cross_dim`."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=layers,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_dim, attention_head_dim=heads, norm_num_groups=norm_groups)
+
+
 def random_components(sizes: Sizes = TINY, *, words: Iterable[str] = TINY_WORDS, seed: int = 0) -> dict:
     """Randomly initialised lab components, deterministic given `seed`.
 
     Returns the dict `load_lab` reads from a folder: tokenizer, text_encoder, image_encoder,
     feature_extractor, unet, vae, scheduler.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
+    from transformers import CLIPImageProcessorPil
 
     s = sizes
     tokenizer = word_tokenizer(words)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=s.text_width, intermediate_size=4 * s.text_width,
-            num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads,
-            projection_dim=s.projection_dim, max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ))
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=s.vision_width, intermediate_size=4 * s.vision_width,
-            num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
-            projection_dim=s.projection_dim, image_size=s.clip_image_size, patch_size=s.patch_size,
-        ))
-        n_down = len(s.vae_channels)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=s.vae_channels,
-            down_block_types=("DownEncoderBlock2D",) * n_down, up_block_types=("UpDecoderBlock2D",) * n_down,
-            layers_per_block=1, norm_num_groups=s.norm_groups, sample_size=s.image_size,
-        )
-        n_unet = len(s.unet_channels)
-        unet = UNet2DConditionModel(
-            sample_size=s.image_size // 2 ** (n_down - 1), in_channels=4, out_channels=4,
-            block_out_channels=s.unet_channels, layers_per_block=s.unet_layers,
-            down_block_types=("CrossAttnDownBlock2D",) * (n_unet - 1) + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_unet - 1),
-            cross_attention_dim=s.text_width, attention_head_dim=s.unet_heads,
-            norm_num_groups=s.norm_groups,
-        )
+        text_encoder = new_text_encoder(tokenizer, s.text_width, s.text_layers, s.text_heads, s.projection_dim)
+        image_encoder = new_image_encoder(s.vision_width, s.vision_layers, s.vision_heads, s.projection_dim,
+                                          s.clip_image_size, s.patch_size)
+        vae = new_vae(s.vae_channels, s.norm_groups, s.image_size)
+        unet = new_unet(s.unet_channels, s.unet_layers, s.unet_heads, s.text_width, s.norm_groups,
+                        s.image_size // 2 ** (len(s.vae_channels) - 1))
     feature_extractor = CLIPImageProcessorPil(
         size={"shortest_edge": s.clip_image_size},
         crop_size={"height": s.clip_image_size, "width": s.clip_image_size},

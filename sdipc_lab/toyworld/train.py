@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import build
 from ..build import sd_v1_scheduler, word_tokenizer
 from ..convert import token_ids
 from ..lab import Lab, assemble, load_lab, quiet, save_lab, usable_cpus
@@ -148,21 +149,9 @@ def new_tokenizer():
 
 
 def new_clip(s: ModelSizes, tokenizer):
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
-
-    text = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=s.width, intermediate_size=4 * s.width, num_hidden_layers=s.text_layers,
-        num_attention_heads=s.heads, projection_dim=s.width, max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=s.width, intermediate_size=4 * s.width, num_hidden_layers=s.vision_layers, num_attention_heads=s.heads,
-        projection_dim=s.width, image_size=SIZE, patch_size=s.patch))
-    return text, vision
+    """The text and image towers, W_t square (width x width) as in ViT-L/14."""
+    return (build.new_text_encoder(tokenizer, s.width, s.text_layers, s.heads, s.width),
+            build.new_image_encoder(s.width, s.vision_layers, s.heads, s.width, SIZE, s.patch))
 
 
 class ClipTrainer(torch.nn.Module):
@@ -188,12 +177,7 @@ class ClipTrainer(torch.nn.Module):
 
 
 def new_vae(s: ModelSizes):
-    from diffusers import AutoencoderKL
-
-    n = len(s.vae_channels)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=s.vae_channels,
-                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                         layers_per_block=1, norm_num_groups=s.norm_groups, sample_size=SIZE)
+    return build.new_vae(s.vae_channels, s.norm_groups, SIZE)
 
 
 class VaeTrainer(torch.nn.Module):
@@ -208,15 +192,8 @@ class VaeTrainer(torch.nn.Module):
 
 
 def new_unet(s: ModelSizes, cross_dim: int):
-    from diffusers import UNet2DConditionModel
-
-    n = len(s.unet_channels)
-    return UNet2DConditionModel(
-        sample_size=SIZE // 2 ** (len(s.vae_channels) - 1), in_channels=4, out_channels=4,
-        block_out_channels=s.unet_channels, layers_per_block=s.unet_layers,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        cross_attention_dim=cross_dim, attention_head_dim=s.unet_heads, norm_num_groups=s.norm_groups)
+    return build.new_unet(s.unet_channels, s.unet_layers, s.unet_heads, cross_dim, s.norm_groups,
+                          SIZE // 2 ** (len(s.vae_channels) - 1))
 
 
 def toy_scheduler():
