@@ -11,8 +11,10 @@ every page in headless Chromium (`chromium --headless --dump-dom`, JavaScript ru
 figures drawn and any error text a reader would see: "Error displaying widget", a Python traceback, an
 "Error" output. Screenshots of each page's top go to `build/book/screenshots/` to look at.
 
-nbconvert's client now and then stalls on a slider cell (jupyter/nbclient#312: the kernel is idle, the client
-waits on): a notebook that exceeds its time limit is executed again, up to `--tries` times.
+Slider and panel cells appear with their code but are not run: a static page has no kernel to move them (open
+the notebook in JupyterLab for that), and nbconvert's client stalls on them now and then (jupyter/nbclient#312:
+the kernel idle, the client waiting on). A notebook that still exceeds its time limit is run again, up to
+`--tries` times.
 """
 
 from __future__ import annotations
@@ -41,11 +43,22 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+WIDGETS = re.compile(r"_slider\(|_panel\(")  # live-kernel cells: a static page cannot move their knobs
+
+
 def execute(notebook: Path, out: Path, minutes: float, tries: int) -> float:
-    """Run `notebook` top to bottom into `out`; returns the seconds of the run that finished."""
+    """Run `notebook` top to bottom into `out`; returns the seconds of the run that finished. Slider and panel
+    cells are shown but not run (tagged skip-execution): a website has no kernel to move them, and running them
+    is where nbconvert's client stalls."""
+    nb = json.loads(notebook.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code" and WIDGETS.search("".join(cell["source"])):
+            cell.setdefault("metadata", {}).setdefault("tags", []).append("skip-execution")
+    source = out.with_name(out.stem + ".in.ipynb")
+    source.write_text(json.dumps(nb))
     for attempt in range(1, tries + 1):
         start = time.time()
-        cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", str(notebook),
+        cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", str(source),
                "--output-dir", str(out.parent), "--output", out.name, "--ExecutePreprocessor.timeout=900"]
         try:
             subprocess.run(cmd, check=True, timeout=60 * minutes, cwd=NOTEBOOKS, capture_output=True, text=True)
