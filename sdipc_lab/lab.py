@@ -161,13 +161,9 @@ def load_lab(source: str | os.PathLike = "toy", *, device=None, dtype=None, down
     50 steps at 512 px; 256 px is ~4x cheaper). Every call can still pass its own.
     """
     lab = _load_source(source, *_device_and_dtype(device, dtype), download=download)
-    if threads is not None:
-        lab.threads = whole_threads(threads)
-    for name, value in (("steps", steps), ("size", size)):
+    for name, value in (("threads", threads), ("steps", steps), ("size", size)):
         if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1 (or None for the lab's), got {value!r}")
-            setattr(lab, name, value)
+            setattr(lab, name, whole(name, value))
     if lab.size is not None and lab.size % 8:
         raise ValueError(f"size must be a multiple of 8 pixels (the VAE's downsampling), got {lab.size}")
     return lab
@@ -256,11 +252,12 @@ def _quota_in(folder: Path, *, v2: bool) -> float | None:
         return None
 
 
-def whole_threads(threads) -> int:
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a whole number >= 1 (this process may use {usable_cpus()} CPUs), "
-                         f"got {threads!r}")
-    return threads
+def whole(name: str, value) -> int:
+    """`value` if it is a whole number >= 1, else a ValueError naming `name` (None keeps the lab's own)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        hint = f"this process may use {usable_cpus()} CPUs" if name == "threads" else "or None for the lab's own"
+        raise ValueError(f"{name} must be a whole number >= 1 ({hint}), got {value!r}")
+    return value
 
 
 @contextlib.contextmanager
