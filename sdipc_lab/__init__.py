@@ -19,6 +19,7 @@ from .convert import (
                       sos_state,
                       text_embeds,
 )
+from .datasets import candidate_texts, example_edit, judge_for, knows_world, photos, references
 from .generate import edit, generate, sample, vary
 from .images import as_rgb_images
 from .lab import (
@@ -38,8 +39,8 @@ from .plots import pipeline_diagram, show_images
 
 __all__ = [
     "InverseProjection", "KNOWN_SOURCES", "Lab", "WeightsNotFoundError", "as_rgb_images", "assemble", "blend",
-    "convert", "download", "edit", "edit_prompt_embeds", "encode_text", "eos_prompt_embeds", "generate", "image_embeds",
-    "image_prompt_embeds", "inverse_projection", "limit_threads", "load_lab", "nearest_texts", "pick_device", "pipeline_diagram",
-    "pseudo_prompt", "sample", "save_lab", "show_images",
+    "candidate_texts", "convert", "download", "edit", "example_edit", "edit_prompt_embeds", "encode_text", "eos_prompt_embeds", "generate", "image_embeds",
+    "image_prompt_embeds", "inverse_projection", "judge_for", "knows_world", "limit_threads", "load_lab", "nearest_texts", "pick_device", "pipeline_diagram",
+    "photos", "pseudo_prompt", "references", "sample", "save_lab", "show_images",
     "sos_state", "text_embeds", "usable_cpus", "vary",
 ]

@@ -6,14 +6,13 @@ import argparse
 import sys
 import time
 
-from . import edit, load_lab, show_images, vary
+from . import edit, example_edit, load_lab, references, show_images, vary
 from .lab import download
-from .toyworld import sample
 
 
 def demo(source: str, out: str, n: int, seed: int, **settings) -> None:
-    """Convert three randomly drawn test images to prompts, and save their variations and an edit as one figure."""
-    import random
+    """Convert three randomly drawn references (test images of the world, or photographs on SD) to prompts, and
+    save their variations and an edit as one figure."""
     from pathlib import Path
 
     out = Path(out).expanduser()
@@ -24,23 +23,22 @@ def demo(source: str, out: str, n: int, seed: int, **settings) -> None:
     start = time.perf_counter()
     lab = load_lab(source)
     print(f"loaded {lab} in {time.perf_counter() - start:.1f} s")
-    indices = random.Random(seed).sample(range(1000), 3)  # drawn at random by the seed: no hand-picked examples
-    references = [sample(i, "test", two_objects=0) for i in indices]
+    refs = references(lab, 3, seed=seed)  # drawn at random by the seed: no hand-picked examples
     start = time.perf_counter()
     rows, labels = [], []
-    for s in references:
+    for s in refs:
         rows += [s.image, *vary(lab, s.image, n=n, seed=seed, **settings)]
-        labels.append(_wrap(f"test #{indices[len(labels)]}: {s.caption}"))
-    edit_text = "a huge star"
-    rows += [references[0].image, *edit(lab, references[0].image, edit_text, n=n, seed=seed, **settings)]
-    labels.append(f"EDIT of test #{indices[0]}\n+ '{edit_text}'\n(alpha 0.9, Eq. 8)")
+        labels.append(_wrap(s.caption))
+    edit_text = example_edit(lab)
+    rows += [refs[0].image, *edit(lab, refs[0].image, edit_text, n=n, seed=seed, **settings)]
+    labels.append(f"EDIT of row 1\n+ '{edit_text}'\n(alpha 0.9, Eq. 8)")
     seconds = time.perf_counter() - start
     titles = (["reference"] + [f"variation {k}" for k in range(n)]) * 3 + ["reference"] + [f"edit {k}" for k in range(n)]
     fig = show_images(rows, titles, ncols=n + 1, row_labels=labels,
                       suptitle=f"SD-IPC on the {lab.source!r} lab: variations from the image alone (rows 1-3;\n"
                                f"the captions are shown for reference, never used), and an edit with text (row 4)")
     fig.savefig(out, dpi=120, bbox_inches="tight")
-    print(f"{len(references) * n} variations + {n} edits in {seconds:.1f} s on {lab.device}; figure: {out.resolve()}")
+    print(f"{len(refs) * n} variations + {n} edits in {seconds:.1f} s on {lab.device}; figure: {out.resolve()}")
 
 
 def _wrap(text: str, width: int = 28) -> str:

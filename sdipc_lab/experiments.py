@@ -1,7 +1,8 @@
-"""The measurements behind the notebooks: one function per table, on toy-world samples.
+"""The measurements behind the notebooks: one function per table, on the references `datasets.references`
+gives a lab (toy-world samples, or photographs on SD).
 
 Each returns plain rows (lists of dicts) that `plots.table` renders and the notebooks assert on.
-`judge` is the toy world's independent judge (`toyworld.judge.Judge()`), or None to skip its columns.
+`judge` is the toy world's independent judge (`datasets.judge_for(lab)`), or None to skip its columns.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionStore, installed, token_mask
 from .convert import convert, image_embeds
+from .datasets import zero_shot
 from .finetune import Concepts, custom_diffusion, finetune
 from .generate import edit, generate, progress, sample, vary
 from .lab import Lab
@@ -19,7 +21,7 @@ from .latent_clip import reno
 from .measure import cutoff_sweep, norm_distributions  # noqa: F401 (norm_distributions: notebook 03 calls it here)
 from .metrics import clip_fid, clip_i, clip_score, clip_t
 from .toyworld import concept_samples
-from .toyworld.evaluate import prompt_conditions, zero_shot
+from .toyworld.evaluate import prompt_conditions
 from .toyworld.judge import agreement
 
 MASKING_CONDITIONS = {

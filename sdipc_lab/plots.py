@@ -68,13 +68,17 @@ VERDICTS = ("reproduced", "not reproduced here", "opposite here", "information")
 
 def verdict(effect: float | None, margin: float = 0.0, *, opposite: bool = True) -> str:
     """A claim's verdict from its measured effect, signed so that positive is the paper's direction: "reproduced"
-    above `margin`, "opposite here" below -`margin`, "not reproduced here" between; None is "information".
+    above `margin`, "opposite here" below -`margin`, "not reproduced here" between; None is "information";
+    NaN is "not measured here" (a column this lab has no measure for: the toy judge's, on SD; see
+    `datasets.measured`).
     `opposite=False` for claims of the kind "within a tolerance", which have no opposite: a miss is "not
     reproduced here"."""
     if effect is None:
         return "information"
+    if math.isnan(effect):
+        return "not measured here"
     if not math.isfinite(effect):
-        raise ValueError(f"a claim's effect must be a number, got {effect}: was something not measured?")
+        raise ValueError(f"a claim's effect must be a finite number, got {effect}")
     if effect > margin:
         return "reproduced"
     return "opposite here" if effect < -margin and opposite else "not reproduced here"
@@ -101,7 +105,11 @@ def check_verdicts(table: Table, expected: dict) -> None:
 
 def plot_curves(rows: Sequence[dict], x: str, ys: Sequence[str], *, logx: bool = False, title: str = "",
                 ylabel: str = ""):
-    """One line per column `ys` against column `x`; returns the figure."""
+    """One line per column `ys` against column `x`; returns the figure. Columns the rows do not have (the judge's,
+    on a lab without one) are left out; with none left, nothing is drawn and None is returned."""
+    ys = [y for y in ys if rows and y in rows[0]]
+    if not ys:
+        return None
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for y in ys:
         ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o", label=y)

@@ -61,8 +61,9 @@ def test_verdicts_follow_the_measured_effect():
     assert plots.verdict(-0.3, 0.1) == "opposite here"
     assert plots.verdict(None) == "information"
     assert plots.verdict(-0.3, 0.1, opposite=False) == "not reproduced here"  # a missed tolerance has no opposite
-    with pytest.raises(ValueError, match="not measured"):
-        plots.verdict(float("nan"))
+    assert plots.verdict(float("nan")) == "not measured here"  # a column this lab has no measure for (SD: the judge)
+    with pytest.raises(ValueError, match="finite"):
+        plots.verdict(float("inf"))
     table = plots.claims([{"claim": "x helps", "paper": "Sec. 1", "measured here": "0.3", "effect": 0.3, "margin": 0.1}])
     assert table.rows[0]["verdict"] == "reproduced" and "effect" not in table.rows[0]
     plots.check_verdicts(table, {"x helps": "reproduced"})

@@ -113,7 +113,7 @@ LAYERS = [
     {"adapters"},                                                 # what fine-tuning trains, and `applied`
     {"generate"},                                                 # vary / edit / generate
     {"finetune", "probing", "toyworld.evaluate", "toyworld.train"},
-    {"latent_clip"},
+    {"latent_clip", "datasets"},                                  # what each lab is shown: the world or photos
     {"experiments", "widgets", ""},                               # "" is the package's __init__
     {"__main__"},
 ]
