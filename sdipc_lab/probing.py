@@ -80,7 +80,12 @@ def unet_features(lab: Lab, captions: list[str], *, at_steps=(0, 5, 10, 15, 19),
 
     With `null_prompt=True` the U-Net gets the empty prompt instead (the control: if decoding drops to
     chance, the semantics came from CLIP)."""
+    outside = sorted(k for k in set(at_steps) if not 0 <= k < steps)
+    if outside:
+        raise ValueError(f"at_steps {outside} are outside the reverse process's {steps} steps (0 to {steps - 1}): "
+                         "read features at earlier steps, or raise steps")
     at_steps = set(at_steps)
+    size = lab.size or lab.image_size  # the session's image size (load_lab(size=...)), as generate uses
     out: dict[str, list] = {}
     state = {"step": 0}
     handles = []
@@ -107,6 +112,7 @@ def unet_features(lab: Lab, captions: list[str], *, at_steps=(0, 5, 10, 15, 19),
                 f_txt, _ = encode_text(lab, [""] * len(chunk) if null_prompt else chunk)
                 state["step"] = 0
                 latents = lab.pipe(prompt_embeds=f_txt, num_inference_steps=steps, guidance_scale=lab.guidance_scale,
+                                   height=size, width=size,
                                    generator=torch.Generator("cpu").manual_seed(seed + i), output_type="latent",
                                    callback_on_step_end=on_step_end).images
                 out.setdefault("latent", []).append(latents.float().flatten(1).cpu())

@@ -1,5 +1,7 @@
 """Companion papers: probing (000) and latent CLIP with ReNO (001), on the tiny lab."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -191,3 +193,14 @@ def test_latent_tower_reads_posterior_samples_or_means(lab, towers, tmp_path):
     assert not any(torch.isclose(seen["sample"][0], m, atol=1e-5).all().item() for m in means)  # a sample is not one
     with pytest.raises(ValueError, match="posterior must be"):
         LC.train_tower(lab, "latent", world=world, out=tmp_path / "x", steps=1, posterior="mode")
+
+
+def test_unet_features_follow_the_session_size_and_refuse_steps_outside_the_process(lab, data):
+    """Issue 15.4: a lab loaded with size=... is probed at that size (SD v1.4 at 256 px is ~4x cheaper)."""
+    captions = [s.caption for s in data[:2]]
+    bigger = dataclasses.replace(lab, size=2 * lab.image_size)
+    native = P.unet_features(lab, captions, at_steps=(0,), steps=2)["latent"]
+    doubled = P.unet_features(bigger, captions, at_steps=(0,), steps=2)["latent"]
+    assert doubled.shape[1] == 4 * native.shape[1]  # twice the side: four times the latent's positions
+    with pytest.raises(ValueError, match=r"at_steps \[5\] are outside the reverse process's 3 steps"):
+        P.unet_features(lab, captions, at_steps=(0, 5), steps=3)
