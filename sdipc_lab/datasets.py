@@ -24,9 +24,9 @@ import math
 import random
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from .generate import whole_number
 from .lab import HUB_SOURCES, Lab
 from .toyworld import all_captions, evaluate, sample, samples
 from .toyworld.judge import Judge
@@ -103,11 +103,12 @@ def _photos() -> tuple[Photo, ...]:
 def photos(n: int | None = None, *, seed: int | None = None) -> list[Photo]:
     """The real photographs (all of them, or `n`): the first `n` in `PHOTOS` order, or `n` drawn by `seed`."""
     pool = list(_photos())
-    n = len(pool) if n is None else _count(n)
+    n = len(pool) if n is None else whole_number("n", n, low=1)
     if n > len(pool):
         raise ValueError(f"asked for {n} photographs; there are {len(pool)} ({', '.join(PHOTOS)}). "
                          f"Ask for at most {len(pool)}, or pass your own images to vary / edit.")
-    return random.Random(seed).sample(pool, n) if seed is not None else pool[:n]
+    chosen = random.Random(seed).sample(pool, n) if seed is not None else pool[:n]
+    return [dataclasses.replace(p, image=p.image.copy()) for p in chosen]  # yours to draw on: the cache stays clean
 
 
 def references(lab: Lab, n: int, *, seed: int | None = None, kind: str | None = None, **world) -> list:
@@ -116,7 +117,7 @@ def references(lab: Lab, n: int, *, seed: int | None = None, kind: str | None = 
     on every lab). `seed=None`: the first `n` (a fixed set, as tables use); an int: `n` drawn at random by the
     seed. `kind`: "photos" or "world" instead of the lab's own kind (photographs can be shown to any lab).
     `world`: passed to `toyworld.samples` (e.g. split="train")."""
-    n = _count(n)
+    n = whole_number("n", n, low=1)
     if kind not in (None, "photos", "world"):
         raise ValueError(f'kind must be "photos", "world" or None (the lab\'s own), got {kind!r}')
     if (kind or ("world" if knows_world(lab) else "photos")) == "photos":
@@ -128,12 +129,6 @@ def references(lab: Lab, n: int, *, seed: int | None = None, kind: str | None = 
     return [sample(i, split, **world) for i in random.Random(seed).sample(range(1000), n)]
 
 
-def _count(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive whole number of references, got {n!r}")
-    return n
-
-
 def judge_for(lab: Lab):
     """The toy world's independent judge for a lab that knows the world; None otherwise (SD is judged by
     CLIP-I / CLIP-T alone: every table in `experiments` leaves the judge's columns out for judge=None)."""
@@ -142,12 +137,11 @@ def judge_for(lab: Lab):
     return Judge()
 
 
-def candidate_texts(lab: Lab, data=None) -> list[str]:
-    """Texts to read a converted prompt against (`nearest_texts`): every caption of the world for a world lab;
-    for photographs, their captions and a photo of each distractor subject."""
-    if data is None:
-        data = references(lab, len(PHOTOS))
-    if not _are_photos(data):
+def candidate_texts(lab: Lab) -> list[str]:
+    """Texts to read a converted prompt against (`nearest_texts`), in the lab's own language: every caption of
+    the world for a world lab (whatever it is shown); for SD, the photographs' captions and a photo of each
+    distractor subject."""
+    if knows_world(lab):
         return all_captions()
     return [p.caption for p in _photos()] + [PHOTO_TEMPLATE.format(s) for s in DISTRACTOR_SUBJECTS]
 
@@ -183,19 +177,13 @@ def zero_shot(lab: Lab, data, space: str = "c", cutoff: float | None = None) -> 
     return {"subject": (pred == truth).float().mean().item()}
 
 
-@torch.no_grad()
 def word_reading(lab: Lab, f: torch.Tensor, like) -> list[dict]:
     """Which word a T-space vector f (D,) picks for each attribute of reference `like`
     (`toyworld.evaluate.word_reading`); for a photograph, which subject ("a photo of a {}") among all of them."""
     if not isinstance(like, Photo):
         return evaluate.word_reading(lab, f, like)
     subjects = _subjects()
-    f_eos = evaluate.text_features(lab, [PHOTO_TEMPLATE.format(s) for s in subjects], "t")  # (S, D), unit
-    cos = (f_eos @ F.normalize(f.float().to(f_eos.device), dim=0)).cpu()
-    order = cos.argsort(descending=True).tolist()
-    return [{"attribute": "subject", "read as": subjects[order[0]], "cosine": round(float(cos[order[0]]), 3),
-             "runner-up": subjects[order[1]], "margin": round(float(cos[order[0]] - cos[order[1]]), 3),
-             "truth": like.subject}]
+    return [evaluate.read_word(lab, f, "subject", subjects, [PHOTO_TEMPLATE.format(s) for s in subjects], like.subject)]
 
 
 def retrieval(lab: Lab, data, space: str = "c", cutoff: float | None = None) -> dict:
@@ -203,15 +191,8 @@ def retrieval(lab: Lab, data, space: str = "c", cutoff: float | None = None) -> 
     captions (`toyworld.evaluate.retrieval`), photographs against their captions."""
     if not _are_photos(data):
         return evaluate.retrieval(lab, data, space, cutoff=cutoff)
-    sim = evaluate.image_features(lab, [p.image for p in data], space, cutoff=cutoff) @ \
-        evaluate.text_features(lab, [p.caption for p in data], space).T  # (N, N)
-    truth = torch.arange(len(data))
-
-    def recall(scores, k):
-        return (scores.topk(min(k, len(data)), dim=1).indices.cpu() == truth[:, None]).any(1).float().mean().item()
-
-    return {"i2t R@1": recall(sim, 1), "i2t R@5": recall(sim, 5), "t2i R@1": recall(sim.T, 1),
-            "t2i R@5": recall(sim.T, 5)}
+    return evaluate.recalls(evaluate.image_features(lab, [p.image for p in data], space, cutoff=cutoff)
+                            @ evaluate.text_features(lab, [p.caption for p in data], space).T)  # (N, N)
 
 
 def measured(row: dict) -> dict:

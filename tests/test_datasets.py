@@ -59,7 +59,7 @@ def test_the_world_is_shown_to_world_labs_and_photographs_to_sd(lab, sd_like):
 
 @pytest.mark.parametrize("bad", [dict(n=0), dict(n=2.5), dict(n=True), dict(n=2, kind="cats")])
 def test_bad_reference_requests_are_refused(lab, bad):
-    with pytest.raises(ValueError, match="n must be|kind must be"):
+    with pytest.raises(ValueError, match="n must be a whole number|kind must be"):
         S.references(lab, **bad)
 
 
@@ -123,3 +123,9 @@ def test_claims_on_what_a_lab_did_not_measure_say_so():
     assert [r["verdict"] for r in table.rows] == ["not measured here", "reproduced"]
     with pytest.raises(ValueError, match="finite"):
         plots.verdict(math.inf)
+
+
+def test_a_photograph_drawn_on_does_not_change_the_next_one():
+    first = S.photos(1)[0]
+    first.image.paste((255, 0, 0), (0, 0, 64, 64))
+    assert np.asarray(S.photos(1)[0].image)[:64, :64].tolist() != np.asarray(first.image)[:64, :64].tolist()

@@ -89,28 +89,36 @@ def zero_shot_of(lab: Lab, f_img: torch.Tensor, data, space: str = "c") -> dict:
 @torch.no_grad()
 def word_reading(lab: Lab, f: torch.Tensor, like) -> list[dict]:
     """Which word a T-space vector f (D,) picks for each attribute: the captions of sample `like` with each value
-    of the attribute put in are ranked by the cosine of their end-token states to f. Rows: attribute, the word
-    read, its cosine, the runner-up and the margin between them (near 0: the vector does not decide)."""
-    rows = []
-    for attribute, values in VALUES.items():
-        f_eos = text_features(lab, [_with(like, attribute, v) for v in values], "t")  # (V, D), unit
-        cos = (f_eos @ F.normalize(f.float().to(f_eos.device), dim=0)).cpu()
-        order = cos.argsort(descending=True).tolist()
-        rows.append({"attribute": attribute, "read as": values[order[0]], "cosine": round(float(cos[order[0]]), 3),
-                     "runner-up": values[order[1]], "margin": round(float(cos[order[0]] - cos[order[1]]), 3),
-                     "truth": like.attributes[attribute]})
-    return rows
+    of the attribute put in, ranked by `read_word`."""
+    return [read_word(lab, f, attribute, values, [_with(like, attribute, v) for v in values], like.attributes[attribute])
+            for attribute, values in VALUES.items()]
+
+
+@torch.no_grad()
+def read_word(lab: Lab, f: torch.Tensor, attribute: str, values, texts: list[str], truth) -> dict:
+    """Which of `values` a T-space vector f (D,) picks, value i standing for `texts[i]`, ranked by the cosine of
+    their end-token states to f. A row: attribute, the word read, its cosine, the runner-up and the margin between
+    them (near 0: the vector does not decide), and the truth."""
+    f_eos = text_features(lab, texts, "t")  # (V, D), unit
+    cos = (f_eos @ F.normalize(f.float().to(f_eos.device), dim=0)).cpu()
+    order = cos.argsort(descending=True).tolist()
+    return {"attribute": attribute, "read as": values[order[0]], "cosine": round(float(cos[order[0]]), 3),
+            "runner-up": values[order[1]], "margin": round(float(cos[order[0]] - cos[order[1]]), 3), "truth": truth}
 
 
 def retrieval(lab: Lab, data, space: str = "c", cutoff: float | None = None) -> dict:
     """Image->text and text->image recall@1 and @5 in the pool `data` (its canonical captions)."""
     f_img = image_features(lab, [s.image for s in data], space, cutoff=cutoff)
     f_txt = text_features(lab, [caption(s.things, s.background) for s in data], space)
-    sim = f_img @ f_txt.T
-    truth = torch.arange(len(data))
+    return recalls(f_img @ f_txt.T)
+
+
+def recalls(sim: torch.Tensor) -> dict:
+    """Recall@1 and @5 both ways from similarities (N, N) of image i to text j, the right text on the diagonal."""
+    truth = torch.arange(len(sim))
 
     def recall(scores, k):
-        return (scores.topk(k, dim=1).indices == truth[:, None]).any(1).float().mean().item()
+        return (scores.topk(min(k, len(sim)), dim=1).indices.cpu() == truth[:, None]).any(1).float().mean().item()
 
     return {"i2t R@1": recall(sim, 1), "i2t R@5": recall(sim, 5), "t2i R@1": recall(sim.T, 1),
             "t2i R@5": recall(sim.T, 5)}
