@@ -63,7 +63,7 @@ def table(rows: Sequence[dict], digits: int = 3) -> Table:
     return Table(rows, digits)
 
 
-VERDICTS = ("reproduced", "not reproduced here", "opposite here", "information")
+VERDICTS = ("reproduced", "not reproduced here", "opposite here", "information", "not measured here")
 
 
 def verdict(effect: float | None, margin: float = 0.0, *, opposite: bool = True) -> str:
@@ -106,9 +106,12 @@ def check_verdicts(table: Table, expected: dict) -> None:
 def plot_curves(rows: Sequence[dict], x: str, ys: Sequence[str], *, logx: bool = False, title: str = "",
                 ylabel: str = ""):
     """One line per column `ys` against column `x`; returns the figure. Columns the rows do not have (the judge's,
-    on a lab without one) are left out; with none left, nothing is drawn and None is returned."""
-    ys = [y for y in ys if rows and y in rows[0]]
+    on a lab without one) are named under the plot as not measured; with none left, that is printed instead and
+    None is returned."""
+    missing = [y for y in ys if not rows or y not in rows[0]]
+    ys = [y for y in ys if y not in missing]
     if not ys:
+        print(f"{title or 'plot'}: nothing to draw, not measured on this lab: {', '.join(missing)}")
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for y in ys:
@@ -118,6 +121,8 @@ def plot_curves(rows: Sequence[dict], x: str, ys: Sequence[str], *, logx: bool =
     ax.set(xlabel=x, ylabel=ylabel, title=title)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    if missing:
+        fig.text(0.01, 0.01, "not measured on this lab: " + ", ".join(missing), fontsize=6, color="0.4")
     fig.tight_layout()
     return fig
 

@@ -129,3 +129,12 @@ def test_a_photograph_drawn_on_does_not_change_the_next_one():
     first = S.photos(1)[0]
     first.image.paste((255, 0, 0), (0, 0, 64, 64))
     assert np.asarray(S.photos(1)[0].image)[:64, :64].tolist() != np.asarray(first.image)[:64, :64].tolist()
+
+
+def test_curves_name_what_this_lab_did_not_measure(capsys):
+    rows = [{"x": 0, "CLIP-T": 20.0}, {"x": 1, "CLIP-T": 22.0}]
+    fig = plots.plot_curves(rows, "x", ["CLIP-T", "judge colour"])
+    assert [line.get_label() for line in fig.axes[0].lines] == ["CLIP-T"]
+    assert any("not measured on this lab: judge colour" in t.get_text() for t in fig.texts)
+    assert plots.plot_curves(rows, "x", ["judge colour"], title="judged") is None
+    assert "judged: nothing to draw, not measured on this lab: judge colour" in capsys.readouterr().out
