@@ -159,8 +159,10 @@ def _are_photos(data) -> bool:
     return kinds == {True}
 
 
-def _subjects() -> list[str]:
-    return list(dict.fromkeys([p.subject for p in _photos()] + list(DISTRACTOR_SUBJECTS)))
+def _subjects() -> tuple[list[str], list[str]]:
+    """Every subject (the photographs' and the distractors'), and its prompt "a photo of a {}"."""
+    subjects = list(dict.fromkeys([p.subject for p in _photos()] + list(DISTRACTOR_SUBJECTS)))
+    return subjects, [PHOTO_TEMPLATE.format(s) for s in subjects]
 
 
 @torch.no_grad()
@@ -169,12 +171,10 @@ def zero_shot(lab: Lab, data, space: str = "c", cutoff: float | None = None) -> 
     (`toyworld.evaluate.zero_shot`), or for photographs the subject among all subjects ("a photo of a {}")."""
     if not _are_photos(data):
         return evaluate.zero_shot(lab, data, space, cutoff=cutoff)
-    subjects = _subjects()
+    subjects, prompts = _subjects()
     f_img = evaluate.image_features(lab, [p.image for p in data], space, cutoff=cutoff)  # (N, P or D)
-    f_txt = evaluate.text_features(lab, [PHOTO_TEMPLATE.format(s) for s in subjects], space)  # (S, P or D)
-    pred = (f_img.to(f_txt) @ f_txt.T).argmax(1).cpu()
-    truth = torch.tensor([subjects.index(p.subject) for p in data])
-    return {"subject": (pred == truth).float().mean().item()}
+    f_txt = evaluate.text_features(lab, prompts, space)  # (S, P or D)
+    return {"subject": evaluate.accuracy(f_img, f_txt, [subjects.index(p.subject) for p in data])}
 
 
 def word_reading(lab: Lab, f: torch.Tensor, like) -> list[dict]:
@@ -182,8 +182,8 @@ def word_reading(lab: Lab, f: torch.Tensor, like) -> list[dict]:
     (`toyworld.evaluate.word_reading`); for a photograph, which subject ("a photo of a {}") among all of them."""
     if not isinstance(like, Photo):
         return evaluate.word_reading(lab, f, like)
-    subjects = _subjects()
-    return [evaluate.read_word(lab, f, "subject", subjects, [PHOTO_TEMPLATE.format(s) for s in subjects], like.subject)]
+    subjects, prompts = _subjects()
+    return [evaluate.read_word(lab, f, "subject", subjects, prompts, like.subject)]
 
 
 def retrieval(lab: Lab, data, space: str = "c", cutoff: float | None = None) -> dict:

@@ -76,7 +76,7 @@ def test_the_judge_and_the_texts_follow_the_lab(lab, sd_like):
 @pytest.mark.parametrize("space", ["c", "t"])
 def test_zero_shot_on_photographs_matches_a_numpy_reference(lab, space):
     photos = S.photos()
-    subjects = D._subjects()
+    subjects, _ = D._subjects()
     f_img = image_features(lab, [p.image for p in photos], space).numpy()  # (N, P or D), unit
     f_txt = text_features(lab, [D.PHOTO_TEMPLATE.format(s) for s in subjects], space).numpy()
     expected = np.mean(np.argmax(f_img @ f_txt.T, axis=1) == [subjects.index(p.subject) for p in photos])
@@ -99,7 +99,7 @@ def test_word_reading_of_a_photograph_names_the_nearest_subject(lab):
     photo = S.photos(1)[0]
     f = convert(lab, S.image_embeds(lab, photo.image))[0]  # (D,)
     row, = D.word_reading(lab, f, like=photo)
-    subjects = D._subjects()
+    subjects, _ = D._subjects()
     f_eos = text_features(lab, [D.PHOTO_TEMPLATE.format(s) for s in subjects], "t")
     cos = f_eos @ torch.nn.functional.normalize(f.float(), dim=0)
     assert row["read as"] == subjects[int(cos.argmax())] and row["truth"] == photo.subject

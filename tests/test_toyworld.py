@@ -218,6 +218,20 @@ def test_zero_shot_is_perfect_for_the_true_captions_own_features(lab):
     assert min(shuffled.values()) < 1.0
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_accuracy_against_numpy(shared):
+    """`evaluate.accuracy`: the nearest candidate text per image, candidates shared (V, D) or per image (N, V, D)."""
+    from sdipc_lab.toyworld.evaluate import accuracy
+
+    g = torch.Generator().manual_seed(0)
+    f_img = torch.nn.functional.normalize(torch.randn(9, 5, generator=g), dim=-1)  # (N, D)
+    f_txt = torch.nn.functional.normalize(torch.randn(*(() if shared else (9,)), 4, 5, generator=g), dim=-1)
+    truth = torch.randint(0, 4, (9,), generator=g)
+    sim = np.einsum("nd,vd->nv" if shared else "nd,nvd->nv", f_img.numpy(), f_txt.numpy())  # (N, V)
+    assert accuracy(f_img, f_txt, truth) == pytest.approx(np.mean(sim.argmax(1) == truth.numpy()))
+    assert accuracy(f_img, f_txt, sim.argmax(1)) == 1.0
+
+
 def test_cutoff_sweep_against_numpy(lab):
     from sdipc_lab.convert import image_embeds
     from sdipc_lab.measure import cutoff_sweep, eos_states

@@ -79,11 +79,17 @@ def zero_shot_of(lab: Lab, f_img: torch.Tensor, data, space: str = "c") -> dict:
     scores = {}
     for attribute, values in VALUES.items():
         texts = [_with(s, attribute, v) for s in data for v in values]
-        f_txt = text_features(lab, texts, space).view(len(data), len(values), -1)
-        pred = torch.einsum("bd,bvd->bv", f_img.to(f_txt), f_txt).argmax(1).cpu()
-        truth = torch.tensor([values.index(s.attributes[attribute]) for s in data])
-        scores[attribute] = (pred == truth).float().mean().item()
+        f_txt = text_features(lab, texts, space).view(len(data), len(values), -1)  # (N, V, P or D)
+        scores[attribute] = accuracy(f_img, f_txt, [values.index(s.attributes[attribute]) for s in data])
     return scores
+
+
+def accuracy(f_img: torch.Tensor, f_txt: torch.Tensor, truth) -> float:
+    """Share of images whose most similar text is the true one. f_img (N, D) unit image features; f_txt the unit
+    candidate texts, (V, D) shared by every image or (N, V, D) one set per image; truth (N,) the right text's index."""
+    f_txt = f_txt.expand(len(f_img), -1, -1) if f_txt.dim() == 2 else f_txt  # (N, V, D)
+    pred = torch.einsum("nd,nvd->nv", f_img.to(f_txt), f_txt).argmax(1).cpu()  # (N,)
+    return (pred == torch.as_tensor(truth)).float().mean().item()
 
 
 @torch.no_grad()
