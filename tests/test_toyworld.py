@@ -446,3 +446,24 @@ def test_loss_curves_leave_the_plotting_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg" and (tmp_path / "curve.png").stat().st_size > 1000
     finally:
         matplotlib.use(before)
+
+
+def test_contact_sheet_shows_each_reference_with_its_vae_round_trip(lab):
+    """The variations sheet: per random test reference, the reference, its VAE round trip (the latent space's best),
+    then its SD-IPC variations; the pairs sheet: one panel per (shape, colour)."""
+    import matplotlib.pyplot as plt
+
+    from sdipc_lab.toyworld import COLOURS, SHAPES
+    from sdipc_lab.toyworld.evaluate import contact_sheet, reconstruct
+
+    pairs, varied = contact_sheet(lab, seed=3, n_references=2, variations=1)
+    try:
+        assert sum(bool(ax.images) for ax in pairs.axes) == len(SHAPES) * len(COLOURS)
+        panels = [ax for ax in varied.axes if ax.images]
+        assert [ax.get_title() for ax in panels[:3]][1:] == ["VAE round trip", "SD-IPC"] and len(panels) == 6
+        reference = panels[0].images[0].get_array()  # (64, 64, 3)
+        from PIL import Image
+        expected = np.asarray(reconstruct(lab, [Image.fromarray(np.asarray(reference, dtype=np.uint8))])[0])
+        np.testing.assert_array_equal(np.asarray(panels[1].images[0].get_array()), expected)
+    finally:
+        plt.close(pairs), plt.close(varied)

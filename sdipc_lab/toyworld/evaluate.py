@@ -179,7 +179,8 @@ def judge_conditions(lab: Lab, data, judge, *, seed: int = 0, batch: int = 16, c
 def contact_sheet(lab: Lab, *, seed: int = 0, n_references: int = 12, variations: int = 3):
     """Two figures of what the lab draws, nothing picked by hand: every (shape, colour) pair from its canonical
     caption (large, in the middle, one background per colour; held-out pairs marked *), and SD-IPC variations of
-    `n_references` test references drawn at random by `seed`. Returns (pairs_figure, variations_figure)."""
+    `n_references` test references drawn at random by `seed`, each beside its VAE round trip (the best any image
+    generated in the lab's latent space can look). Returns (pairs_figure, variations_figure)."""
     backgrounds = {"red": "white", "orange": "teal", "yellow": "gray", "green": "beige", "blue": "white",
                    "purple": "gray"}
     captions, titles = [], []
@@ -195,10 +196,11 @@ def contact_sheet(lab: Lab, *, seed: int = 0, n_references: int = 12, variations
     index = sorted(rng.choice(1000, n_references, replace=False).tolist())
     refs = [samples(1, "test", start=int(i), two_objects=0)[0] for i in index]
     grid, grid_titles = [], []
-    for i, s in zip(index, refs):
-        grid += [s.image, *vary(lab, s.image, n=variations, seed=seed)]
-        grid_titles += [f"test #{i}", *(["SD-IPC"] * variations)]
-    varied = show_images(grid, grid_titles, ncols=2 * (variations + 1), size=1.3,
+    round_trips = reconstruct(lab, [s.image for s in refs])
+    for i, s, r in zip(index, refs, round_trips):
+        grid += [s.image, r, *vary(lab, s.image, n=variations, seed=seed)]
+        grid_titles += [f"test #{i}", "VAE round trip", *(["SD-IPC"] * variations)]
+    varied = show_images(grid, grid_titles, ncols=2 * (variations + 2), size=1.3,
                          suptitle=f"SD-IPC variations from the image alone: {n_references} random test references "
-                                  f"(seed {seed}), {variations} variations each")
+                                  f"(seed {seed}), each with its VAE round trip and {variations} variations")
     return pairs, varied
