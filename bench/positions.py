@@ -22,7 +22,7 @@ from common import table  # noqa: E402
 
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab.toyworld import POSITIONS, samples  # noqa: E402
-from sdipc_lab.toyworld.evaluate import _with, text_features  # noqa: E402
+from sdipc_lab.toyworld.evaluate import caption_with, text_features  # noqa: E402
 from sdipc_lab.toyworld.judge import Judge  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main() -> None:
         lab = S.load_lab(source)
         cos = np.zeros((len(positions), len(positions)))
         for s in data:
-            f = text_features(lab, [_with(s, "position", p) for p in positions], "t")  # (5, D), unit
+            f = text_features(lab, [caption_with(s, "position", p) for p in positions], "t")  # (5, D), unit
             cos += (f @ f.T).cpu().numpy() / len(data)
         print(f"\n## {source}: text tower, cosine between captions that differ only in position ({args.n} references)\n")
         print(table(["", *positions], [[p, *row] for p, row in zip(positions, cos.tolist())]))

@@ -324,6 +324,7 @@ def save_lab(lab: Lab, folder: str | os.PathLike, *, extra: dict | None = None, 
                 component.save_pretrained(tmp / part, safe_serialization=True)
             else:
                 component.save_pretrained(tmp / part)
+            _forget_origin(tmp / part / "config.json")
     for name, text in (extra or {}).items():
         (tmp / name).write_text(text)
     (tmp / LAB_FILE).write_text(json.dumps(lab.constants, indent=2) + "\n")  # last: a lab only once complete
@@ -333,6 +334,15 @@ def save_lab(lab: Lab, folder: str | os.PathLike, *, extra: dict | None = None, 
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _forget_origin(config: Path) -> None:
+    """Drop the `_name_or_path` diffusers records on load from a saved config: it is the folder the weights came
+    from on the machine that saved them (e.g. a training run's), meaningless, even misleading, anywhere else."""
+    if config.exists():
+        saved = json.loads(config.read_text())
+        if saved.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:

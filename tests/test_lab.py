@@ -30,6 +30,16 @@ def test_save_and_load_round_trip(lab, refs, tmp_path):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_saved_lab_names_no_folder_of_the_machine_that_saved_it(lab, tmp_path):
+    first = S.save_lab(lab, tmp_path / "first")
+    again = S.save_lab(S.load_lab(first, device="cpu"), tmp_path / "again")  # loaded from a folder: diffusers
+    configs = {p.relative_to(again): json.loads(p.read_text()) for p in again.glob("*/config.json")}  # records it
+    assert {"unet", "vae", "text_encoder"} <= {p.parts[0] for p in configs}
+    assert not [p for p, config in configs.items() if "_name_or_path" in config or str(tmp_path) in json.dumps(config)]
+    assert json.loads((again / "unet" / "config.json").read_text())["block_out_channels"] == \
+        list(lab.unet.config.block_out_channels)
+
+
 def test_unknown_source():
     with pytest.raises(ValueError, match="unknown lab source 'sd-v9'.*'toy'.*save_lab"):
         S.load_lab("sd-v9")

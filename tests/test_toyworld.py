@@ -419,6 +419,36 @@ def test_init_from_lab_copies_only_what_the_run_lacks(tiny_run, tmp_path):
         T.init_from_lab(run, tmp_path)
 
 
+def test_vae_stage_continues_from_the_runs_vae_with_other_norm_groups(tiny_run, tmp_path):
+    """--init-from-lab with --vae-norm-groups: the VAE's GroupNorms regrouped (every weight kept), then trained
+    on from there, not from a new VAE."""
+    import dataclasses
+
+    from diffusers import AutoencoderKL
+
+    from sdipc_lab.toyworld import train as T
+
+    out, world, acc = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out / "vae", run / "vae")
+    start = AutoencoderKL.from_pretrained(run / "vae")
+    regrouped = T.regrouped(start, 2)
+    norms = [m for m in regrouped.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and {m.num_groups for m in norms} == {2} and regrouped.config.norm_num_groups == 2
+    assert all(torch.equal(v, start.state_dict()[k]) for k, v in regrouped.state_dict().items())
+    assert T.regrouped(start, start.config.norm_num_groups) is start
+
+    s = dataclasses.replace(T.MODEL_SIZES["test"], vae_norm_groups=2, init_vae=True)
+    T.train_vae(world, s, (3, 8, 1e-4), run, acc, seed=0)
+    after = AutoencoderKL.from_pretrained(run / "vae")
+    assert after.config.norm_num_groups == 2
+
+    def distance(a, b):
+        return sum((x - b.state_dict()[k]).norm().item() for k, x in a.state_dict().items())
+
+    assert 0 < distance(after, start) < distance(T.new_vae(s), start) / 10
+
+
 def test_stray_pixels_find_blotches_away_from_the_object():
     from PIL import Image
 

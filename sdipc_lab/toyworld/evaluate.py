@@ -60,7 +60,8 @@ def image_features(lab: Lab, images, space: str = "c", batch: int = 256, cutoff:
     return F.normalize(f if space == "c" else convert(lab, f, cutoff=cutoff).float(), dim=-1)
 
 
-def _with(s, attribute: str, value: str) -> str:
+def caption_with(s, attribute: str, value: str) -> str:
+    """The caption of sample `s`'s first object with one attribute changed, e.g. ("position", "left")."""
     thing = s.things[0]
     if attribute == "background":
         return caption((thing,), value)
@@ -78,7 +79,7 @@ def zero_shot_of(lab: Lab, f_img: torch.Tensor, data, space: str = "c") -> dict:
     """`zero_shot` for given unit image features (N, P) of `data`: any image encoder in the lab's space."""
     scores = {}
     for attribute, values in VALUES.items():
-        texts = [_with(s, attribute, v) for s in data for v in values]
+        texts = [caption_with(s, attribute, v) for s in data for v in values]
         f_txt = text_features(lab, texts, space).view(len(data), len(values), -1)  # (N, V, P or D)
         scores[attribute] = accuracy(f_img, f_txt, [values.index(s.attributes[attribute]) for s in data])
     return scores
@@ -96,7 +97,7 @@ def accuracy(f_img: torch.Tensor, f_txt: torch.Tensor, truth) -> float:
 def word_reading(lab: Lab, f: torch.Tensor, like) -> list[dict]:
     """Which word a T-space vector f (D,) picks for each attribute: the captions of sample `like` with each value
     of the attribute put in, ranked by `read_word`."""
-    return [read_word(lab, f, attribute, values, [_with(like, attribute, v) for v in values], like.attributes[attribute])
+    return [read_word(lab, f, attribute, values, [caption_with(like, attribute, v) for v in values], like.attributes[attribute])
             for attribute, values in VALUES.items()]
 
 

@@ -66,10 +66,12 @@ class ModelSizes:
     unet_layers: int = 2
     unet_heads: int = 8
     norm_groups: int = 32
+    vae_norm_groups: int | None = None  # the VAE's GroupNorm groups (None: norm_groups)
     train_images: int = 100000
     wordings: int = 4  # captions per image whose text states the U-Net stage computes once
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting of the U-Net stage (None: uniform)
     init_unet: bool = False  # start the U-Net from out/unet (--init-from-lab) instead of random
+    init_vae: bool = False  # start the VAE from out/vae (--init-from-lab), regrouped to vae_norm_groups
 
 
 MODEL_SIZES = {
@@ -177,18 +179,36 @@ class ClipTrainer(torch.nn.Module):
 
 
 def new_vae(s: ModelSizes):
-    return build.new_vae(s.vae_channels, s.norm_groups, SIZE)
+    return build.new_vae(s.vae_channels, s.vae_norm_groups or s.norm_groups, SIZE)
+
+
+def regrouped(vae, groups: int):
+    """The same VAE with its GroupNorms over `groups` groups: their weights are per channel, so every weight carries
+    over and only what is normalised together changes (fine-tuning then adapts the rest)."""
+    from diffusers import AutoencoderKL
+
+    if vae.config.norm_num_groups == groups:
+        return vae
+    new = AutoencoderKL.from_config({**vae.config, "norm_num_groups": groups})
+    new.load_state_dict(vae.state_dict())
+    return new
 
 
 class VaeTrainer(torch.nn.Module):
-    def __init__(self, vae, kl_weight: float = 1e-6):
-        super().__init__()
-        self.vae, self.kl_weight = vae, kl_weight
+    """L1 + MSE reconstruction, SD's tiny KL weight, and (`outlier_weight`, bench/vae_proxy.py) a penalty on
+    latent means beyond +-3, the extreme values a VAE can use to steer its GroupNorms (drawn as a speck)."""
 
-    def forward(self, x):
+    def __init__(self, vae, kl_weight: float = 1e-6, outlier_weight: float = 0.0):
+        super().__init__()
+        self.vae, self.kl_weight, self.outlier_weight = vae, kl_weight, outlier_weight
+
+    def forward(self, x):  # x (B, 3, 64, 64) in [-1, 1]
         posterior = self.vae.encode(x).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
-        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + self.kl_weight * posterior.kl().mean()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + self.kl_weight * posterior.kl().mean()
+        if self.outlier_weight:
+            loss = loss + self.outlier_weight * F.relu(posterior.mean.abs() - 3).pow(2).mean()
+        return loss
 
 
 def new_unet(s: ModelSizes, cross_dim: int):
@@ -231,12 +251,14 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
     frozen parts it reads (`reads`, e.g. the text tower the U-Net is conditioned on)."""
     import hashlib
 
-    fields = {"clip": ("width", "text_layers", "vision_layers", "heads", "patch"), "vae": ("vae_channels", "norm_groups"),
+    fields = {"clip": ("width", "text_layers", "vision_layers", "heads", "patch"),
+              "vae": ("vae_channels", "norm_groups", "vae_norm_groups", "init_vae"),
               "unet": ("unet_channels", "unet_layers", "unet_heads", "norm_groups", "wordings", "snr_gamma"),
               "judge": ()}
     fields["vision"], fields["decoder"] = fields["clip"], fields["vae"]
     sizes = {k: getattr(s, k) for k in fields[stage]}
-    inputs = {part: hashlib.sha256((out / part / "model.safetensors").read_bytes()).hexdigest()[:16] for part in reads}
+    inputs = {part: hashlib.sha256(b"".join(f.read_bytes() for f in sorted((out / part).glob("*.safetensors"))))
+              .hexdigest()[:16] for part in reads}  # transformers' model.safetensors, diffusers' diffusion_pytorch_...
     return dict(stage=stage, sizes=sizes, batch=budget[1], lr=budget[2], seed=seed,
                 images=None if world is None else len(world.images), inputs=inputs)
 
@@ -287,9 +309,18 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
 
 
 def train_vae(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
+    """The VAE, from scratch or (`s.init_vae`, --init-from-lab) from out/vae, regrouped to the size's GroupNorm
+    groups; then its scaling factor, measured. A new latent space: the U-Net must be trained on it afterwards."""
+    from diffusers import AutoencoderKL
+
     steps, batch, lr = budget
     torch.manual_seed(seed + 1)
-    trainer = VaeTrainer(new_vae(s))
+    if s.init_vae:
+        vae = regrouped(AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32),
+                        s.vae_norm_groups or s.norm_groups)
+    else:
+        vae = new_vae(s)
+    trainer = VaeTrainer(vae)
 
     def loss_fn(module, step):
         index = batch_index(len(world.images), batch, step, seed + 1, accelerator)
@@ -421,7 +452,7 @@ def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed
 
     unet = fit("unet", unet, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
                ema_decay=0.999 if steps > 1000 else None,
-               signature=signature("unet", s, budget, seed, world, out, ("text_encoder",)))
+               signature=signature("unet", s, budget, seed, world, out, ("text_encoder", "vae")))
     unet.save_pretrained(out / "unet")
     return unet
 
@@ -557,6 +588,7 @@ def main(argv=None) -> None:
     parser.add_argument("--unet-channels", help="override the size's U-Net channels, e.g. 64,128,128")
     parser.add_argument("--unet-layers", type=int, help="override the size's U-Net layers per block")
     parser.add_argument("--vae-channels", help="override the size's VAE channels, e.g. 32,64,64")
+    parser.add_argument("--vae-norm-groups", type=int, help="override the size's VAE GroupNorm groups, e.g. 4")
     parser.add_argument("--snr-gamma", type=float, help="min-SNR-gamma weighting of the U-Net loss (e.g. 5)")
     parser.add_argument("--init-from-lab", type=Path, metavar="LAB",
                         help="continue from a lab's weights ('toy': the shipped one) where --out has none")
@@ -584,6 +616,8 @@ def main(argv=None) -> None:
         s = dataclasses.replace(s, vae_channels=tuple(int(c) for c in args.vae_channels.split(",")))
     if args.unet_layers:
         s = dataclasses.replace(s, unet_layers=args.unet_layers)
+    if args.vae_norm_groups:
+        s = dataclasses.replace(s, vae_norm_groups=args.vae_norm_groups)
     if args.snr_gamma:
         s = dataclasses.replace(s, snr_gamma=args.snr_gamma)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -592,7 +626,7 @@ def main(argv=None) -> None:
         resized = {"unet"} if args.unet_channels or args.unet_layers else set()
         resized |= {"vae", "unet"} if args.vae_channels else set()  # a new latent space needs a new U-Net
         copied = init_from_lab(args.out, lab_dir, skip=resized)
-        s = dataclasses.replace(s, init_unet="unet" not in resized)
+        s = dataclasses.replace(s, init_unet="unet" not in resized, init_vae="vae" not in resized)
         print(f"--init-from-lab {lab_dir}: copied {copied or 'nothing (the run folder has every part)'} into {args.out}")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     torch.backends.cuda.matmul.allow_tf32 = True
