@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import table  # noqa: E402
 
+from sdipc_lab.latents import pixels_of  # noqa: E402
 from sdipc_lab.toyworld import samples  # noqa: E402
 from sdipc_lab.toyworld.evaluate import psnr  # noqa: E402
 from sdipc_lab.toyworld.judge import Judge, agreement, stray_pixels  # noqa: E402
@@ -69,7 +70,7 @@ def main() -> None:
     vae = regrouped(AutoencoderKL.from_pretrained(LAB_DIR / "vae", torch_dtype=torch.float32), args.groups)
     trainer = VaeTrainer(vae, outlier_weight=args.outlier)
     test = samples(args.n, "test", two_objects=0)
-    x_test = torch.from_numpy(np.stack([np.asarray(s.image) for s in test])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x_test = pixels_of([s.image for s in test], "cpu", 64)  # (n, 3, 64, 64) in [-1, 1]
     truths, judge = [s.attributes for s in test], Judge()
     world = render(20000, "train")
     rows = []
