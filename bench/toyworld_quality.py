@@ -24,20 +24,28 @@ from common import median_seconds, table  # noqa: E402
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab.toyworld import samples  # noqa: E402
 from sdipc_lab.toyworld.evaluate import (  # noqa: E402
+    diversity,
     judge_conditions,
     psnr,
     reconstruct,
     retrieval,
-    text_features,
     zero_shot,
 )
 from sdipc_lab.toyworld.judge import Judge, agreement, stray_pixels  # noqa: E402
+from sdipc_lab.toyworld.world import draw  # noqa: E402
 
 ATTRS = ("shape", "colour", "size", "position", "background")
 
 
 def pct(scores: dict, keys=ATTRS) -> list[str]:
     return [f"{100 * scores[k]:.0f}" if k in scores else "" for k in keys]
+
+
+DIVERSE, DIVERSE_REFS = 4, 16  # images per reference, references: the diversity table
+
+
+def chunks(images: list) -> list[list]:
+    return [images[i:i + DIVERSE] for i in range(0, len(images), DIVERSE)]
 
 
 def main() -> None:
@@ -94,9 +102,8 @@ def main() -> None:
         print(f"\n(total {time.time() - start:.0f} s)")
         return
     cos = torch.nn.functional.cosine_similarity
-    f_eos = text_features(lab, [s.caption for s in test], "t")
     print(f"\nSpeed: 4 images at {lab.image_size}px, {lab.steps} steps, on {lab.device} "
-          f"({torch.get_num_threads()} threads): {median_seconds(lambda: S.vary(lab, test[0].image, n=4), 3):.2f} s "
+          f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}): {median_seconds(lambda: S.vary(lab, test[0].image, n=4), 3):.2f} s "
           f"(target <= 2 s on 2 cores).")
     print(f"Padding states: cosine(end-token state, padding state at k) over {len(test)} test captions:")
     f_txt, eos = S.encode_text(lab, [s.caption for s in test])
@@ -107,7 +114,18 @@ def main() -> None:
         rows.append([f"eos + {offset}", f"{np.mean(vals):.3f}"])
     rows.append(["k = 76", f"{np.mean([cos(f_txt[i, ks[i]], f_txt[i, 76], dim=0).item() for i in range(len(test))]):.3f}"])
     print(table(["position", "mean cosine"], rows))
-    del f_eos
+    print(f"\nDiversity: {DIVERSE} images for each of {DIVERSE_REFS} test references, compared within each reference "
+          "(mean RMS distance of the images shrunk to 16 px, x100; % of pairs judged another shape / size / position):")
+    refs = test[:DIVERSE_REFS]
+    groups = {"drawn (the caption's objects, other seeds)": [[draw(s.things, s.background, seed=k)
+                                                              for k in range(DIVERSE)] for s in refs],
+              "generated: true caption": chunks(S.generate(lab, [s.caption for s in refs], n=DIVERSE, seed=args.seed)),
+              "generated: SD-IPC (vary)": chunks(S.vary(lab, [s.image for s in refs], n=DIVERSE, seed=args.seed))}
+    rows = []
+    for name, images in groups.items():
+        d = diversity(images, judge)
+        rows.append([name, f"{100 * d['distance']:.1f}", *(f"{100 * d[k]:.0f}" for k in ("shape", "size", "position"))])
+    print(table(["images", "distance", "shape differs %", "size differs %", "position differs %"], rows))
     print(f"\n(total {time.time() - start:.0f} s)")
 
 

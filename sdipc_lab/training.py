@@ -281,6 +281,24 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
     return final.eval()
 
 
+def checkpoint_weights(path: Path, model: torch.nn.Module) -> tuple[int, str]:
+    """Load a checkpoint's EMA weights into `model` (its training weights if it keeps no EMA copy): a look at a run
+    that is still training. Returns (step, "EMA" or "training"); a checkpoint that does not fit is refused."""
+    weights = {}
+    with safe_open(str(path), framework="pt") as f:
+        step = int(f.metadata()["step"])
+        kind = "ema" if any(key.startswith("ema.") for key in f.keys()) else "model"
+        for key in f.keys():
+            if key.startswith(kind + "."):
+                weights[key.split(".", 1)[1]] = f.get_tensor(key)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not fit this model ({str(error).splitlines()[-1].strip() or error}): it was "
+                         "written by a run with other sizes; give the sizes it was trained with (--size, ...)") from None
+    return step, "EMA" if kind == "ema" else "training"
+
+
 def checkpoint_step(path: Path) -> int:
     with safe_open(str(path), framework="pt") as f:
         return int(f.metadata()["step"])

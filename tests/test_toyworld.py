@@ -497,3 +497,60 @@ def test_contact_sheet_shows_each_reference_with_its_vae_round_trip(lab):
         np.testing.assert_array_equal(np.asarray(panels[1].images[0].get_array()), expected)
     finally:
         plt.close(pairs), plt.close(varied)
+
+
+def test_export_from_checkpoint_takes_the_checkpoints_ema_unet(tiny_run, tmp_path):
+    """`train export --from-checkpoint`: a lab whose U-Net is the latest checkpoint's EMA copy (a look at a run
+    still training), while the run's own U-Net folder is neither read nor needed."""
+    import sdipc_lab as S
+    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.training import save_checkpoint
+
+    out, _, _ = tiny_run
+    run = tmp_path / "run"
+    for part in ("tokenizer", "text_encoder", "image_encoder", "vae"):
+        shutil.copytree(out / part, run / part)
+    s = T.MODEL_SIZES["test"]
+    width = json.loads((out / "text_encoder" / "config.json").read_text())["hidden_size"]
+    model, ema = T.new_unet(s, width), T.new_unet(s, width)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.normal_(0, 0.02)
+    save_checkpoint(run / "unet.ckpt.safetensors", model=model, step=7, losses=[1.0] * 7, ema=ema,
+                    optimizer=torch.optim.AdamW(model.parameters()))
+    T.main(["export", "--size", "test", "--out", str(run), "--from-checkpoint"])
+    lab = S.load_lab(run / "lab", device="cpu")
+    got, want = lab.unet.state_dict(), ema.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:  # the lab is fp16: equal to the EMA weights within fp16 rounding, not the training weights
+        torch.testing.assert_close(got[key].float(), want[key].half().float())
+    assert not (run / "unet").exists()
+    with pytest.raises(SystemExit, match="does not fit this model"):  # a U-Net of other sizes is refused
+        T.main(["export", "--size", "cpu", "--out", str(run), "--from-checkpoint", "--lab-dir", str(tmp_path / "x")])
+    (run / "unet.ckpt.safetensors").unlink()
+    with pytest.raises(SystemExit, match="has no unet.ckpt"):
+        T.main(["export", "--size", "test", "--out", str(run), "--from-checkpoint"])
+
+
+def test_diversity_is_the_mean_pairwise_rms_of_the_shrunk_images():
+    """Against a direct NumPy computation; identical images give 0 and no judged flips; a red and a blue
+    variation of one drawing are far apart."""
+    from PIL import Image
+
+    from sdipc_lab.toyworld.evaluate import diversity
+    from sdipc_lab.toyworld.judge import Judge
+    from sdipc_lab.toyworld.world import Thing, draw
+
+    star = (Thing("star", "red", "large", "middle"),)
+    group = [draw(star, "white", seed=k) for k in range(3)]
+    other = [draw((Thing("circle", "blue", "small", "left"),), "white", seed=0), group[0]]
+    shrink = [np.asarray(im.resize((16, 16), Image.BOX), dtype=np.float64) / 255 for im in group + other]
+    pairs = [(0, 1), (0, 2), (1, 2), (3, 4)]
+    want = np.mean([np.sqrt(np.mean((shrink[i] - shrink[j]) ** 2)) for i, j in pairs])
+    got = diversity([group, other], judge=Judge())
+    assert got["distance"] == pytest.approx(want, rel=1e-12)
+    assert got["shape"] == pytest.approx(1 / 4) and got["position"] == pytest.approx(1 / 4)  # only the last pair
+    same = diversity([[group[0], group[0].copy()]], judge=Judge())
+    assert same == {"distance": 0.0, "shape": 0.0, "size": 0.0, "position": 0.0}
+    with pytest.raises(ValueError, match="group of 1"):
+        diversity([[group[0]]])

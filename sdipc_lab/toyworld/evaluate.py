@@ -177,6 +177,32 @@ def judge_conditions(lab: Lab, data, judge, *, seed: int = 0, batch: int = 16, c
     return rows
 
 
+def diversity(groups, judge=None, size: int = 16) -> dict:
+    """How much the images made for one reference differ from each other, over `groups` (one list of images per
+    reference): "distance", the mean over pairs of images of the RMS difference (0-1) of the two shrunk to
+    `size` x `size` pixels (the object's outline, place and shade, not texture noise); with a `judge`, the
+    share of pairs it reads as another shape ("shape"), size, or position. Drawn images of one caption are the
+    yardstick: the world itself varies only the texture, a 3-pixel jitter and the shade."""
+    from itertools import combinations
+
+    from PIL import Image
+
+    distances, verdicts = [], []
+    for group in groups:
+        if len(group) < 2:
+            raise ValueError(f"diversity compares images within a group: got a group of {len(group)}")
+        x = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BOX), dtype=np.float64) / 255
+                      for im in group])  # (n, size, size, 3)
+        distances += [float(np.sqrt(((x[i] - x[j]) ** 2).mean())) for i, j in combinations(range(len(x)), 2)]
+        if judge is not None:
+            verdicts.append(judge(list(group)))
+    out = {"distance": float(np.mean(distances))}
+    for attribute in ("shape", "size", "position") if judge is not None else ():
+        out[attribute] = float(np.mean([v[i][attribute] != v[j][attribute]
+                                        for v in verdicts for i, j in combinations(range(len(v)), 2)]))
+    return out
+
+
 def contact_sheet(lab: Lab, *, seed: int = 0, n_references: int = 12, variations: int = 3):
     """Two figures of what the lab draws, nothing picked by hand: every (shape, colour) pair from its canonical
     caption (large, in the middle, one background per colour; held-out pairs marked *), and SD-IPC variations of

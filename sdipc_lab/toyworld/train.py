@@ -4,7 +4,8 @@
     python -m sdipc_lab.toyworld.train clip  --out runs/toyworld     # one model (clip, vae, unet, judge)
     python -m sdipc_lab.toyworld.train vision --out runs/toyworld    # more image-tower training, text frozen
     python -m sdipc_lab.toyworld.train decoder --out runs/toyworld   # more decoder training, latents unchanged
-    python -m sdipc_lab.toyworld.train export --out runs/toyworld    # write the lab into the package
+    python -m sdipc_lab.toyworld.train export --out runs/toyworld    # the lab, into runs/toyworld/lab
+    python -m sdipc_lab.toyworld.train export --out runs/toyworld --from-checkpoint  # U-Net still training
     accelerate launch -m sdipc_lab.toyworld.train all ...             # several GPUs, same command
 
 Every stage is seeded, shows a progress bar, writes an atomic checkpoint every few hundred steps and
@@ -45,7 +46,7 @@ from ..convert import token_ids
 from ..lab import Lab, assemble, load_lab, quiet, save_lab, usable_cpus
 from ..latents import from_posterior
 from ..measure import cutoff_sweep, norms, singular_value_quantiles
-from ..training import diffusion_loss, fit
+from ..training import checkpoint_weights, diffusion_loss, fit
 from .judge import JUDGE_FILE, mask_crops, new_judge_cnn
 from .world import SHAPES, SIZE, caption, sample, samples, vocabulary
 
@@ -523,15 +524,16 @@ def load_parts(out: Path, unet=None) -> dict:
 SAMPLER = dict(scheduler="ddim", steps=10, guidance_scale=2.0, guidance_rescale=0.7)  # docs/results/sampler_sweep.md
 
 
-def export(out: Path, lab_dir: Path | None = None, **sampler) -> Path:
+def export(out: Path, lab_dir: Path | None = None, unet=None, **sampler) -> Path:
     """Assemble the trained parts into a lab folder (fp16 weights, default `out/lab`), with its measured constants
     and its sampler settings (`SAMPLER`, overridden by `sampler`: as chosen by bench/sampler_sweep.py).
+    `unet` stands in for the run's finished U-Net (`unet_from_checkpoint`: a look at a run still training).
     An existing lab there is replaced whole (written beside it, then swapped); any other folder is refused."""
     import shutil
 
     lab_dir = Path(lab_dir) if lab_dir is not None else out / "lab"
 
-    parts = load_parts(out)
+    parts = load_parts(out, unet)
     unknown = set(sampler) - set(SAMPLER)
     if unknown:
         raise ValueError(f"unknown sampler setting(s) {sorted(unknown)}: use {', '.join(SAMPLER)}")
@@ -560,6 +562,29 @@ def export(out: Path, lab_dir: Path | None = None, **sampler) -> Path:
     size = sum(f.stat().st_size for f in lab_dir.rglob("*.safetensors"))
     print(f"exported the lab to {lab_dir} ({size / 2**20:.1f} MB of weights): {constants}")
     return lab_dir
+
+
+def unet_from_checkpoint(out: Path, s: ModelSizes):
+    """The U-Net of the run's latest checkpoint (its EMA weights), for exporting a run whose U-Net is still
+    training: `train export --from-checkpoint`. The architecture is the run's `unet/` config if it has one (a run
+    continued from a lab), else the one `s` builds (a U-Net trained from scratch: give the run's --size)."""
+    from diffusers import UNet2DConditionModel
+
+    ckpt = out / "unet.ckpt.safetensors"
+    if not ckpt.exists():
+        raise SystemExit(f"--from-checkpoint: {out} has no {ckpt.name}: train the unet stage first (it writes a "
+                         "checkpoint every few minutes)")
+    if (out / "unet" / "config.json").exists():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(out / "unet"))
+    else:
+        cross_dim = json.loads((out / "text_encoder" / "config.json").read_text())["hidden_size"]
+        unet = new_unet(s, cross_dim)
+    try:
+        step, kind = checkpoint_weights(ckpt, unet)
+    except ValueError as error:
+        raise SystemExit(f"--from-checkpoint: {error}") from None
+    print(f"--from-checkpoint: the U-Net's {kind} weights at step {step} of {ckpt}")
+    return unet.float().eval()
 
 
 def init_from_lab(out: Path, lab_dir: Path, skip=()) -> list[str]:
@@ -603,6 +628,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampler", help="export's sampler settings, e.g. scheduler=dpm++,steps=20,guidance_scale=5,"
                         f"guidance_rescale=0.7 (default {SAMPLER})")
+    parser.add_argument("--from-checkpoint", action="store_true",
+                        help="export: take the U-Net from the run's latest checkpoint (EMA weights), to judge a run "
+                             "that is still training")
     parser.add_argument("--lab-dir", type=Path, help="where export writes the lab (default: OUT/lab; 'toy' names "
                         "the package's own lab, which is only ever written when asked by that name)")
     args = parser.parse_args(argv)
@@ -654,8 +682,10 @@ def main(argv=None) -> None:
                 raise SystemExit(f"a stage of {pair} failed; see its output above (resume with the same command)")
         stages = ["judge", "unet"]
     world = render(s.train_images, "train") if set(stages) - {"judge", "export"} else None  # judge draws its own
+    if args.from_checkpoint and args.stage != "export":
+        parser.error("--from-checkpoint is for export (a look at a U-Net still training)")
     for stage in stages:
-        _check_needs(stage, args.out)
+        _check_needs(stage, args.out, args.from_checkpoint)
         if stage == "export":
             continue
         steps, batch, lr = BUDGETS[args.size][stage]
@@ -669,11 +699,13 @@ def main(argv=None) -> None:
     if args.stage in ("all", "export") and accelerator.is_main_process:
         lab_dir = args.out / "lab" if args.lab_dir is None else LAB_DIR if str(args.lab_dir) == "toy" else args.lab_dir
         sampler = dict(item.split("=", 1) for item in args.sampler.split(",")) if args.sampler else {}
-        export(args.out, lab_dir, **sampler)
+        unet = unet_from_checkpoint(args.out, s) if args.from_checkpoint else None
+        export(args.out, lab_dir, unet, **sampler)
 
 
-def _check_needs(stage: str, out: Path) -> None:
-    missing = [part for part in NEEDS.get(stage, ()) if not (out / part).exists()]
+def _check_needs(stage: str, out: Path, from_checkpoint: bool = False) -> None:
+    needs = [part for part in NEEDS.get(stage, ()) if not (from_checkpoint and part == "unet")]
+    missing = [part for part in needs if not (out / part).exists()]
     if missing:
         raise SystemExit(f"the {stage} stage reads {', '.join(missing)} from {out}, which has none yet: run the "
                          f"stages before it first ({', '.join(STAGES)}), or continue from a lab with "
