@@ -27,3 +27,11 @@ def table(headers: list[str], rows: list[list]) -> str:
         return str(x)
 
     return str(Table([dict(zip(headers, map(fmt, row))) for row in rows]))
+
+
+def threads() -> str:
+    """"1 thread" or "2 threads": the intra-op threads torch computes with in this process."""
+    import torch
+
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n > 1 else ''}"

@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median_seconds, table  # noqa: E402
+from common import median_seconds, table, threads  # noqa: E402
 
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab.toyworld import sample  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> None:
                      lab.steps, vary_s, f"{100 * convert_one_s / vary_s:.2f} %"])
     print(table(["lab", "device", "batch", "images/s (converter)", "ms per image (batch 1)",
                  "steps", "vary(n=4) s", "converter share of vary"], rows))
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"\ntorch {torch.__version__}, {threads()}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table  # noqa: E402
+from common import table, threads  # noqa: E402
 
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab import latent_clip as LC  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> None:
     side = lab.unet.config.sample_size
     latents = torch.randn(args.batch, lab.vae.config.latent_channels, side, side, device=lab.device, dtype=lab.dtype)
 
-    print(f"{lab.source} lab on {lab.device} ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}), {lab.image_size}px images, "
+    print(f"{lab.source} lab on {lab.device} ({threads()}), {lab.image_size}px images, "
           f"latents {tuple(latents.shape[1:])}, median of {args.repeats}\n")
     print(f"## Scoring a batch of {args.batch} latents\n")
     cost = LC.scoring_cost(lab, towers, latents, repeats=args.repeats)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median_seconds, table  # noqa: E402
+from common import median_seconds, table, threads  # noqa: E402
 
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab.toyworld import samples  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> None:
         return
     cos = torch.nn.functional.cosine_similarity
     print(f"\nSpeed: 4 images at {lab.image_size}px, {lab.steps} steps, on {lab.device} "
-          f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}): {median_seconds(lambda: S.vary(lab, test[0].image, n=4), 3):.2f} s "
+          f"({threads()}): {median_seconds(lambda: S.vary(lab, test[0].image, n=4), 3):.2f} s "
           f"(target <= 2 s on 2 cores).")
     print(f"Padding states: cosine(end-token state, padding state at k) over {len(test)} test captions:")
     f_txt, eos = S.encode_text(lab, [s.caption for s in test])

@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median_seconds, table  # noqa: E402
+from common import median_seconds, table, threads  # noqa: E402
 
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab.toyworld import sample  # noqa: E402
@@ -37,7 +37,7 @@ def main() -> None:
     edit_s = median_seconds(lambda: S.edit(lab, ref.image, "a blue disk", n=args.batch), args.repeats)
     for name, secs in (("text-to-image (true caption)", text_s), ("SD-IPC vary", vary_s), ("SD-IPC edit", edit_s)):
         rows.append([name, secs, secs / text_s])
-    print(f"{lab.source} lab on {lab.device} ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}), batch {args.batch}, "
+    print(f"{lab.source} lab on {lab.device} ({threads()}), batch {args.batch}, "
           f"{lab.steps} steps, {lab.image_size}px, median of {args.repeats}\n")
     print(table(["call", "seconds", "ratio to text-to-image"], rows))
 

@@ -638,6 +638,8 @@ def main(argv=None) -> None:
         value = getattr(args, name)
         if value is not None and not value > 0:
             parser.error(f"--{name} must be positive, got {value}")
+    if args.from_checkpoint and args.stage != "export":
+        parser.error("--from-checkpoint is for export (a look at a U-Net still training)")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file: name a folder for the run (it is created if missing)")
     torch.set_num_threads(min(torch.get_num_threads(), usable_cpus()))  # this script's own process: within its quota
@@ -682,8 +684,6 @@ def main(argv=None) -> None:
                 raise SystemExit(f"a stage of {pair} failed; see its output above (resume with the same command)")
         stages = ["judge", "unet"]
     world = render(s.train_images, "train") if set(stages) - {"judge", "export"} else None  # judge draws its own
-    if args.from_checkpoint and args.stage != "export":
-        parser.error("--from-checkpoint is for export (a look at a U-Net still training)")
     for stage in stages:
         _check_needs(stage, args.out, args.from_checkpoint)
         if stage == "export":
