@@ -100,23 +100,31 @@ def check_signature(path: Path, signature: dict) -> None:
                          "Train into another folder (--out), or delete that checkpoint to start this run fresh.")
 
 
-def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    ema: torch.nn.Module | None = None) -> tuple[int, list[float]]:
-    """Restore in place (weights, EMA, optimizer, torch's CPU random state); returns (step, losses)."""
-    model_sd, ema_sd, optim_state = {}, {}, {}
+def _read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """A checkpoint's metadata and its tensors split by kind: {"model": state, "ema": state, "rng": tensor,
+    "optim": {param index: {slot: tensor}}}. Reads only; restores nothing."""
+    parts = {"model": {}, "ema": {}, "optim": {}}
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
         for key in f.keys():
             kind, rest = key.split(".", 1)
-            if kind == "model":
-                model_sd[rest] = f.get_tensor(key)
-            elif kind == "rng":
-                torch.set_rng_state(f.get_tensor(key))
-            elif kind == "ema":
-                ema_sd[rest] = f.get_tensor(key)
+            if kind == "rng":
+                parts["rng"] = f.get_tensor(key)
+            elif kind in ("model", "ema"):
+                parts[kind][rest] = f.get_tensor(key)
             else:
                 index, slot = rest.split(".", 1)
-                optim_state.setdefault(int(index), {})[slot] = f.get_tensor(key)
+                parts["optim"].setdefault(int(index), {})[slot] = f.get_tensor(key)
+    return metadata, parts
+
+
+def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    ema: torch.nn.Module | None = None) -> tuple[int, list[float]]:
+    """Restore in place (weights, EMA, optimizer, torch's CPU random state); returns (step, losses)."""
+    metadata, parts = _read_checkpoint(path)
+    model_sd, ema_sd, optim_state = parts["model"], parts["ema"], parts["optim"]
+    if "rng" in parts:
+        torch.set_rng_state(parts["rng"])
     try:
         unexpected = model.load_state_dict(model_sd, strict=False).unexpected_keys
     except RuntimeError as error:  # size mismatches: another model's checkpoint in this folder
@@ -284,13 +292,9 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
 def checkpoint_weights(path: Path, model: torch.nn.Module) -> tuple[int, str]:
     """Load a checkpoint's EMA weights into `model` (its training weights if it keeps no EMA copy): a look at a run
     that is still training. Returns (step, "EMA" or "training"); a checkpoint that does not fit is refused."""
-    weights = {}
-    with safe_open(str(path), framework="pt") as f:
-        step = int(f.metadata()["step"])
-        kind = "ema" if any(key.startswith("ema.") for key in f.keys()) else "model"
-        for key in f.keys():
-            if key.startswith(kind + "."):
-                weights[key.split(".", 1)[1]] = f.get_tensor(key)
+    metadata, parts = _read_checkpoint(path)
+    step, kind = int(metadata["step"]), "ema" if parts["ema"] else "model"
+    weights = parts[kind]
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as error:
