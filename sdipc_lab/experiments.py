@@ -176,11 +176,14 @@ def concept_fidelity(lab: Lab, images, concept, references, *, judge=None) -> di
     return row
 
 
-def finetune_comparison(lab: Lab, test_concepts, finetuned, *, n_refs: int = 2, judge=None, seed=0,
+def finetune_comparison(lab: Lab, test_concepts, finetuned, *, n_refs: int = 12, judge=None, seed=0,
                         steps=None) -> list[dict]:
-    """Table 5 analogue: SD-IPC vs SD-IPC-FT variations of references from held-out concepts."""
+    """Table 5 analogue: SD-IPC vs SD-IPC-FT variations of `n_refs` references from each held-out concept, one
+    variation each. `finetuned` is one FineTuned (row "SD-IPC-FT") or {row name: FineTuned} for several rows,
+    e.g. the same FT before training (its prompts at their initialisation) beside it after."""
+    runs = {"SD-IPC": None, **(finetuned if isinstance(finetuned, dict) else {"SD-IPC-FT": finetuned})}
     rows = []
-    for name, ft in (("SD-IPC", None), ("SD-IPC-FT", finetuned)):
+    for name, ft in runs.items():
         scores = []
         for shape, colour in test_concepts:
             refs = concept_samples(shape, colour, n_refs, start=100)

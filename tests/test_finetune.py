@@ -211,3 +211,17 @@ def test_finetuning_a_half_precision_lab_stays_finite(dtype, tmp_path):
     assert torch.isfinite(cd.text[1].get_input_embeddings().weight).all()
     out = S.vary(half, images[0], n=1, finetuned=ct) + S.generate(half, "a red star", n=1)
     assert all(np.isfinite(np.asarray(im, dtype=np.float32)).all() for im in out)
+
+
+def test_finetune_comparison_rows_for_several_finetuned(fresh_lab):
+    from sdipc_lab import experiments as E
+
+    ft = FT.new_finetuned(fresh_lab, n_tokens=2)  # untrained: its prompts at their (random) initialisation
+    concepts = [("star", "red")]
+    one = E.finetune_comparison(fresh_lab, concepts, ft, n_refs=2, steps=2)
+    many = E.finetune_comparison(fresh_lab, concepts, {"FT at step 0": ft, "the same again": ft}, n_refs=2, steps=2)
+    assert [r["method"] for r in one] == ["SD-IPC", "SD-IPC-FT"]
+    assert [r["method"] for r in many] == ["SD-IPC", "FT at step 0", "the same again"]
+    assert many[0] == one[0]  # the same seed: the same SD-IPC images
+    assert many[1]["CLIP-I"] == many[2]["CLIP-I"] == one[1]["CLIP-I"]
+    assert not np.isclose(one[1]["CLIP-I"], one[0]["CLIP-I"])  # inserted prompts move the embedding before training
