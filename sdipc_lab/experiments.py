@@ -176,11 +176,14 @@ def concept_fidelity(lab: Lab, images, concept, references, *, judge=None) -> di
     return row
 
 
-def finetune_comparison(lab: Lab, test_concepts, finetuned, *, n_refs: int = 12, judge=None, seed=0,
+def finetune_comparison(lab: Lab, test_concepts, finetuned, *, n_refs: int | None = None, judge=None, seed=0,
                         steps=None) -> list[dict]:
     """Table 5 analogue: SD-IPC vs SD-IPC-FT variations of `n_refs` references from each held-out concept, one
     variation each. `finetuned` is one FineTuned (row "SD-IPC-FT") or {row name: FineTuned} for several rows,
-    e.g. the same FT before training (its prompts at their initialisation) beside it after."""
+    e.g. the same FT before training (its prompts at their initialisation) beside it after. `n_refs` defaults to
+    12 with a judge (its agreement is a fraction of the images: 4 concepts give 48, one image = 0.02) and to 2
+    without one (CLIP-I averages every image against every reference; SD v1.4 images cost far more)."""
+    n_refs = n_refs or (12 if judge is not None else 2)
     runs = {"SD-IPC": None, **(finetuned if isinstance(finetuned, dict) else {"SD-IPC-FT": finetuned})}
     rows = []
     for name, ft in runs.items():
