@@ -4,6 +4,7 @@
                              [--save sdipc_lab/toyworld/fidelity_curve.json]
     python bench/finetune.py --lr-sweep            # the learning rates a lab's `finetune_lr` should carry
     python bench/finetune.py --curve FILE          # re-print a saved curve
+    python bench/finetune.py --ft-sweep            # SD-IPC-FT (notebook 06's run) at several lr and lengths
 
 The paper: CT needs 30 iterations where Custom Diffusion needs 250. The target here: CT reaches Custom
 Diffusion's 250-iteration fidelity (the judge's shape-and-colour agreement, averaged over the concepts) in
@@ -169,19 +170,63 @@ def lr_sweep(lab, concept, judge, n_eval: int, lrs: dict, budgets: dict) -> None
     print()
 
 
+def _tokens(n: int) -> str:
+    return f"{n} prompt{'s' * (n != 1)} per layer"
+
+
+def ft_sweep(lab, judge, runs: list[tuple[float, int, int]], n_train: int = 20, n_refs: int = 12,
+             seed: int = 0) -> None:
+    """Notebook 06's SD-IPC-FT (n_train concepts x 5 images, A/B training, the captions' regulariser) trained at
+    each (lr, steps, prompt tokens per layer) of `runs`, beside SD-IPC and the same FT before any training (one
+    row per token count), judged as the notebook judges it: one variation of `n_refs` references of each of 4
+    test concepts (the notebook: 12, 48 images per row). `seed` seeds the concepts, the FT runs and the noise."""
+    from sdipc_lab import experiments as E
+    from sdipc_lab import finetune as FT
+    from sdipc_lab.toyworld import concept_samples, concept_split
+
+    train, test = concept_split(n_train, 4, seed=seed)
+    drawn = {f"{c} {s}": concept_samples(s, c, 5) for s, c in train}
+    concepts = FT.Concepts({name: [x.image for x in xs] for name, xs in drawn.items()})
+    captions = {name: [x.caption for x in xs] for name, xs in drawn.items()}
+    finetuned = {}
+    for tokens in sorted({n for *_, n in runs}, reverse=True):
+        finetuned[f"SD-IPC-FT before training, {_tokens(tokens)}"] = FT.new_finetuned(lab, n_tokens=tokens, seed=seed)
+    zero = FT.new_finetuned(lab, n_tokens=max(n for *_, n in runs), seed=seed)
+    zero.prompts.prompts.data.zero_()  # a zero prompt is still a token: LayerNorm makes it the layer's bias
+    finetuned[f"SD-IPC-FT before training, {_tokens(zero.prompts.n_tokens)}, all zero"] = zero
+    for lr, steps, tokens in runs:
+        with tempfile.TemporaryDirectory() as out:
+            finetuned[f"SD-IPC-FT, lr {lr:g}, {steps} steps, {_tokens(tokens)}"] = FT.finetune(
+                lab, concepts, mode="ft", steps=steps, lr=lr, out=out, captions=captions, n_tokens=tokens, seed=seed)
+    rows = E.finetune_comparison(lab, test, finetuned, judge=judge, n_refs=n_refs, seed=seed)
+    names = ", ".join(f"{c} {s}" for s, c in test)
+    print(f"## SD-IPC-FT against SD-IPC ({lab.source} lab; {n_train} concepts x 5 images; seed {seed}; judged on one "
+          f"variation of {n_refs} references of each of {names}: {4 * n_refs} images per row, one image = "
+          f"{1 / (4 * n_refs):.3f})\n")
+    print(table(["method", "judge shape", "judge colour", "judge both", "CLIP-I", "CLIP-T"],
+                [[r["method"], r["judge shape"], r["judge colour"], r["judge both"], r["CLIP-I"], r["CLIP-T"]]
+                 for r in rows]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="toy")
     parser.add_argument("--iterations", type=int, nargs="+", default=[0, 10, 20, 30, 60, 125, 250])
     parser.add_argument("--concepts", nargs="+", default=["star:blue", "cross:purple", "star:red"],
                         help="shape:colour; star:red is one of the held-out combinations")
-    parser.add_argument("--n-eval", type=int, default=48, help="images judged per concept and point")
+    parser.add_argument("--n-eval", type=int, default=48, help="images judged per concept and point (--ft-sweep: "
+                        "per row, a quarter from each of 4 test concepts)")
+    parser.add_argument("--seed", type=int, default=0, help="--ft-sweep: the concepts, FT runs and noise")
     parser.add_argument("--save", default=None, help="write the curve as JSON (the notebook reads docs/results/)")
     parser.add_argument("--speed-steps", type=int, default=10, help="k: timed at k and 2k iterations")
     parser.add_argument("--speed-only", action="store_true", help="skip the fidelity curve")
     parser.add_argument("--curve", help="print the fidelity table of a saved run (--save) instead of training")
     parser.add_argument("--lr-sweep", action="store_true", help="sweep each method's lr at its budget, then stop")
     parser.add_argument("--tune-concept", default=":".join(CONCEPT))
+    parser.add_argument("--ft-sweep", action="store_true", help="SD-IPC-FT at several lr and lengths, then stop")
+    parser.add_argument("--ft-runs", nargs="+", default=["1e-5:120", "3e-5:120", "1e-4:120", "1e-3:120", "1e-4:480",
+                                                          "1e-4:120:2", "1e-4:120:1"],
+                        help="lr:steps[:prompt tokens per layer, default 8] of each FT run in --ft-sweep")
     parser.add_argument("--_speed", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._speed:
@@ -194,13 +239,17 @@ def main() -> None:
     from sdipc_lab.toyworld import concept_caption, concept_samples
     from sdipc_lab.toyworld.judge import Judge
 
-    if args.lr_sweep or not args.speed_only:
+    if args.lr_sweep or args.ft_sweep or not args.speed_only:
         lab = S.load_lab(args.source)
         lab.pipe.set_progress_bar_config(disable=True)
     if args.lr_sweep:
         lrs = {"SD-IPC-CT": [5e-5, 2e-4, 1e-3, 3e-3], "Custom Diffusion": [3e-5, 1e-4, 3e-4, 1e-3]}
         return lr_sweep(lab, _concept(args.tune_concept), Judge(), args.n_eval // 2, lrs,
                         {"SD-IPC-CT": 30, "Custom Diffusion": 250})
+    if args.ft_sweep:
+        runs = [(float(lr), int(steps), int(tokens[0]) if tokens else 8)
+                for lr, steps, *tokens in (r.split(":") for r in args.ft_runs)]
+        return ft_sweep(lab, Judge(), runs, n_refs=args.n_eval // 4, seed=args.seed)
     if not args.speed_only:
         concepts = [_concept(c) for c in args.concepts]
         rows = []

@@ -183,7 +183,10 @@ def finetune_comparison(lab: Lab, test_concepts, finetuned, *, n_refs: int | Non
     e.g. the same FT before training (its prompts at their initialisation) beside it after. `n_refs` defaults to
     12 with a judge (its agreement is a fraction of the images: 4 concepts give 48, one image = 0.02) and to 2
     without one (CLIP-I averages every image against every reference; SD v1.4 images cost far more)."""
-    n_refs = n_refs or (12 if judge is not None else 2)
+    if n_refs is None:
+        n_refs = 12 if judge is not None else 2
+    if not (isinstance(n_refs, int) and n_refs > 0):
+        raise ValueError(f"n_refs is the number of references per concept, a positive integer; got {n_refs!r}")
     runs = {"SD-IPC": None, **(finetuned if isinstance(finetuned, dict) else {"SD-IPC-FT": finetuned})}
     rows = []
     for name, ft in runs.items():

@@ -225,3 +225,11 @@ def test_finetune_comparison_rows_for_several_finetuned(fresh_lab):
     assert many[0] == one[0]  # the same seed: the same SD-IPC images
     assert many[1]["CLIP-I"] == many[2]["CLIP-I"] == one[1]["CLIP-I"]
     assert not np.isclose(one[1]["CLIP-I"], one[0]["CLIP-I"])  # inserted prompts move the embedding before training
+
+
+@pytest.mark.parametrize("n_refs", [0, -1, 2.5])
+def test_finetune_comparison_refuses_a_count_of_references_that_is_not_one_or_more(fresh_lab, n_refs):
+    from sdipc_lab import experiments as E
+
+    with pytest.raises(ValueError, match="n_refs"):
+        E.finetune_comparison(fresh_lab, [("star", "red")], FT.new_finetuned(fresh_lab, n_tokens=2), n_refs=n_refs)

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from sdipc_lab.build import word_tokenizer
-from sdipc_lab.toyworld import HELD_OUT, caption, sample, samples, vocabulary
+from sdipc_lab.toyworld import COLOURS, HELD_OUT, SHAPES, caption, concept_split, sample, samples, vocabulary
 from sdipc_lab.toyworld.judge import agreement, analytic
 
 
@@ -30,6 +30,17 @@ def test_held_out_combinations_never_in_train():
     assert all((t.shape, t.colour) in HELD_OUT for s in held for t in s.things)
     with pytest.raises(ValueError, match="split"):
         sample(0, "validation")
+
+
+def test_concept_split_is_seeded_disjoint_and_never_held_out():
+    train, test = concept_split(20, 4, seed=0)
+    assert (train, test) == concept_split(20, 4, seed=0) and (train, test) != concept_split(20, 4, seed=1)
+    assert len(train) == 20 and len(test) == 4 and not set(train) & set(test)
+    assert all(s in SHAPES and c in COLOURS and (s, c) not in HELD_OUT for s, c in train + test)
+    n = len(SHAPES) * len(COLOURS) - len(HELD_OUT)
+    assert len(set(sum(concept_split(n - 1, 1), []))) == n  # every concept that is not held out, once
+    with pytest.raises(ValueError, match="at most"):
+        concept_split(n, 1)
 
 
 def test_captions_use_only_the_vocabulary_and_fit_77_tokens():

@@ -107,6 +107,19 @@ def concept_samples(shape: str, colour: str, n: int, start: int = 0) -> list[Sam
     return out
 
 
+def concept_split(n_train: int = 20, n_test: int = 4, seed: int = 0) -> tuple[list, list]:
+    """(shape, colour) concepts for few-shot fine-tuning: `n_train` to train on and the next `n_test` to test on,
+    drawn in a seeded order from the pairs that are not `HELD_OUT` (those stay unseen by every lab's training)."""
+    import itertools
+
+    pairs = [p for p in itertools.product(SHAPES, COLOURS) if p not in HELD_OUT]
+    if n_train < 0 or n_test < 1 or n_train + n_test > len(pairs):
+        raise ValueError(f"n_train + n_test must be at most the {len(pairs)} concepts there are, with n_test >= 1; "
+                         f"got {n_train} + {n_test}")
+    random.Random(seed).shuffle(pairs)
+    return pairs[:n_train], pairs[n_train:n_train + n_test]
+
+
 def all_captions() -> list[str]:
     """The canonical caption of every one-object scene the world can draw (shape x colour x size x position x
     background, 1,800): the candidates `measure.nearest_texts` ranks to say what a converted prompt describes."""
