@@ -140,6 +140,20 @@ def _concept(text: str) -> tuple[str, str]:
     return shape, colour
 
 
+def _ft_run(text: str) -> tuple[float, int, int]:
+    """One --ft-runs value, lr:steps[:prompts per layer] (prompts default 8), e.g. 1e-4:120 or 1e-4:120:2."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        lr, steps, prompts = float(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else 8
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not lr:steps[:prompts], e.g. 1e-4:120 or 1e-4:120:2") from None
+    if lr <= 0 or steps <= 0 or prompts <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: lr, steps and prompts must be positive")
+    return lr, steps, prompts
+
+
 def lr_sweep(lab, concept, judge, n_eval: int, lrs: dict, budgets: dict) -> None:
     """Fidelity after each method's budget (CT 30, Custom Diffusion 250 iterations) at each learning rate."""
     import sdipc_lab as S
@@ -224,8 +238,8 @@ def main() -> None:
     parser.add_argument("--lr-sweep", action="store_true", help="sweep each method's lr at its budget, then stop")
     parser.add_argument("--tune-concept", default=":".join(CONCEPT))
     parser.add_argument("--ft-sweep", action="store_true", help="SD-IPC-FT at several lr and lengths, then stop")
-    parser.add_argument("--ft-runs", nargs="+", default=["1e-5:120", "3e-5:120", "1e-4:120", "1e-3:120", "1e-4:480",
-                                                          "1e-4:120:2", "1e-4:120:1"],
+    ft_runs = ["1e-5:120", "3e-5:120", "1e-4:120", "1e-3:120", "1e-4:480", "1e-4:120:2", "1e-4:120:1"]
+    parser.add_argument("--ft-runs", nargs="+", type=_ft_run, default=[_ft_run(r) for r in ft_runs],
                         help="lr:steps[:prompt tokens per layer, default 8] of each FT run in --ft-sweep")
     parser.add_argument("--_speed", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,9 +261,7 @@ def main() -> None:
         return lr_sweep(lab, _concept(args.tune_concept), Judge(), args.n_eval // 2, lrs,
                         {"SD-IPC-CT": 30, "Custom Diffusion": 250})
     if args.ft_sweep:
-        runs = [(float(lr), int(steps), int(tokens[0]) if tokens else 8)
-                for lr, steps, *tokens in (r.split(":") for r in args.ft_runs)]
-        return ft_sweep(lab, Judge(), runs, n_refs=args.n_eval // 4, seed=args.seed)
+        return ft_sweep(lab, Judge(), args.ft_runs, n_refs=args.n_eval // 4, seed=args.seed)
     if not args.speed_only:
         concepts = [_concept(c) for c in args.concepts]
         rows = []

@@ -2,6 +2,7 @@
 
     python bench/toyworld_quality.py [--source toy] [--n 96] [--pool 100]
     python bench/toyworld_quality.py --source runs/proxy/lab --quick    # a proxy run: true caption + SD-IPC only
+    python bench/toyworld_quality.py --cutoffs 0 lab 0.5                # what the cutoff does to the oracle and SD-IPC
 
 Targets are issue 11's. The judge (analytic pixels + a shape CNN) is independent of the CLIP studied.
 "stray %" is the share of background pixels away from the object that differ from the background
@@ -24,6 +25,7 @@ from common import median_seconds, table, threads  # noqa: E402
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab.toyworld import samples  # noqa: E402
 from sdipc_lab.toyworld.evaluate import (  # noqa: E402
+    cutoff_conditions,
     diversity,
     judge_conditions,
     psnr,
@@ -48,6 +50,43 @@ def chunks(images: list) -> list[list]:
     return [images[i:i + DIVERSE] for i in range(0, len(images), DIVERSE)]
 
 
+def _cutoff(text: str):
+    if text == "lab":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a cutoff: give a number >= 0, or 'lab'") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"a cutoff is a number >= 0, got {text}")
+    return value
+
+
+def cutoff_table(lab, judge, cutoffs: list[float], args, start: float) -> None:
+    """Item 5 of issue 11: how much the round trip W_t^+ W_t loses, and what the cutoff does to it. Rows: the true
+    end-token state repeated, then the oracle and SD-IPC at each cutoff; the rank W_t^+ keeps and the cosine
+    between each converted vector and the caption's true end-token state (the quantity the lab's cutoff was
+    chosen by, for SD-IPC)."""
+    from sdipc_lab.convert import at_end, inverse_projection
+
+    refs = samples(args.n, "test", two_objects=0)
+    embeds = cutoff_conditions(lab, refs, cutoffs)
+    judged = judge_conditions(lab, refs, judge, seed=args.seed, embeds=embeds)
+    f_txt, eos = S.encode_text(lab, [s.caption for s in refs])
+    f_eos = at_end(f_txt, eos).float()  # (N, D)
+    rows = []
+    for name, scores in judged.items():
+        cutoff = next((c for c in cutoffs if name.endswith(f"cutoff {c:.4g}")), None)
+        inverse = None if cutoff is None else inverse_projection(lab, cutoff)
+        rank = "" if inverse is None else f"{inverse.rank}/{len(inverse.singular_values)}"
+        cosine = torch.nn.functional.cosine_similarity(embeds[name][:, 1].float(), f_eos, dim=-1).mean().item()
+        rows.append([name, rank, f"{cosine:.3f}", *pct(scores, ATTRS[:4]), f"{100 * scores['stray']:.2f}"])
+    print(f"## The round trip and the cutoff ({lab.source}, {args.n} test references, lab cutoff {lab.cutoff}, "
+          f"norm {lab.norm}; judge agreement in %)\n")
+    print(table(["prompt", "rank kept", "cos(f_cnvrt, true EOS)", *ATTRS[:4], "stray %"], rows))
+    print(f"\n(total {time.time() - start:.0f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", default="toy")
@@ -56,11 +95,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", default=None, help="judge weights (default: the shipped ones)")
     parser.add_argument("--quick", action="store_true", help="only generation from the true caption and SD-IPC")
+    parser.add_argument("--cutoffs", nargs="+", type=_cutoff, metavar="CUTOFF",
+                        help="only the oracle and SD-IPC at these cutoffs ('lab': the lab's; 0.5: a number), then stop")
     args = parser.parse_args()
     start = time.time()
     lab = S.load_lab(args.source)
     lab.pipe.set_progress_bar_config(disable=True)
     judge = Judge(args.judge) if args.judge else Judge()
+    if args.cutoffs:
+        return cutoff_table(lab, judge, [lab.cutoff if c == "lab" else c for c in args.cutoffs], args, start)
     test = samples(args.pool, "test", two_objects=0)
     held = samples(args.pool, "heldout", two_objects=0)
     rows = []

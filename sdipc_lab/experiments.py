@@ -185,7 +185,7 @@ def finetune_comparison(lab: Lab, test_concepts, finetuned, *, n_refs: int | Non
     without one (CLIP-I averages every image against every reference; SD v1.4 images cost far more)."""
     if n_refs is None:
         n_refs = 12 if judge is not None else 2
-    if not (isinstance(n_refs, int) and n_refs > 0):
+    if isinstance(n_refs, bool) or not (isinstance(n_refs, int) and n_refs > 0):
         raise ValueError(f"n_refs is the number of references per concept, a positive integer; got {n_refs!r}")
     runs = {"SD-IPC": None, **(finetuned if isinstance(finetuned, dict) else {"SD-IPC-FT": finetuned})}
     rows = []

@@ -43,7 +43,7 @@ from .convert import encode_text, pseudo_prompt, token_ids
 from .images import as_rgb_images, digest
 from .lab import Lab, limit_threads, load_lab
 from .latents import encode_latents
-from .training import diffusion_loss, fit
+from .training import TrainingStopped, diffusion_loss, fit
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MODES = {  # the paper's recipes (Sec. 4.1): steps, schedule, text-to-image regulariser; the lr is the lab's
@@ -295,6 +295,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:  # Ctrl-C or SIGTERM: checkpointed
+        print(stopped, file=sys.stderr)
+        return 130
     print(f"saved {Path(args.out) / 'finetuned.safetensors'}: {ft.info}")
     return 0
 

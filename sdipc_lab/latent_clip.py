@@ -28,7 +28,7 @@ from .lab import Lab, limit_threads, load_lab, quiet
 from .latents import decode_latents, encode_latents, from_posterior, pixels_of
 from .toyworld.evaluate import zero_shot_of
 from .toyworld.train import render
-from .training import fit
+from .training import TrainingStopped, fit
 
 TOWERS_DIR = Path(__file__).parent / "toyworld" / "latent_clip"
 KINDS = ("latent", "pixel")
@@ -289,7 +289,10 @@ def main(argv=None) -> None:
     lab = load_lab(args.lab)
     world = render(args.images, "train")
     for kind in KINDS:
-        tower = train_tower(lab, kind, world=world, out=args.out, steps=args.steps, minutes=args.minutes)
+        try:
+            tower = train_tower(lab, kind, world=world, out=args.out, steps=args.steps, minutes=args.minutes)
+        except TrainingStopped as stopped:  # Ctrl-C or SIGTERM: checkpointed, say so without a traceback
+            raise SystemExit(str(stopped)) from None
         tower.half().save_pretrained(args.export / kind, safe_serialization=True)
     size = sum(f.stat().st_size for f in Path(args.export).rglob("*.safetensors"))
     print(f"exported both towers to {args.export} ({size / 2**20:.1f} MB)")

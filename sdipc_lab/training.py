@@ -4,7 +4,8 @@
 runs on CPU, one GPU or several. A checkpoint is one safetensors file written atomically every few
 hundred steps: the model's weights, an optional EMA copy, the optimizer's state (flattened into tensors,
 its hyper-parameters as JSON metadata), the step and the loss history. Nothing is pickled. Run the same
-command again and it resumes where the last checkpoint left off.
+command again and it resumes where the last checkpoint left off. Ctrl-C (or SIGTERM, e.g. `kill PID`) stops
+training after the step under way, with a checkpoint of that step: nothing trained is lost.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import copy
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -143,6 +146,34 @@ class NonFiniteLoss(FloatingPointError):
     """Training produced a NaN or infinite loss; the last good checkpoint was kept."""
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """Training was asked to stop (Ctrl-C, SIGTERM) and did, after a checkpoint of its last step."""
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While training: Ctrl-C (SIGINT) and SIGTERM are noted in the yielded list instead of killing the process
+    mid-step, so the loop can finish the step under way and checkpoint it. A second Ctrl-C interrupts at once (the
+    last checkpoint stays intact: it is written atomically). The previous handlers come back afterwards; off the
+    main thread, where Python allows no handlers, nothing changes."""
+    asked: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def handler(signum, frame):
+        asked.append(signum)
+        if len(asked) > 1 and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, out: Path, accelerator=None,
         minutes: float | None = None, ema_decay: float | None = None, every: int = 250, schedule: str = "cosine",
         weight_decay: float = 0.01, signature: dict | None = None) -> torch.nn.Module:
@@ -252,38 +283,42 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
             save_checkpoint(ckpt, model=accelerator.unwrap_model(module), optimizer=optimizer, step=step,
                             losses=losses, ema=ema, signature=signature)
 
-    while step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        loss = loss_fn(module, step)
-        if not torch.isfinite(loss.detach()).all():
-            bar.close()
-            kept = f"the checkpoint of step {checkpoint_step(ckpt)} is kept" if ckpt.exists() else "nothing was saved"
-            raise NonFiniteLoss(f"{name}: the loss became {loss.item()} at step {step} (lr {lr_at(step):.3g}); "
-                                f"training stopped and {kept}. Lower the learning rate (--lr) and run again.")
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if ema is not None:  # warmed up (diffusers' EMAModel): early on the average must not hold the random init
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), accelerator.unwrap_model(module).parameters()):
-                    e.lerp_(p, 1 - decay)
-        losses.append(loss.item())
-        step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step % every == 0 or step == steps or time.time() - saved_at > 300:  # at least every 5 minutes
-            save()
-            saved_at = time.time()
-        if minutes is not None and progress(step) >= 1.0:
-            print(f"{name}: time budget reached at step {step} of {steps} ({minutes} min, "
-                  f"{(step - first) / (time.time() - start):.1f} steps/s)")
-            break
-    save()
+    with stop_requests() as asked:  # Ctrl-C / SIGTERM: finish the step under way, checkpoint it, stop
+        while step < steps and not asked:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            loss = loss_fn(module, step)
+            if not torch.isfinite(loss.detach()).all():
+                bar.close()
+                kept = f"the checkpoint of step {checkpoint_step(ckpt)} is kept" if ckpt.exists() else "nothing was saved"
+                raise NonFiniteLoss(f"{name}: the loss became {loss.item()} at step {step} (lr {lr_at(step):.3g}); "
+                                    f"training stopped and {kept}. Lower the learning rate (--lr) and run again.")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if ema is not None:  # warmed up (diffusers' EMAModel): early on the average must not hold the random init
+                decay = min(ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for e, p in zip(ema.parameters(), accelerator.unwrap_model(module).parameters()):
+                        e.lerp_(p, 1 - decay)
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            if step % every == 0 or step == steps or time.time() - saved_at > 300:  # at least every 5 minutes
+                save()
+                saved_at = time.time()
+            if minutes is not None and progress(step) >= 1.0:
+                print(f"{name}: time budget reached at step {step} of {steps} ({minutes} min, "
+                      f"{(step - first) / (time.time() - start):.1f} steps/s)")
+                break
+        save()
     bar.close()
+    if asked:
+        raise TrainingStopped(f"{name}: stopped at step {step} of {steps} as asked; {ckpt} holds it. "
+                              "Run the same command again to resume.")
     plot_losses(name, losses, out / f"{name}_loss.png")
     final = ema if ema is not None else accelerator.unwrap_model(module)
     return final.eval()

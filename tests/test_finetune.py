@@ -227,7 +227,7 @@ def test_finetune_comparison_rows_for_several_finetuned(fresh_lab):
     assert not np.isclose(one[1]["CLIP-I"], one[0]["CLIP-I"])  # inserted prompts move the embedding before training
 
 
-@pytest.mark.parametrize("n_refs", [0, -1, 2.5])
+@pytest.mark.parametrize("n_refs", [0, -1, 2.5, True])
 def test_finetune_comparison_refuses_a_count_of_references_that_is_not_one_or_more(fresh_lab, n_refs):
     from sdipc_lab import experiments as E
 

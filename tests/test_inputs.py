@@ -95,3 +95,18 @@ def test_errors_reach_the_user_through_the_api(lab):
         S.vary(lab, rgb(), steps=0)
     with pytest.raises(ValueError, match="tokens long"):
         S.generate(lab, " ".join(["red"] * 90))
+
+
+@pytest.mark.parametrize("run", ["1e-4", "fast:120", "1e-4:120:2:9", "1e-4:0"])
+def test_the_finetune_bench_says_what_a_run_should_look_like(run):
+    """`bench/finetune.py --ft-runs lr:steps[:prompts]`: a malformed run is an argparse message, not a traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).parents[1] / "bench" / "finetune.py"
+    done = subprocess.run([sys.executable, str(bench), "--ft-sweep", "--ft-runs", "1e-4:120", run],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"argument --ft-runs: {run!r}" in done.stderr
+    assert "is not lr:steps[:prompts]" in done.stderr or "must be positive" in done.stderr

@@ -1,6 +1,7 @@
 """Nothing a user made is lost or silently wrong: outputs, resumes, refusals (issue 13). All on tiny models."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 import sdipc_lab as S
-from sdipc_lab.training import NonFiniteLoss, fit
+from sdipc_lab.training import NonFiniteLoss, TrainingStopped, fit
 from sdipc_lab.toyworld.judge import JUDGE_FILE
 
 
@@ -44,6 +45,30 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
         fit("toy", Noisy(), interrupted, steps=12, lr=0.05, out=tmp_path / "pieces", every=3)
     assert not (tmp_path / "pieces" / "toy.lock").exists()  # the lock goes with the process's run
     torch.manual_seed(123)  # whatever the new process's generator holds
+    resumed, _ = _fit(tmp_path / "pieces", 12)
+    assert torch.equal(whole.w, resumed.w)
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_stop_request_checkpoints_the_step_under_way_and_resumes_as_if_never_stopped(tmp_path, name):
+    """Ctrl-C or `kill PID` while training: the step under way finishes and is checkpointed (none lost, unlike a
+    crash), the caller's signal handlers come back, and resuming gives the uninterrupted run bit for bit."""
+    signum = getattr(signal, name)
+    handler = signal.getsignal(signum)
+    whole, _ = _fit(tmp_path / "whole", 12)
+
+    def stopped(m, step):
+        if step == 7:
+            os.kill(os.getpid(), signum)  # arrives mid-step, as from the terminal
+        return m(step)
+
+    torch.manual_seed(0)
+    with pytest.raises(TrainingStopped, match="stopped at step 8 of 12 as asked.*same command again"):
+        fit("toy", Noisy(), stopped, steps=12, lr=0.05, out=tmp_path / "pieces", every=5)
+    with safe_open(str(tmp_path / "pieces" / "toy.ckpt.safetensors"), framework="pt") as f:
+        assert int(f.metadata()["step"]) == 8  # not the every-5 checkpoint of step 5
+    assert signal.getsignal(signum) is handler
+    torch.manual_seed(123)
     resumed, _ = _fit(tmp_path / "pieces", 12)
     assert torch.equal(whole.w, resumed.w)
 

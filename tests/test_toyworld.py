@@ -319,6 +319,30 @@ def test_the_oracle_condition_is_the_round_trip_of_the_true_end_token_state(lab)
         lab.cache.clear()
 
 
+def test_cutoff_conditions_convert_with_pinv_at_each_cutoff(lab):
+    """bench/toyworld_quality.py --cutoffs: each row is Eq. 6-7 at its cutoff, checked against torch.linalg.pinv:
+    [sos, norm * pinv(W_t, atol=cutoff) @ unit(f_c) x 76], f_c the caption's (oracle) or the image's embedding."""
+    from sdipc_lab.convert import image_embeds, text_embeds
+    from sdipc_lab.toyworld.evaluate import cutoff_conditions, prompt_conditions
+
+    data = samples(3, "test", two_objects=0)
+    W = lab.W_t.double()  # (P, D)
+    cutoffs = [0.0, float(torch.linalg.svdvals(W)[len(W) // 2])]
+    rows = cutoff_conditions(lab, data, cutoffs)
+    assert list(rows) == ["[sos, true EOS x 76]", *(f"{kind}, cutoff {c:.4g}" for c in cutoffs
+                                                     for kind in ("oracle", "SD-IPC (vary)"))]
+    torch.testing.assert_close(rows["[sos, true EOS x 76]"], prompt_conditions(lab, data)["[sos, true EOS x 76]"])
+    embeddings = {"oracle": text_embeds(lab, [s.caption for s in data]),
+                  "SD-IPC (vary)": image_embeds(lab, [s.image for s in data])}
+    for c in cutoffs:
+        for kind, f_c in embeddings.items():
+            unit = torch.nn.functional.normalize(f_c.double(), dim=-1)  # (N, P)
+            expected = lab.norm * unit @ torch.linalg.pinv(W, atol=c).T  # (N, D)
+            got = rows[f"{kind}, cutoff {c:.4g}"]
+            torch.testing.assert_close(got[:, 1:].double(), expected[:, None].expand(-1, 76, -1), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got[:, 0], rows["[sos, true EOS x 76]"][:, 0])  # the start-token state
+
+
 @pytest.mark.parametrize("words", ["world", "tiny"])
 def test_word_tokenizer_spells_every_word_as_one_token(words):
     from sdipc_lab.build import TINY_WORDS

@@ -161,13 +161,31 @@ def prompt_conditions(lab: Lab, data, *, seed: int = 0) -> dict:
     }
 
 
-def judge_conditions(lab: Lab, data, judge, *, seed: int = 0, batch: int = 16, conditions=None, **sampler) -> dict:
-    """For each condition (all of `prompt_conditions`, or those named in `conditions`): the judge's agreement
-    between generated images and the references' truth, and "stray", the mean share of stray background
-    pixels (`judge.stray_pixels`). `sampler`: steps, guidance_scale, guidance_rescale (default: the lab's)."""
+def cutoff_conditions(lab: Lab, data, cutoffs) -> dict:
+    """Prompt embeddings (N, 77, D) that say what the cutoff costs SD-IPC: "[sos, true EOS x 76]" (what a perfect
+    round trip gives, up to scale), then for each cutoff the oracle (the caption's own C-space embedding through
+    W_t^+) and SD-IPC (the image's). At cutoff 0 the oracle differs from the first row only by the norm of Eq. 6
+    (a square W_t of full rank inverts exactly), so the rows split the round trip's loss into the norm's share
+    and the cutoff's. Keys: the row's name, with the cutoff."""
+    captions = [s.caption for s in data]
+    f_txt_c, f_img_c = text_embeds(lab, captions), image_embeds(lab, [s.image for s in data])  # (N, P) each
+    rows = {"[sos, true EOS x 76]": eos_prompt_embeds(lab, captions)}
+    for cutoff in cutoffs:
+        rows[f"oracle, cutoff {cutoff:.4g}"] = pseudo_prompt(lab, f_txt_c, cutoff=cutoff)
+        rows[f"SD-IPC (vary), cutoff {cutoff:.4g}"] = pseudo_prompt(lab, f_img_c, cutoff=cutoff)
+    return rows
+
+
+def judge_conditions(lab: Lab, data, judge, *, seed: int = 0, batch: int = 16, conditions=None, embeds=None,
+                     **sampler) -> dict:
+    """For each condition (all of `prompt_conditions`, or those named in `conditions`; or the prompt embeddings
+    (N, 77, D) given by name in `embeds`): the judge's agreement between generated images and the references'
+    truth, and "stray", the mean share of stray background pixels (`judge.stray_pixels`). `sampler`: steps,
+    guidance_scale, guidance_rescale (default: the lab's)."""
     truths = [s.attributes for s in data]
     rows = {}
-    chosen = {k: v for k, v in prompt_conditions(lab, data, seed=seed).items() if conditions is None or k in conditions}
+    chosen = embeds if embeds is not None else {
+        k: v for k, v in prompt_conditions(lab, data, seed=seed).items() if conditions is None or k in conditions}
     with progress(len(chosen) * len(range(0, len(data), batch)), "conditions"):
         for name, embeds in chosen.items():
             images = []

@@ -46,7 +46,7 @@ from ..convert import token_ids
 from ..lab import Lab, assemble, load_lab, quiet, save_lab, usable_cpus
 from ..latents import from_posterior
 from ..measure import cutoff_sweep, norms, singular_value_quantiles
-from ..training import checkpoint_weights, diffusion_loss, fit
+from ..training import TrainingStopped, checkpoint_weights, diffusion_loss, fit
 from .judge import JUDGE_FILE, mask_crops, new_judge_cnn
 from .world import SHAPES, SIZE, caption, sample, samples, vocabulary
 
@@ -691,10 +691,13 @@ def main(argv=None) -> None:
         steps, batch, lr = BUDGETS[args.size][stage]
         budget = (args.steps or steps, args.batch or batch, args.lr or lr)
         start = time.time()
-        if stage == "judge":
-            train_judge(s, budget, args.out, accelerator, args.seed, minutes.get(stage))
-        else:
-            globals()[f"train_{stage}"](world, s, budget, args.out, accelerator, args.seed, minutes.get(stage))
+        try:
+            if stage == "judge":
+                train_judge(s, budget, args.out, accelerator, args.seed, minutes.get(stage))
+            else:
+                globals()[f"train_{stage}"](world, s, budget, args.out, accelerator, args.seed, minutes.get(stage))
+        except TrainingStopped as stopped:  # Ctrl-C or SIGTERM: checkpointed, say so without a traceback
+            raise SystemExit(str(stopped)) from None
         print(f"{stage}: {time.time() - start:.0f} s on {accelerator.device}")
     if args.stage in ("all", "export") and accelerator.is_main_process:
         lab_dir = args.out / "lab" if args.lab_dir is None else LAB_DIR if str(args.lab_dir) == "toy" else args.lab_dir
