@@ -128,13 +128,15 @@ def main() -> None:
     refs_t, refs_h = test[: args.n], held[: args.n]
     quick = ("true caption", "SD-IPC (vary)") if args.quick else None
     gen_t = judge_conditions(lab, refs_t, judge, seed=args.seed, conditions=quick)
-    gen_h = judge_conditions(lab, refs_h, judge, seed=args.seed, conditions=("true caption", "SD-IPC (vary)"))
+    held_rows = ("true caption", "SD-IPC (vary)") if args.quick else (
+        "true caption", "[sos, true EOS x 76]", "SD-IPC on the caption's embedding (oracle)", "SD-IPC (vary)")
+    gen_h = judge_conditions(lab, refs_h, judge, seed=args.seed, conditions=held_rows)
     targets = {"true caption": "shape 90, colour 95, pos 95, size 90", "SD-IPC (vary)": "shape 75, colour 90, pos 90"}
     targets_h = {"true caption": "shape 70, colour 90", "SD-IPC (vary)": "shape 50, colour 85"}
     for name, scores in gen_t.items():
         rows.append([f"generated: {name}, test", *pct(scores), "", f"{100 * scores['stray']:.2f}",
                      targets.get(name, "")])
-    for name in ("true caption", "SD-IPC (vary)"):
+    for name in held_rows:
         rows.append([f"generated: {name}, held-out combos", *pct(gen_h[name]), "", f"{100 * gen_h[name]['stray']:.2f}",
                      targets_h.get(name, "")])
     print(f"## Teaching-scale lab quality ({lab.source}, {args.pool} images for CLIP, {args.n} references per "

@@ -62,6 +62,14 @@ def test_analytic_judge_on_drawn_images():
     assert min(scores.values()) >= 0.97, scores
 
 
+def test_the_judge_reads_a_small_objects_colour_from_its_inside_not_its_blended_rim():
+    """A small yellow object on black: its anti-aliased rim is yellow blended into black, orange on average."""
+    from sdipc_lab.toyworld.world import Thing, draw
+
+    images = [draw((Thing(shape, "yellow", "small", "middle"),), "black", seed=k) for shape in SHAPES for k in range(3)]
+    assert [v["colour"] for v in analytic(images)] == ["yellow"] * len(images)
+
+
 def test_judge_sees_nothing_on_an_empty_image():
     from PIL import Image
 

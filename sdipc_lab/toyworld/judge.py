@@ -111,10 +111,20 @@ def analytic(images) -> list[dict]:
         if len(ys) >= MIN_PIXELS:
             extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
             centre = np.array([(xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2])
-            verdict.update(colour=_nearest(x[i][m].mean(0), COLOURS), position=_nearest(centre, POSITIONS),
+            verdict.update(colour=_nearest(x[i][_interior(m)].mean(0), COLOURS), position=_nearest(centre, POSITIONS),
                            size="large" if extent >= LARGE_EXTENT else "small")
         out.append(verdict)
     return out
+
+
+def _interior(mask: np.ndarray) -> np.ndarray:
+    """The mask less its one-pixel rim, where the object's colour is blended with the background's (a small yellow
+    object on black read as orange from its whole mask: 19 of 1,300 drawn images; none from its interior);
+    the whole mask where too little is left."""
+    from scipy import ndimage
+
+    inside = ndimage.binary_erosion(mask)
+    return inside if inside.sum() >= MIN_PIXELS // 2 else mask
 
 
 def stray_pixels(images, threshold: float = THRESHOLD / 2, margin: int = 3) -> np.ndarray:
