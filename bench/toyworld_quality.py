@@ -2,7 +2,7 @@
 
     python bench/toyworld_quality.py [--source toy] [--n 96] [--pool 100]
     python bench/toyworld_quality.py --source runs/proxy/lab --quick    # a proxy run: true caption + SD-IPC only
-    python bench/toyworld_quality.py --cutoffs 0 lab 0.5                # what the cutoff does to the oracle and SD-IPC
+    python bench/toyworld_quality.py --cutoffs 0 lab 0.5 [--split heldout]  # what the cutoff does to the oracle, SD-IPC
 
 Targets are issue 11's. The judge (analytic pixels + a shape CNN) is independent of the CLIP studied.
 "stray %" is the share of background pixels away from the object that differ from the background
@@ -69,7 +69,7 @@ def cutoff_table(lab, judge, cutoffs: list[float], args, start: float) -> None:
     chosen by, for SD-IPC)."""
     from sdipc_lab.convert import at_end, inverse_projection
 
-    refs = samples(args.n, "test", two_objects=0)
+    refs = samples(args.n, args.split, two_objects=0)
     embeds = cutoff_conditions(lab, refs, cutoffs)
     judged = judge_conditions(lab, refs, judge, seed=args.seed, embeds=embeds)
     f_txt, eos = S.encode_text(lab, [s.caption for s in refs])
@@ -81,7 +81,7 @@ def cutoff_table(lab, judge, cutoffs: list[float], args, start: float) -> None:
         rank = "" if inverse is None else f"{inverse.rank}/{len(inverse.singular_values)}"
         cosine = torch.nn.functional.cosine_similarity(embeds[name][:, 1].float(), f_eos, dim=-1).mean().item()
         rows.append([name, rank, f"{cosine:.3f}", *pct(scores, ATTRS[:4]), f"{100 * scores['stray']:.2f}"])
-    print(f"## The round trip and the cutoff ({lab.source}, {args.n} test references, lab cutoff {lab.cutoff}, "
+    print(f"## The round trip and the cutoff ({lab.source}, {args.n} {args.split} references, lab cutoff {lab.cutoff}, "
           f"norm {lab.norm}; judge agreement in %)\n")
     print(table(["prompt", "rank kept", "cos(f_cnvrt, true EOS)", *ATTRS[:4], "stray %"], rows))
     print(f"\n(total {time.time() - start:.0f} s)")
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only generation from the true caption and SD-IPC")
     parser.add_argument("--cutoffs", nargs="+", type=_cutoff, metavar="CUTOFF",
                         help="only the oracle and SD-IPC at these cutoffs ('lab': the lab's; 0.5: a number), then stop")
+    parser.add_argument("--split", default="test", choices=["test", "heldout"], help="the references of --cutoffs")
     args = parser.parse_args()
     start = time.time()
     lab = S.load_lab(args.source)

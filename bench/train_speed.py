@@ -2,6 +2,7 @@
 
     python bench/train_speed.py                      # every stage at the cpu size, 2 threads vs 1
     python bench/train_speed.py --unet 32,64,64x1 64,128,128x1 --vae 16,32,32 32,64,64 --steps 6
+    python bench/train_speed.py --stages unet --unet 64,128,128x1h8 64,128,128x1h2    # attention heads (h)
     python bench/train_speed.py --variants           # + channels_last, bf16 autocast, torch.compile
 
 Each step is split into data (drawing captions, tokenising, indexing images), the frozen text encoder
@@ -100,15 +101,17 @@ def unet_parts(s: T.ModelSizes, world, batch: int, text, tokenizer, channels_las
     return {"data": data, "text encoder": encode, "forward": forward}, unet
 
 
-def parse_unet(text: str) -> dict:  # "64,128,128x2" -> channels and layers per block
-    channels, _, layers = text.partition("x")
-    return dict(unet_channels=tuple(int(c) for c in channels.split(",")), unet_layers=int(layers or 1))
+def parse_unet(text: str) -> dict:  # "64,128,128x2" -> channels and layers per block; "64,128,128x1h2": 2 heads
+    channels, _, rest = text.partition("x")
+    layers, _, heads = rest.partition("h")
+    sizes = dict(unet_channels=tuple(int(c) for c in channels.split(",")), unet_layers=int(layers or 1))
+    return {**sizes, "unet_heads": int(heads)} if heads else sizes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="cpu", choices=list(T.MODEL_SIZES))
-    parser.add_argument("--unet", nargs="*", default=None, help="U-Net sizes, channels x layers per block")
+    parser.add_argument("--unet", nargs="*", default=None, help="U-Net sizes, channels x layers per block [h heads]")
     parser.add_argument("--vae", nargs="*", default=None, help="VAE channel lists")
     parser.add_argument("--stages", default="clip,vae,unet")
     parser.add_argument("--threads", default="2,1")

@@ -83,8 +83,10 @@ MODEL_SIZES = {
     # VAE GroupNorms of 4 groups (4-16 channels each, as SD's VAE), not 16 (1 channel each at 16 channels): the
     # shipped VAE's recurring speck; from scratch in 45 min, PSNR 31.1 dB, judge shape 100 %, stray 0.06 % against
     # 28.8 dB, 96 %, 0.21 % (docs/results/toyworld_proxies.md).
+    # 2 attention heads (32-64 channels each), not 8: the same weights, and a training step takes 1.9 s instead of
+    # 3.8 s on 2 threads (CPU attention kernels are slow on 8-channel heads; bench/train_speed.py, 2026-12-02).
     "cpu": ModelSizes(width=128, text_layers=4, vision_layers=4, heads=4, patch=8, vae_channels=(16, 32, 64),
-                 unet_channels=(64, 128, 128), unet_layers=1, unet_heads=8, norm_groups=16, vae_norm_groups=4,
+                 unet_channels=(64, 128, 128), unet_layers=1, unet_heads=2, norm_groups=16, vae_norm_groups=4,
                  train_images=20000),
     # The recipe of the lab shipped until 2026-11 (one-word-per-token tokenizer aside): kept to resume its runs.
     "cpu-v1": ModelSizes(width=128, text_layers=4, vision_layers=4, heads=4, patch=8, vae_channels=(16, 32, 32),
@@ -616,6 +618,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, help="batch size (default: the size's budget)")
     parser.add_argument("--unet-channels", help="override the size's U-Net channels, e.g. 64,128,128")
     parser.add_argument("--unet-layers", type=int, help="override the size's U-Net layers per block")
+    parser.add_argument("--unet-heads", type=int, help="override the size's U-Net attention heads, e.g. 8")
     parser.add_argument("--vae-channels", help="override the size's VAE channels, e.g. 32,64,64")
     parser.add_argument("--vae-norm-groups", type=int, help="override the size's VAE GroupNorm groups, e.g. 4")
     parser.add_argument("--snr-gamma", type=float, help="min-SNR-gamma weighting of the U-Net loss (e.g. 5)")
@@ -650,6 +653,8 @@ def main(argv=None) -> None:
         s = dataclasses.replace(s, vae_channels=tuple(int(c) for c in args.vae_channels.split(",")))
     if args.unet_layers:
         s = dataclasses.replace(s, unet_layers=args.unet_layers)
+    if args.unet_heads:
+        s = dataclasses.replace(s, unet_heads=args.unet_heads)
     if args.vae_norm_groups:
         s = dataclasses.replace(s, vae_norm_groups=args.vae_norm_groups)
     if args.snr_gamma:
@@ -657,7 +662,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.init_from_lab:
         lab_dir = LAB_DIR if str(args.init_from_lab) == "toy" else args.init_from_lab
-        resized = {"unet"} if args.unet_channels or args.unet_layers else set()
+        resized = {"unet"} if args.unet_channels or args.unet_layers or args.unet_heads else set()
         resized |= {"vae", "unet"} if args.vae_channels else set()  # a new latent space needs a new U-Net
         copied = init_from_lab(args.out, lab_dir, skip=resized)
         s = dataclasses.replace(s, init_unet="unet" not in resized, init_vae="vae" not in resized)
