@@ -2,6 +2,7 @@
 
     python bench/toyworld_quality.py [--source toy] [--n 96] [--pool 100]
     python bench/toyworld_quality.py --source runs/proxy/lab --quick    # a proxy run: true caption + SD-IPC only
+    python bench/toyworld_quality.py --source LAB --curve --json p.json # caption -> EOS -> oracle -> SD-IPC, both splits
     python bench/toyworld_quality.py --cutoffs 0 lab 0.5 [--split heldout]  # what the cutoff does to the oracle, SD-IPC
 
 Targets are issue 11's. The judge (analytic pixels + a shape CNN) is independent of the CLIP studied.
@@ -12,9 +13,11 @@ Targets are issue 11's. The judge (analytic pixels + a shape CNN) is independent
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,6 +98,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", default=None, help="judge weights (default: the shipped ones)")
     parser.add_argument("--quick", action="store_true", help="only generation from the true caption and SD-IPC")
+    parser.add_argument("--curve", action="store_true", help="only generation: the caption, [sos, EOS x 76], the "
+                        "oracle and SD-IPC, test and held-out (a point of a learning curve: bench/learning_curve.py)")
+    parser.add_argument("--json", type=Path, help="also write the generation rows' scores to this JSON file")
     parser.add_argument("--cutoffs", nargs="+", type=_cutoff, metavar="CUTOFF",
                         help="only the oracle and SD-IPC at these cutoffs ('lab': the lab's; 0.5: a number), then stop")
     parser.add_argument("--split", default="test", choices=["test", "heldout"], help="the references of --cutoffs")
@@ -112,6 +118,8 @@ def main() -> None:
     drawn = [s.image for s in test[: args.n]]
     rows.append(["judge on drawn images (test)", *pct(agreement(judge([s.image for s in test]), truth_t)), "",
                  f"{100 * stray_pixels(drawn).mean():.2f}", "100 %"])
+    if args.curve:
+        args.quick = True
     if not args.quick:
         rows.append(["judge on drawn images (held-out combos)", *pct(agreement(judge([s.image for s in held]), truth_h)),
                      "", "", ""])
@@ -127,11 +135,14 @@ def main() -> None:
         rows.append([f"VAE reconstruction (PSNR {vae_psnr:.1f} dB)", *pct(agreement(judge(recon), truth_t)), "",
                      f"{100 * stray_pixels(recon[: args.n]).mean():.2f}", "shape 97, colour 98"])
     refs_t, refs_h = test[: args.n], held[: args.n]
-    quick = ("true caption", "SD-IPC (vary)") if args.quick else None
-    gen_t = judge_conditions(lab, refs_t, judge, seed=args.seed, conditions=quick)
-    held_rows = ("true caption", "SD-IPC (vary)") if args.quick else (
-        "true caption", "[sos, true EOS x 76]", "SD-IPC on the caption's embedding (oracle)", "SD-IPC (vary)")
+    chain = ("true caption", "[sos, true EOS x 76]", "SD-IPC on the caption's embedding (oracle)", "SD-IPC (vary)")
+    held_rows = chain if args.curve or not args.quick else ("true caption", "SD-IPC (vary)")
+    gen_t = judge_conditions(lab, refs_t, judge, seed=args.seed,
+                             conditions=held_rows if args.quick else None)  # --quick, --curve: no shuffled baseline
     gen_h = judge_conditions(lab, refs_h, judge, seed=args.seed, conditions=held_rows)
+    if args.json:
+        args.json.write_text(json.dumps({"source": str(args.source), "n": args.n, "test": gen_t, "heldout": gen_h},
+                                        indent=1) + "\n")
     targets = {"true caption": "shape 90, colour 95, pos 95, size 90", "SD-IPC (vary)": "shape 75, colour 90, pos 90"}
     targets_h = {"true caption": "shape 70, colour 90", "SD-IPC (vary)": "shape 50, colour 85"}
     for name, scores in gen_t.items():

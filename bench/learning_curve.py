@@ -1,0 +1,70 @@
+"""A learning curve of the teaching lab: judged quality against the CPU-hours a run has cost, from points that
+`bench/toyworld_quality.py --curve --json POINT.json` wrote (one per checkpoint).
+
+    python bench/learning_curve.py "step 1,500=1.9=p1500.json" "step 3,000=2.7=p3000.json" --out curve.png
+
+Each point is LABEL=CPU_HOURS=FILE: CPU-hours as wall-clock hours of the 2-core machine since the run began
+(CLIP, VAE and U-Net, stages side by side counted once). Prints one table per split and draws shape and size
+along the chain caption -> [sos, EOS x 76] -> oracle -> SD-IPC, with issue 11's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import table  # noqa: E402
+
+CHAIN = {"true caption": "caption", "[sos, true EOS x 76]": "[sos, EOS x 76]",
+         "SD-IPC on the caption's embedding (oracle)": "oracle", "SD-IPC (vary)": "SD-IPC"}
+TARGETS = {("test", "true caption"): 90, ("test", "SD-IPC (vary)"): 75,
+           ("heldout", "true caption"): 70, ("heldout", "SD-IPC (vary)"): 50}  # shape, issue 11
+
+
+def point(text: str) -> tuple[str, float, dict]:
+    try:
+        label, hours, path = text.split("=", 2)
+        return label, float(hours), json.loads(Path(path).read_text())
+    except (ValueError, OSError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=CPU_HOURS=FILE.json ({error})") from None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("points", nargs="+", type=point)
+    parser.add_argument("--out", type=Path, default=Path("learning_curve.png"))
+    args = parser.parse_args()
+    from matplotlib.figure import Figure  # a figure for the file alone: no pyplot state, no backend chosen
+
+    points = sorted(args.points, key=lambda p: p[1])
+    for split in ("test", "heldout"):
+        rows = [[label, f"{hours:.1f}", *(" / ".join(f"{100 * p[split][c][a]:.0f}" for a in ("shape", "size"))
+                                          if c in p[split] else "" for c in CHAIN)]
+                for label, hours, p in points]
+        print(f"\n{split} (shape / size, judge agreement %, {points[0][2]['n']} references per row)\n")
+        print(table(["point", "CPU-hours", *CHAIN.values()], rows))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, split in zip(axes, ("test", "heldout")):
+        for condition, name in CHAIN.items():
+            xs = [h for _, h, p in points if condition in p[split]]
+            ys = [100 * p[split][condition]["shape"] for _, _, p in points if condition in p[split]]
+            line, = ax.plot(xs, ys, marker="o", label=name)
+            if (split, condition) in TARGETS:
+                ax.axhline(TARGETS[split, condition], color=line.get_color(), ls=":", lw=1)
+        ax.set(title=f"{'test' if split == 'test' else 'held-out combinations'}: shape drawn (dotted: targets)",
+               xlabel="CPU-hours of the run (2 cores)", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("judge agreement, shape %")
+    axes[0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"\nfigure: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
