@@ -277,9 +277,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--minutes", type=float, help="time budget per tower")
     parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--towers", default=",".join(KINDS),
+                        help="which towers to train, e.g. latent (the pixel tower reads no VAE latents: a new VAE "
+                             "needs only a new latent tower)")
     parser.add_argument("--export", type=Path, help="where the towers go (default: OUT/towers; 'toy' names the "
                         "package's own towers, only ever replaced when asked by that name, and only for --lab toy)")
     args = parser.parse_args(argv)
+    kinds = [k for k in args.towers.split(",") if k]
+    if not kinds or set(kinds) - set(KINDS):
+        parser.error(f"--towers {args.towers!r}: name one or both of {','.join(KINDS)}")
     if str(args.export) == "toy":
         if args.lab != "toy":
             parser.error(f"the package's towers belong to the toy lab; for --lab {args.lab} name another --export")
@@ -288,14 +294,15 @@ def main(argv=None) -> None:
     args.export = args.export or args.out / "towers"
     lab = load_lab(args.lab)
     world = render(args.images, "train")
-    for kind in KINDS:
+    for kind in kinds:
         try:
             tower = train_tower(lab, kind, world=world, out=args.out, steps=args.steps, minutes=args.minutes)
         except TrainingStopped as stopped:  # Ctrl-C or SIGTERM: checkpointed, say so without a traceback
             raise SystemExit(str(stopped)) from None
         tower.half().save_pretrained(args.export / kind, safe_serialization=True)
     size = sum(f.stat().st_size for f in Path(args.export).rglob("*.safetensors"))
-    print(f"exported both towers to {args.export} ({size / 2**20:.1f} MB)")
+    print(f"exported the {' and '.join(kinds)} tower{'s' * (len(kinds) > 1)} to {args.export} "
+          f"({size / 2**20:.1f} MB in the folder)")
 
 
 if __name__ == "__main__":

@@ -331,6 +331,19 @@ def test_latent_tower_training_never_replaces_the_shipped_towers(tmp_path):
     assert {p: p.read_bytes() for p in LC.TOWERS_DIR.rglob("*.safetensors")} == shipped
 
 
+def test_latent_tower_alone_after_a_new_vae(tmp_path, capsys):
+    """A new VAE moves the latents, not the pixels: --towers latent trains and exports the latent tower only;
+    a tower that does not exist is refused by name."""
+    from sdipc_lab import latent_clip as LC
+
+    with pytest.raises(SystemExit):
+        LC.main(["train", "--lab", "tiny", "--out", str(tmp_path / "bad"), "--towers", "latent,pixles"])
+    assert "pixles" in capsys.readouterr().err
+    LC.main(["train", "--lab", "tiny", "--out", str(tmp_path / "run"), "--steps", "1", "--images", "16",
+             "--towers", "latent"])
+    assert [p.name for p in (tmp_path / "run" / "towers").iterdir()] == ["latent"]
+
+
 def test_panels_redraw_in_place_with_labels_shown(lab, refs, monkeypatch):
     """Each panel: controls above one output area that keeps its height while it redraws; moving a control draws
     again with the new value; descriptions are never cut off."""
