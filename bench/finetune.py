@@ -129,10 +129,12 @@ def print_curve(saved: dict) -> None:
     ct = sorted((r["iterations"], r["judge both"]) for r in mean if r["method"] == "SD-IPC-CT")
     first = next((it for it, v in ct if v >= cd_best), None)
     held = next((it for k, (it, _) in enumerate(ct) if all(v >= cd_best for _, v in ct[k:])), None)
-    reached = "never reaches it" if first is None else f"reaches it first at {first} iterations"
-    if first is not None:
-        reached += (f" and stays there from {held} on" if held is not None
-                    else f", but not for good (at {last}: {ct[-1][1]:.2f})")
+    if first is None:
+        reached = "never reaches it"
+    elif held is None:
+        reached = f"reaches it first at {first} iterations, but not for good (at {last}: {ct[-1][1]:.2f})"
+    else:
+        reached = f"reaches it first at {first} iterations and stays there from {held} on"
     print(f"\nCustom Diffusion at {last} iterations: judge both {cd_best:.2f} (mean of {len(concepts)} concepts). "
           f"SD-IPC-CT {reached} (target <= 30; one judged image is {1 / (n_eval * len(concepts)):.3f} of the mean).")
 
