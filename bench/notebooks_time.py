@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,8 @@ def main() -> None:
         try:
             ExecutePreprocessor(timeout=1800, kernel_name="python3").preprocess(nb, {"metadata": {"path": str(path.parent)}})
         except Exception as error:  # report every notebook, then fail
-            status = "FAILED: " + str(error).strip().splitlines()[-1][:200]
+            last = re.sub(r"\x1b\[[0-9;]*m", "", str(error).strip().splitlines()[-1])  # without the colour codes
+            status = "FAILED: " + last[:200]
         seconds = time.perf_counter() - start
         if args.executed:
             args.executed.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,9 @@
 
 Targets are issue 11's. The judge (analytic pixels + a shape CNN) is independent of the CLIP studied.
 "stray %" is the share of background pixels away from the object that differ from the background
-(`judge.stray_pixels`): streaks, blotches and halos; drawn images are the reference.
+(`judge.stray_pixels`): streaks, blotches and halos; drawn images are the reference. "in blobs" is the part of it
+in regions of 30 pixels or more, with the share of images that have one (`judge.stray_parts`): in the images
+looked at, a second object where the reference has one - a content error rather than an artefact.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from sdipc_lab.toyworld.evaluate import (  # noqa: E402
     retrieval,
     zero_shot,
 )
-from sdipc_lab.toyworld.judge import Judge, agreement, stray_pixels  # noqa: E402
+from sdipc_lab.toyworld.judge import Judge, agreement, stray_parts  # noqa: E402
 from sdipc_lab.toyworld.world import draw  # noqa: E402
 
 ATTRS = ("shape", "colour", "size", "position", "background")
@@ -44,6 +46,16 @@ ATTRS = ("shape", "colour", "size", "position", "background")
 
 def pct(scores: dict, keys=ATTRS) -> list[str]:
     return [f"{100 * scores[k]:.0f}" if k in scores else "" for k in keys]
+
+
+def stray_columns(specks, blobs) -> list[str]:
+    """The "stray %" and "of which in blobs (images with one)" cells from `judge.stray_parts`' (N,) fractions."""
+    return [f"{100 * (specks + blobs).mean():.2f}", f"{100 * blobs.mean():.2f} ({100 * (blobs > 0).mean():.0f} %)"]
+
+
+def generated_stray(scores: dict) -> list[str]:
+    """The same two cells from a `judge_conditions` row."""
+    return [f"{100 * scores['stray']:.2f}", f"{100 * scores['stray blobs']:.2f} ({100 * scores['second object']:.0f} %)"]
 
 
 DIVERSE, DIVERSE_REFS = 4, 16  # images per reference, references: the diversity table
@@ -117,23 +129,23 @@ def main() -> None:
     truth_t, truth_h = [s.attributes for s in test], [s.attributes for s in held]
     drawn = [s.image for s in test[: args.n]]
     rows.append(["judge on drawn images (test)", *pct(agreement(judge([s.image for s in test]), truth_t)), "",
-                 f"{100 * stray_pixels(drawn).mean():.2f}", "100 %"])
+                 *stray_columns(*stray_parts(drawn)), "100 %"])
     if args.curve:
         args.quick = True
     if not args.quick:
         rows.append(["judge on drawn images (held-out combos)", *pct(agreement(judge([s.image for s in held]), truth_h)),
-                     "", "", ""])
+                     "", "", "", ""])
         for space in ("c", "t"):
             name = "C-space" if space == "c" else f"T-space (W_t^+, cutoff {lab.cutoff})"
             r = retrieval(lab, test, space)
             rows.append([f"CLIP zero-shot, {name}, test", *pct(zero_shot(lab, test, space)),
-                         f"i2t {100 * r['i2t R@1']:.0f} / t2i {100 * r['t2i R@1']:.0f}", "",
+                         f"i2t {100 * r['i2t R@1']:.0f} / t2i {100 * r['t2i R@1']:.0f}", "", "",
                          "shape 92, colour/size/pos 98" if space == "c" else "~ C-space (Table 1)"])
-        rows.append(["CLIP zero-shot, C-space, held-out combos", *pct(zero_shot(lab, held)), "", "", ""])
+        rows.append(["CLIP zero-shot, C-space, held-out combos", *pct(zero_shot(lab, held)), "", "", "", ""])
         recon = reconstruct(lab, [s.image for s in test])
         vae_psnr = np.mean([psnr(np.asarray(a), np.asarray(s.image)) for a, s in zip(recon, test)])
         rows.append([f"VAE reconstruction (PSNR {vae_psnr:.1f} dB)", *pct(agreement(judge(recon), truth_t)), "",
-                     f"{100 * stray_pixels(recon[: args.n]).mean():.2f}", "shape 97, colour 98"])
+                     *stray_columns(*stray_parts(recon[: args.n])), "shape 97, colour 98"])
     refs_t, refs_h = test[: args.n], held[: args.n]
     chain = ("true caption", "[sos, true EOS x 76]", "SD-IPC on the caption's embedding (oracle)", "SD-IPC (vary)")
     held_rows = chain if args.curve or not args.quick else ("true caption", "SD-IPC (vary)")
@@ -146,15 +158,15 @@ def main() -> None:
     targets = {"true caption": "shape 90, colour 95, pos 95, size 90", "SD-IPC (vary)": "shape 75, colour 90, pos 90"}
     targets_h = {"true caption": "shape 70, colour 90", "SD-IPC (vary)": "shape 50, colour 85"}
     for name, scores in gen_t.items():
-        rows.append([f"generated: {name}, test", *pct(scores), "", f"{100 * scores['stray']:.2f}",
-                     targets.get(name, "")])
+        rows.append([f"generated: {name}, test", *pct(scores), "", *generated_stray(scores), targets.get(name, "")])
     for name in held_rows:
-        rows.append([f"generated: {name}, held-out combos", *pct(gen_h[name]), "", f"{100 * gen_h[name]['stray']:.2f}",
+        rows.append([f"generated: {name}, held-out combos", *pct(gen_h[name]), "", *generated_stray(gen_h[name]),
                      targets_h.get(name, "")])
     print(f"## Teaching-scale lab quality ({lab.source}, {args.pool} images for CLIP, {args.n} references per "
           f"generation row, {lab.steps} steps, guidance {lab.guidance_scale}, rescale {lab.guidance_rescale}, "
           f"{type(lab.scheduler).__name__}; judge agreement in %)\n")
-    print(table(["measure", *ATTRS, "retrieval R@1 (pool %d)" % args.pool, "stray %", "target"], rows))
+    print(table(["measure", *ATTRS, "retrieval R@1 (pool %d)" % args.pool, "stray %",
+                 "of which in blobs (images with one)", "target"], rows))
     if args.quick:
         print(f"\n(total {time.time() - start:.0f} s)")
         return

@@ -507,6 +507,37 @@ def test_stray_pixels_find_blotches_away_from_the_object():
     assert np.all(stray_pixels(blotched) >= 50 / 4096)
 
 
+def test_stray_parts_split_specks_from_a_second_object():
+    """judge.stray_parts: stray pixels in regions under 30 pixels (specks) and of 30 or more (blobs: in generated
+    images, a second object); the two sum to stray_pixels."""
+    from PIL import Image
+
+    from sdipc_lab.toyworld.judge import foreground, stray_parts, stray_pixels
+
+    drawn = [s.image for s in samples(8, "test", two_objects=0)]
+    masks, background, _ = foreground(drawn)
+    specked, blobbed = [], []
+    for im, m, bg in zip(drawn, masks, background):
+        ys, xs = np.nonzero(m)
+        y0 = 3 if ys.mean() > 32 else 47  # a corner square (14 px) away from the object, inside the 2-px border
+        x0 = 3 if xs.mean() > 32 else 47
+        ink = 0 if bg.mean() > 128 else 255  # far from the background colour
+        a = np.asarray(im).copy()
+        for dy in (0, 12):
+            for dx in (0, 12):
+                a[y0 + dy:y0 + dy + 2, x0 + dx:x0 + dx + 2] = ink  # four 2x2 specks, 12 px apart
+        specked.append(Image.fromarray(a))
+        a = np.asarray(im).copy()
+        a[y0:y0 + 8, x0:x0 + 8] = ink  # one 8x8 blob
+        blobbed.append(Image.fromarray(a))
+    base_specks, base_blobs = stray_parts(drawn)
+    specks, blobs = stray_parts(specked)
+    assert np.all(specks - base_specks >= 4 * 4 / 4096) and np.array_equal(blobs, base_blobs)
+    specks, blobs = stray_parts(blobbed)
+    assert np.array_equal(specks, base_specks) and np.all(blobs - base_blobs >= 64 / 4096)
+    np.testing.assert_allclose(specks + blobs, stray_pixels(blobbed))
+
+
 def test_loss_curves_leave_the_plotting_backend_alone(tmp_path):
     import matplotlib
 

@@ -29,7 +29,7 @@ from ..lab import Lab
 from ..latents import decode_latents, encode_latents
 from ..measure import eos_states
 from ..plots import show_images
-from .judge import agreement, stray_pixels
+from .judge import agreement, stray_parts
 from .world import (
     BACKGROUNDS,
     COLOURS,
@@ -180,8 +180,10 @@ def judge_conditions(lab: Lab, data, judge, *, seed: int = 0, batch: int = 16, c
                      **sampler) -> dict:
     """For each condition (all of `prompt_conditions`, or those named in `conditions`; or the prompt embeddings
     (N, 77, D) given by name in `embeds`): the judge's agreement between generated images and the references'
-    truth, and "stray", the mean share of stray background pixels (`judge.stray_pixels`). `sampler`: steps,
-    guidance_scale, guidance_rescale (default: the lab's)."""
+    truth; "stray", the mean share of stray background pixels (`judge.stray_pixels`), of which "stray blobs" in
+    regions of 30 pixels or more, and "second object", the share of images with such a blob (`judge.stray_parts`):
+    a second object where the reference has one. `sampler`: steps, guidance_scale, guidance_rescale (default: the
+    lab's)."""
     truths = [s.attributes for s in data]
     rows = {}
     chosen = embeds if embeds is not None else {
@@ -191,7 +193,9 @@ def judge_conditions(lab: Lab, data, judge, *, seed: int = 0, batch: int = 16, c
             images = []
             for i in range(0, len(data), batch):
                 images += generate_from_embeds(lab, embeds[i:i + batch], n=1, seed=seed + i, **sampler)
-            rows[name] = {**agreement(judge(images), truths), "stray": float(stray_pixels(images).mean())}
+            specks, blobs = stray_parts(images)  # (N,) each
+            rows[name] = {**agreement(judge(images), truths), "stray": float((specks + blobs).mean()),
+                          "stray blobs": float(blobs.mean()), "second object": float((blobs > 0).mean())}
     return rows
 
 
