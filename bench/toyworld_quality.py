@@ -36,9 +36,10 @@ from sdipc_lab.toyworld.evaluate import (  # noqa: E402
     psnr,
     reconstruct,
     retrieval,
+    stray_summary,
     zero_shot,
 )
-from sdipc_lab.toyworld.judge import Judge, agreement, stray_parts  # noqa: E402
+from sdipc_lab.toyworld.judge import Judge, agreement  # noqa: E402
 from sdipc_lab.toyworld.world import draw  # noqa: E402
 
 ATTRS = ("shape", "colour", "size", "position", "background")
@@ -48,14 +49,10 @@ def pct(scores: dict, keys=ATTRS) -> list[str]:
     return [f"{100 * scores[k]:.0f}" if k in scores else "" for k in keys]
 
 
-def stray_columns(specks, blobs) -> list[str]:
-    """The "stray %" and "of which in blobs (images with one)" cells from `judge.stray_parts`' (N,) fractions."""
-    return [f"{100 * (specks + blobs).mean():.2f}", f"{100 * blobs.mean():.2f} ({100 * (blobs > 0).mean():.0f} %)"]
-
-
-def generated_stray(scores: dict) -> list[str]:
-    """The same two cells from a `judge_conditions` row."""
-    return [f"{100 * scores['stray']:.2f}", f"{100 * scores['stray blobs']:.2f} ({100 * scores['second object']:.0f} %)"]
+def stray_cells(scores: dict) -> list[str]:
+    """The "stray %" and "of which in blobs (images with one)" cells of a `stray_summary` row (or a generated one)."""
+    blobs = f"{100 * scores['stray blobs']:.2f} ({100 * scores['second object']:.0f} %)"
+    return [f"{100 * scores['stray']:.2f}", blobs]
 
 
 DIVERSE, DIVERSE_REFS = 4, 16  # images per reference, references: the diversity table
@@ -129,7 +126,7 @@ def main() -> None:
     truth_t, truth_h = [s.attributes for s in test], [s.attributes for s in held]
     drawn = [s.image for s in test[: args.n]]
     rows.append(["judge on drawn images (test)", *pct(agreement(judge([s.image for s in test]), truth_t)), "",
-                 *stray_columns(*stray_parts(drawn)), "100 %"])
+                 *stray_cells(stray_summary(drawn)), "100 %"])
     if args.curve:
         args.quick = True
     if not args.quick:
@@ -145,7 +142,7 @@ def main() -> None:
         recon = reconstruct(lab, [s.image for s in test])
         vae_psnr = np.mean([psnr(np.asarray(a), np.asarray(s.image)) for a, s in zip(recon, test)])
         rows.append([f"VAE reconstruction (PSNR {vae_psnr:.1f} dB)", *pct(agreement(judge(recon), truth_t)), "",
-                     *stray_columns(*stray_parts(recon[: args.n])), "shape 97, colour 98"])
+                     *stray_cells(stray_summary(recon[: args.n])), "shape 97, colour 98"])
     refs_t, refs_h = test[: args.n], held[: args.n]
     chain = ("true caption", "[sos, true EOS x 76]", "SD-IPC on the caption's embedding (oracle)", "SD-IPC (vary)")
     held_rows = chain if args.curve or not args.quick else ("true caption", "SD-IPC (vary)")
@@ -158,9 +155,9 @@ def main() -> None:
     targets = {"true caption": "shape 90, colour 95, pos 95, size 90", "SD-IPC (vary)": "shape 75, colour 90, pos 90"}
     targets_h = {"true caption": "shape 70, colour 90", "SD-IPC (vary)": "shape 50, colour 85"}
     for name, scores in gen_t.items():
-        rows.append([f"generated: {name}, test", *pct(scores), "", *generated_stray(scores), targets.get(name, "")])
+        rows.append([f"generated: {name}, test", *pct(scores), "", *stray_cells(scores), targets.get(name, "")])
     for name in held_rows:
-        rows.append([f"generated: {name}, held-out combos", *pct(gen_h[name]), "", *generated_stray(gen_h[name]),
+        rows.append([f"generated: {name}, held-out combos", *pct(gen_h[name]), "", *stray_cells(gen_h[name]),
                      targets_h.get(name, "")])
     print(f"## Teaching-scale lab quality ({lab.source}, {args.pool} images for CLIP, {args.n} references per "
           f"generation row, {lab.steps} steps, guidance {lab.guidance_scale}, rescale {lab.guidance_rescale}, "

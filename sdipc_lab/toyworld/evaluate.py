@@ -180,10 +180,9 @@ def judge_conditions(lab: Lab, data, judge, *, seed: int = 0, batch: int = 16, c
                      **sampler) -> dict:
     """For each condition (all of `prompt_conditions`, or those named in `conditions`; or the prompt embeddings
     (N, 77, D) given by name in `embeds`): the judge's agreement between generated images and the references'
-    truth; "stray", the mean share of stray background pixels (`judge.stray_pixels`), of which "stray blobs" in
-    regions of 30 pixels or more, and "second object", the share of images with such a blob (`judge.stray_parts`):
-    a second object where the reference has one. `sampler`: steps, guidance_scale, guidance_rescale (default: the
-    lab's)."""
+    truth, and the stray pixels of `stray_summary` ("stray", "stray blobs": in the images looked at, a second object
+    where the reference has one, "second object"). `sampler`: steps, guidance_scale, guidance_rescale (default:
+    the lab's)."""
     truths = [s.attributes for s in data]
     rows = {}
     chosen = embeds if embeds is not None else {
@@ -193,10 +192,16 @@ def judge_conditions(lab: Lab, data, judge, *, seed: int = 0, batch: int = 16, c
             images = []
             for i in range(0, len(data), batch):
                 images += generate_from_embeds(lab, embeds[i:i + batch], n=1, seed=seed + i, **sampler)
-            specks, blobs = stray_parts(images)  # (N,) each
-            rows[name] = {**agreement(judge(images), truths), "stray": float((specks + blobs).mean()),
-                          "stray blobs": float(blobs.mean()), "second object": float((blobs > 0).mean())}
+            rows[name] = {**agreement(judge(images), truths), **stray_summary(images)}
     return rows
+
+
+def stray_summary(images) -> dict:
+    """Over `images`: "stray", the mean share of stray background pixels, "stray blobs", the part of it in regions
+    of 30 pixels or more, and "second object", the share of images with such a region (`judge.stray_parts`)."""
+    specks, blobs = stray_parts(images)  # (N,) each
+    return {"stray": float((specks + blobs).mean()), "stray blobs": float(blobs.mean()),
+            "second object": float((blobs > 0).mean())}
 
 
 def diversity(groups, judge=None, size: int = 16) -> dict:
