@@ -512,6 +512,7 @@ def test_stray_parts_split_specks_from_a_second_object():
     images, a second object); the two sum to stray_pixels."""
     from PIL import Image
 
+    from sdipc_lab.toyworld.evaluate import stray_summary
     from sdipc_lab.toyworld.judge import foreground, stray_parts, stray_pixels
 
     drawn = [s.image for s in samples(8, "test", two_objects=0)]
@@ -536,6 +537,9 @@ def test_stray_parts_split_specks_from_a_second_object():
     specks, blobs = stray_parts(blobbed)
     assert np.array_equal(specks, base_specks) and np.all(blobs - base_blobs >= 64 / 4096)
     np.testing.assert_allclose(specks + blobs, stray_pixels(blobbed))
+    summary = stray_summary(blobbed)  # what judge_conditions and the bench report
+    assert summary["second object"] == 1.0 and summary["stray"] == pytest.approx(stray_pixels(blobbed).mean())
+    assert summary["stray blobs"] == pytest.approx(blobs.mean())
 
 
 def test_loss_curves_leave_the_plotting_backend_alone(tmp_path):
