@@ -4,8 +4,10 @@
     python bench/learning_curve.py "step 1,500=1.9=p1500.json" "step 3,000=2.7=p3000.json" --out curve.png
 
 Each point is LABEL=CPU_HOURS=FILE: CPU-hours as wall-clock hours of the 2-core machine since the run began
-(CLIP, VAE and U-Net, stages side by side counted once). Prints one table per split and draws shape and size
-along the chain caption -> [sos, EOS x 76] -> oracle -> SD-IPC, with issue 11's targets.
+(CLIP, VAE and U-Net, stages side by side counted once). A LABEL "ROUTE: label" names the route (the run
+and its ancestors) a point belongs to: points of one route are joined by a line, routes are not joined to
+each other (a marker each), e.g. "from scratch: step 3,128=2.4=a.json" "shipped: vis_d=13=b.json".
+Prints one table per split and draws shape and size along the chain caption -> [sos, EOS x 76] -> oracle -> SD-IPC, with issue 11's targets.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def point(text: str) -> tuple[str, float, dict]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=CPU_HOURS=FILE.json ({error})") from None
 
 
+def route(label: str) -> str:
+    return label.split(":", 1)[0].strip() if ":" in label else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("points", nargs="+", type=point)
@@ -47,20 +53,26 @@ def main() -> None:
                 for label, hours, p in points]
         print(f"\n{split} (shape / size, judge agreement %, {points[0][2]['n']} references per row)\n")
         print(table(["point", "CPU-hours", *CHAIN.values()], rows))
+    routes = list(dict.fromkeys(route(label) for label, _, _ in points))
+    markers = dict(zip(routes, "osD^vP*X"))
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2, sharey=True)
     for ax, split in zip(axes, ("test", "heldout")):
-        for condition, name in CHAIN.items():
-            xs = [h for _, h, p in points if condition in p[split]]
-            ys = [100 * p[split][condition]["shape"] for _, _, p in points if condition in p[split]]
-            line, = ax.plot(xs, ys, marker="o", label=name)
+        for k, (condition, name) in enumerate(CHAIN.items()):
+            colour = f"C{k}"
+            for r in routes:  # one line per route: points of different routes are never joined
+                xs = [h for label, h, p in points if condition in p[split] and route(label) == r]
+                ys = [100 * p[split][condition]["shape"] for label, _, p in points
+                      if condition in p[split] and route(label) == r]
+                label = name if len(routes) == 1 else f"{name}, {r or 'unnamed'}"
+                ax.plot(xs, ys, marker=markers[r], color=colour, label=label)
             if (split, condition) in TARGETS:
-                ax.axhline(TARGETS[split, condition], color=line.get_color(), ls=":", lw=1)
+                ax.axhline(TARGETS[split, condition], color=colour, ls=":", lw=1)
         ax.set(title=f"{'test' if split == 'test' else 'held-out combinations'}: shape drawn (dotted: targets)",
                xlabel="CPU-hours of the run (2 cores)", ylim=(0, 100))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("judge agreement, shape %")
-    axes[0].legend(loc="lower right")
+    axes[0].legend(loc="lower right", fontsize="small" if len(routes) > 1 else None)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"\nfigure: {args.out}")

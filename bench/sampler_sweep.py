@@ -1,9 +1,10 @@
 """Choose a lab's sampler settings by the judge and the artefact measure: guidance scale, guidance_rescale,
 scheduler (DDIM vs DPM-Solver++) and steps.
 
-    python bench/sampler_sweep.py [--source toy] [--n 48]
+    python bench/sampler_sweep.py [--source toy] [--n 48] [--split heldout]
 
-Two passes on the test split, generating from the true caption and by SD-IPC (vary): first guidance x rescale
+Two passes on the test split (or the held-out combinations, where SD-IPC draws most of its second objects),
+generating from the true caption and by SD-IPC (vary): first guidance x rescale
 with the lab's scheduler and steps, then scheduler x steps at the best of those. "score" is the mean judge
 agreement on shape, colour and position over both conditions, less the stray-pixel percentage (artefacts);
 "s / 4 images" is the wall time of one 4-image call. Prints both tables and the settings to export with
@@ -43,12 +44,14 @@ def main() -> None:
     parser.add_argument("--guidance", default="2,3.5,5,7.5")
     parser.add_argument("--rescale", default="0,0.7")
     parser.add_argument("--steps", default="10,20,30")
+    parser.add_argument("--split", default="test", choices=["test", "heldout"],
+                        help="where the references come from")
     args = parser.parse_args()
     start = time.time()
     lab = S.load_lab(args.source)
     lab.pipe.set_progress_bar_config(disable=True)
     judge = Judge()
-    refs = samples(args.n, "test", two_objects=0)
+    refs = samples(args.n, args.split, two_objects=0)
     print(f"drawn references: stray {100 * stray_pixels([s.image for s in refs]).mean():.2f} %")
 
     def run(**sampler):  # the lab's own settings, changed for this run: what `export --sampler` would store
@@ -71,7 +74,8 @@ def main() -> None:
             if best is None or value > best[0]:
                 best = (value, g, r)
     _, g, r = best
-    print(f"\n## Guidance x rescale ({type(lab.scheduler).__name__}, {lab.steps} steps; {args.n} test references)\n")
+    print(f"\n## Guidance x rescale ({type(lab.scheduler).__name__}, {lab.steps} steps; "
+          f"{args.n} {args.split} references)\n")
     print(table(["guidance", "rescale", *headers], first))
     second, choice, steps_before = [], None, lab.steps
     for name in ("ddim", "dpm++"):

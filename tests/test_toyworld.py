@@ -172,6 +172,21 @@ def test_training_resumes_from_the_checkpoint(tiny_run, capsys):
     assert not list(out.glob("*.tmp"))  # atomic writes leave nothing behind
 
 
+def test_the_share_of_two_object_scenes_is_the_one_asked_and_part_of_the_signature(tmp_path):
+    from sdipc_lab.toyworld import train as T
+
+    counts = {share: [len(t) for t in T.render(200, two_objects=share).things] for share in (0.0, 0.2, 1.0)}
+    assert set(counts[0.0]) == {1} and set(counts[1.0]) == {2}
+    assert 0.1 < counts[0.2].count(2) / 200 < 0.3
+    same = T.render(200)  # the default world is the 0.2 one, image for image
+    assert torch.equal(same.images, T.render(200, two_objects=0.2).images)
+    s, budget = T.MODEL_SIZES["test"], (6, 8, 1e-3)
+    signatures = [T.signature("unet", s, budget, 0, T.render(8, two_objects=share), tmp_path)
+                  for share in (0.2, 0.05)]
+    assert signatures[0]["images"] == 8  # what checkpoints of the default world always carried
+    assert signatures[0] != signatures[1]  # a run on another world share is not resumed as if it were the same
+
+
 def test_a_checkpoint_of_other_sizes_is_refused_not_overwritten(tmp_path):
     from sdipc_lab.training import fit
 

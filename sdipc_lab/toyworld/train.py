@@ -73,6 +73,7 @@ class ModelSizes:
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting of the U-Net stage (None: uniform)
     init_unet: bool = False  # start the U-Net from out/unet (--init-from-lab) instead of random
     init_vae: bool = False  # start the VAE from out/vae (--init-from-lab), regrouped to vae_norm_groups
+    two_objects: float = 0.2  # share of training images with a second object (world.sample's default)
 
 
 MODEL_SIZES = {
@@ -123,26 +124,29 @@ class World:
     def pixels(self, index: torch.Tensor, device) -> torch.Tensor:  # (B, 3, 64, 64) in [-1, 1]
         return self.images[index].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 
+    two_objects: float = 0.2  # the share of samples drawn with a second object
+
     def captions(self, index: torch.Tensor, rng: random.Random) -> list[str]:
         return [caption(self.things[i], self.backgrounds[i], rng) for i in index.tolist()]
 
 
 def _draw(args):
-    i, split = args
-    s = sample(i, split)
+    i, split, two_objects = args
+    s = sample(i, split, two_objects=two_objects)
     return np.asarray(s.image), s.things, s.background
 
 
-def render(n: int, split: str = "train", workers: int | None = None) -> World:
-    """Draw samples 0..n-1 of `split` (in parallel); deterministic whatever the worker count."""
-    jobs = [(i, split) for i in range(n)]
+def render(n: int, split: str = "train", workers: int | None = None, two_objects: float = 0.2) -> World:
+    """Draw samples 0..n-1 of `split` (in parallel), a second object in a `two_objects` share of them;
+    deterministic whatever the worker count."""
+    jobs = [(i, split, two_objects) for i in range(n)]
     if n >= 2000 and (workers or multiprocessing.cpu_count()) > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             out = pool.map(_draw, jobs, chunksize=256)
     else:
         out = [_draw(job) for job in jobs]
     images = torch.from_numpy(np.stack([o[0] for o in out]))
-    return World(images, [o[1] for o in out], [o[2] for o in out])
+    return World(images, [o[1] for o in out], [o[2] for o in out], two_objects)
 
 
 def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:  # [-1, 1] -> CLIP's normalisation
@@ -266,8 +270,10 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
     sizes = {k: getattr(s, k) for k in fields[stage]}
     inputs = {part: hashlib.sha256(b"".join(f.read_bytes() for f in sorted((out / part).glob("*.safetensors"))))
               .hexdigest()[:16] for part in reads}  # transformers' model.safetensors, diffusers' diffusion_pytorch_...
-    return dict(stage=stage, sizes=sizes, batch=budget[1], lr=budget[2], seed=seed,
-                images=None if world is None else len(world.images), inputs=inputs)
+    images = None if world is None else len(world.images)
+    if world is not None and world.two_objects != 0.2:  # the default world keeps the signature it always had
+        images = f"{images} ({world.two_objects:g} with two objects)"
+    return dict(stage=stage, sizes=sizes, batch=budget[1], lr=budget[2], seed=seed, images=images, inputs=inputs)
 
 
 def train_clip(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
@@ -621,6 +627,8 @@ def main(argv=None) -> None:
     parser.add_argument("--unet-heads", type=int, help="override the size's U-Net attention heads, e.g. 8")
     parser.add_argument("--vae-channels", help="override the size's VAE channels, e.g. 32,64,64")
     parser.add_argument("--vae-norm-groups", type=int, help="override the size's VAE GroupNorm groups, e.g. 4")
+    parser.add_argument("--two-objects", type=float, metavar="SHARE",
+                        help="share of training images with a second object (default 0.2, the world's)")
     parser.add_argument("--snr-gamma", type=float, help="min-SNR-gamma weighting of the U-Net loss (e.g. 5)")
     parser.add_argument("--init-from-lab", type=Path, metavar="LAB",
                         help="continue from a lab's weights ('toy': the shipped one) where --out has none")
@@ -659,6 +667,10 @@ def main(argv=None) -> None:
         s = dataclasses.replace(s, vae_norm_groups=args.vae_norm_groups)
     if args.snr_gamma:
         s = dataclasses.replace(s, snr_gamma=args.snr_gamma)
+    if args.two_objects is not None:
+        if not 0 <= args.two_objects <= 1:
+            parser.error(f"--two-objects is a share between 0 and 1, got {args.two_objects}")
+        s = dataclasses.replace(s, two_objects=args.two_objects)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.init_from_lab:
         lab_dir = LAB_DIR if str(args.init_from_lab) == "toy" else args.init_from_lab
@@ -688,7 +700,8 @@ def main(argv=None) -> None:
             if any(child.wait() for child in children):
                 raise SystemExit(f"a stage of {pair} failed; see its output above (resume with the same command)")
         stages = ["judge", "unet"]
-    world = render(s.train_images, "train") if set(stages) - {"judge", "export"} else None  # judge draws its own
+    world = (render(s.train_images, "train", two_objects=s.two_objects)
+             if set(stages) - {"judge", "export"} else None)  # the judge draws its own
     for stage in stages:
         _check_needs(stage, args.out, args.from_checkpoint)
         if stage == "export":
