@@ -7,7 +7,8 @@ Each point is LABEL=CPU_HOURS=FILE: CPU-hours as wall-clock hours of the 2-core 
 (CLIP, VAE and U-Net, stages side by side counted once). A LABEL "ROUTE: label" names the route (the run
 and its ancestors) a point belongs to: points of one route are joined by a line, routes are not joined to
 each other (a marker each), e.g. "from scratch: step 3,128=2.4=a.json" "shipped: vis_d=13=b.json".
-Prints one table per split and draws shape and size along the chain caption -> [sos, EOS x 76] -> oracle -> SD-IPC, with issue 11's targets.
+Prints one table per split and draws shape and size along the chain caption -> [sos, EOS x 76] -> oracle ->
+SD-IPC, with issue 11's targets.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from ..latents import from_posterior
 from ..measure import cutoff_sweep, norms, singular_value_quantiles
 from ..training import TrainingStopped, checkpoint_weights, diffusion_loss, fit
 from .judge import JUDGE_FILE, mask_crops, new_judge_cnn
-from .world import SHAPES, SIZE, caption, sample, samples, vocabulary
+from .world import SHAPES, SIZE, TWO_OBJECTS, caption, sample, samples, vocabulary
 
 LAB_DIR = Path(__file__).parent / "lab"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -73,7 +73,7 @@ class ModelSizes:
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting of the U-Net stage (None: uniform)
     init_unet: bool = False  # start the U-Net from out/unet (--init-from-lab) instead of random
     init_vae: bool = False  # start the VAE from out/vae (--init-from-lab), regrouped to vae_norm_groups
-    two_objects: float = 0.2  # share of training images with a second object (world.sample's default)
+    two_objects: float = TWO_OBJECTS  # share of training images with a second object (the world's by default)
 
 
 MODEL_SIZES = {
@@ -121,10 +121,10 @@ class World:
     things: list
     backgrounds: list
 
+    two_objects: float = TWO_OBJECTS  # the share of samples drawn with a second object
+
     def pixels(self, index: torch.Tensor, device) -> torch.Tensor:  # (B, 3, 64, 64) in [-1, 1]
         return self.images[index].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-    two_objects: float = 0.2  # the share of samples drawn with a second object
 
     def captions(self, index: torch.Tensor, rng: random.Random) -> list[str]:
         return [caption(self.things[i], self.backgrounds[i], rng) for i in index.tolist()]
@@ -136,7 +136,7 @@ def _draw(args):
     return np.asarray(s.image), s.things, s.background
 
 
-def render(n: int, split: str = "train", workers: int | None = None, two_objects: float = 0.2) -> World:
+def render(n: int, split: str = "train", workers: int | None = None, two_objects: float = TWO_OBJECTS) -> World:
     """Draw samples 0..n-1 of `split` (in parallel), a second object in a `two_objects` share of them;
     deterministic whatever the worker count."""
     jobs = [(i, split, two_objects) for i in range(n)]
@@ -271,7 +271,7 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
     inputs = {part: hashlib.sha256(b"".join(f.read_bytes() for f in sorted((out / part).glob("*.safetensors"))))
               .hexdigest()[:16] for part in reads}  # transformers' model.safetensors, diffusers' diffusion_pytorch_...
     images = None if world is None else len(world.images)
-    if world is not None and world.two_objects != 0.2:  # the default world keeps the signature it always had
+    if world is not None and world.two_objects != TWO_OBJECTS:  # the world's own share: the signature it always had
         images = f"{images} ({world.two_objects:g} with two objects)"
     return dict(stage=stage, sizes=sizes, batch=budget[1], lr=budget[2], seed=seed, images=images, inputs=inputs)
 
@@ -628,7 +628,7 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-channels", help="override the size's VAE channels, e.g. 32,64,64")
     parser.add_argument("--vae-norm-groups", type=int, help="override the size's VAE GroupNorm groups, e.g. 4")
     parser.add_argument("--two-objects", type=float, metavar="SHARE",
-                        help="share of training images with a second object (default 0.2, the world's)")
+                        help=f"share of training images with a second object (default {TWO_OBJECTS}, the world's)")
     parser.add_argument("--snr-gamma", type=float, help="min-SNR-gamma weighting of the U-Net loss (e.g. 5)")
     parser.add_argument("--init-from-lab", type=Path, metavar="LAB",
                         help="continue from a lab's weights ('toy': the shipped one) where --out has none")

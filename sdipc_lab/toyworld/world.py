@@ -27,6 +27,7 @@ POSITIONS = {"left": (17, 32), "right": (47, 32), "top": (32, 17), "bottom": (32
 HELD_OUT = (("star", "red"), ("circle", "green"), ("triangle", "blue"), ("cross", "yellow"),
             ("heart", "purple"), ("square", "orange"))
 SPLITS = ("train", "test", "heldout")
+TWO_OBJECTS = 0.2  # the world's share of samples with a second object
 ATTRIBUTES = ("shape", "colour", "size", "position", "background")
 
 # Caption vocabulary: synonyms per value, and templates.
@@ -73,7 +74,7 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def sample(index: int, split: str = "train", *, two_objects: float = 0.2) -> Sample:
+def sample(index: int, split: str = "train", *, two_objects: float = TWO_OBJECTS) -> Sample:
     """The `index`-th sample of `split`; with probability `two_objects`, a second object."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
