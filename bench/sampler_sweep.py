@@ -9,7 +9,8 @@ with the lab's scheduler and steps, then scheduler x steps at the best of those.
 agreement on shape, colour and position over both conditions, in %, less the % of images with a second object
 (a stray region of 30 pixels or more: the artefact a student sees; an image with one costs as much as one wrong
 attribute). Stray pixels, a share of the background under 1 %, are shown beside it, not scored: subtracted as
-a percentage they could double unseen. "s / 4 images" is the wall time of one 4-image call. Progress goes to stderr. Prints both tables and the settings to export with
+a percentage they could double unseen. "s / 4 images" is the wall time of one 4-image call. Progress goes to
+stderr. Prints both tables and the settings to export with
 (`python -m sdipc_lab.toyworld.train export --sampler scheduler=...,steps=...` takes the same names).
 """
 
@@ -63,8 +64,8 @@ def main() -> None:
         seconds = median_seconds(lambda: S.vary(lab, refs[0].image, n=4), repeats=2)
         cells = [f"{100 * rows[c][a]:.0f}" for c in CONDITIONS for a in ("shape", "colour", "position")]
         stray = [f"{100 * rows[c]['stray']:.2f}" for c in CONDITIONS]
-        second = [f"{100 * rows[c]['second object']:.0f}" for c in CONDITIONS]
-        return score(rows), cells + stray + second + [f"{seconds:.2f}"]
+        second_object = [f"{100 * rows[c]['second object']:.0f}" for c in CONDITIONS]
+        return score(rows), cells + stray + second_object + [f"{seconds:.2f}"]
 
     headers = [f"{c}: {a}" for c in ("caption", "SD-IPC") for a in ("shape", "colour", "pos")]
     headers += ["caption stray %", "SD-IPC stray %", "caption: 2nd object %", "SD-IPC: 2nd object %",
