@@ -529,7 +529,9 @@ def load_parts(out: Path, unet=None) -> dict:
         )
 
 
-SAMPLER = dict(scheduler="ddim", steps=10, guidance_scale=2.0, guidance_rescale=0.7)  # docs/results/sampler_sweep.md
+# Chosen by bench/sampler_sweep.py (docs/results/sampler_sweep.md). guidance_rescale was 0.7 (Lin et al.'s
+# value) until the 96-reference sweep on run two00: at guidance 2 no rescale halves SD-IPC's stray pixels.
+SAMPLER = dict(scheduler="ddim", steps=10, guidance_scale=2.0, guidance_rescale=0.0)
 
 
 def export(out: Path, lab_dir: Path | None = None, unet=None, **sampler) -> Path:
