@@ -1,5 +1,8 @@
 """The quality of a run's CLIP and VAE before its U-Net exists: zero-shot and retrieval of the CLIP, and the
-reconstruction of the VAE judged by the independent judge, beside the shipped lab's (100 test images).
+reconstruction of the VAE judged by the independent judge, beside the shipped lab's (100 test images); and how
+much of the captions' end-token variance the SD-IPC round trip W_t^+ W_t would drop at the 5th / 10th / 20th
+percentile of W_t's singular values (`measure.dropped_variance`): a text tower that keeps caption information there
+makes a U-Net whose oracle row falls short of its end-token row (toyworld_v2_progress.md, sitting 17).
 
     python bench/stage_quality.py runs/toy          # a run folder with tokenizer/, text_encoder/, image_encoder/, vae/
 
@@ -19,6 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import table  # noqa: E402
 
 import sdipc_lab as S  # noqa: E402
+from sdipc_lab.measure import dropped_variance, singular_value_quantiles  # noqa: E402
 from sdipc_lab.toyworld import samples  # noqa: E402
 from sdipc_lab.toyworld.evaluate import psnr, reconstruct, retrieval, zero_shot  # noqa: E402
 from sdipc_lab.toyworld.judge import Judge, agreement  # noqa: E402
@@ -47,10 +51,13 @@ def main() -> None:
         rows.append([name, *(f"{100 * shot[k]:.0f}" for k in ("shape", "colour", "size", "position", "background")),
                      f"{100 * r['i2t R@1']:.0f} / {100 * r['t2i R@1']:.0f}",
                      f"{np.mean([psnr(np.asarray(a), np.asarray(s.image)) for a, s in zip(recon, test)]):.1f}",
-                     f"{100 * judged['shape']:.0f}", f"{100 * judged['colour']:.0f}"])
+                     f"{100 * judged['shape']:.0f}", f"{100 * judged['colour']:.0f}",
+                     " / ".join(f"{100 * dropped_variance(lab, [s.caption for s in test], c):.1f}"
+                                for c in singular_value_quantiles(lab, (0.0, 0.05, 0.1, 0.2))[1:])])
     print(f"## CLIP and VAE of a run ({args.n} test images; judge agreement in %)\n")
     print(table(["CLIP + VAE", "zero-shot shape", "colour", "size", "position", "background", "R@1 i2t / t2i",
-                 "VAE PSNR dB", "VAE judge shape", "VAE judge colour"], rows))
+                 "VAE PSNR dB", "VAE judge shape", "VAE judge colour",
+                 "caption variance dropped % (5th / 10th / 20th pct)"], rows))
 
 
 if __name__ == "__main__":

@@ -78,8 +78,10 @@ def cutoff_table(lab, judge, cutoffs: list[float], args, start: float) -> None:
     """Item 5 of issue 11: how much the round trip W_t^+ W_t loses, and what the cutoff does to it. Rows: the true
     end-token state repeated, then the oracle and SD-IPC at each cutoff; the rank W_t^+ keeps and the cosine
     between each converted vector and the caption's true end-token state (the quantity the lab's cutoff was
-    chosen by, for SD-IPC)."""
+    chosen by, for SD-IPC); and the share of the captions' end-token variance the round trip drops at that cutoff
+    (`measure.dropped_variance`: what the U-Net reads there, SD-IPC cannot give back)."""
     from sdipc_lab.convert import at_end, inverse_projection
+    from sdipc_lab.measure import dropped_variance
 
     refs = samples(args.n, args.split, two_objects=0)
     embeds = cutoff_conditions(lab, refs, cutoffs)
@@ -91,11 +93,13 @@ def cutoff_table(lab, judge, cutoffs: list[float], args, start: float) -> None:
         cutoff = next((c for c in cutoffs if name.endswith(f"cutoff {c:.4g}")), None)
         inverse = None if cutoff is None else inverse_projection(lab, cutoff)
         rank = "" if inverse is None else f"{inverse.rank}/{len(inverse.singular_values)}"
+        dropped = "" if cutoff is None else f"{100 * dropped_variance(lab, [s.caption for s in refs], cutoff):.1f}"
         cosine = torch.nn.functional.cosine_similarity(embeds[name][:, 1].float(), f_eos, dim=-1).mean().item()
-        rows.append([name, rank, f"{cosine:.3f}", *pct(scores, ATTRS[:4]), f"{100 * scores['stray']:.2f}"])
+        rows.append([name, rank, dropped, f"{cosine:.3f}", *pct(scores, ATTRS[:4]), f"{100 * scores['stray']:.2f}"])
     print(f"## The round trip and the cutoff ({lab.source}, {args.n} {args.split} references, lab cutoff {lab.cutoff}, "
           f"norm {lab.norm}; judge agreement in %)\n")
-    print(table(["prompt", "rank kept", "cos(f_cnvrt, true EOS)", *ATTRS[:4], "stray %"], rows))
+    print(table(["prompt", "rank kept", "caption variance dropped %", "cos(f_cnvrt, true EOS)", *ATTRS[:4],
+                 "stray %"], rows))
     print(f"\n(total {time.time() - start:.0f} s)")
 
 

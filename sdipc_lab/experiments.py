@@ -18,7 +18,7 @@ from .finetune import Concepts, custom_diffusion, finetune
 from .generate import edit, generate, progress, sample, vary
 from .lab import Lab
 from .latent_clip import reno
-from .measure import cutoff_sweep, norm_distributions  # noqa: F401 (norm_distributions: notebook 03 calls it here)
+from .measure import cutoff_sweep, dropped_variance, norm_distributions  # noqa: F401 (norm_distributions: notebook 03 calls it here)
 from .metrics import clip_fid, clip_i, clip_score, clip_t
 from .toyworld import concept_samples
 from .toyworld.evaluate import prompt_conditions
@@ -90,12 +90,16 @@ def spectrum(lab: Lab) -> np.ndarray:
 
 def cutoff_experiment(lab: Lab, data, cutoffs) -> list[dict]:
     """Footnote 6: for each cutoff, the rank kept, how much of f_img^c the kept subspace reconstructs,
-    the cosine of f_cnvrt to the true end-token state, and T-space zero-shot accuracy."""
+    the cosine of f_cnvrt to the true end-token state, the share of the captions' end-token variance the
+    round trip drops (what the U-Net may read there, SD-IPC cannot give back), and T-space zero-shot accuracy."""
+    captions = [s.caption for s in data]
     rows = []
-    for row in cutoff_sweep(lab, [s.image for s in data], [s.caption for s in data], cutoffs):
+    for row in cutoff_sweep(lab, [s.image for s in data], captions, cutoffs):
         shot = zero_shot(lab, data, "t", cutoff=row["cutoff"])
+        dropped = dropped_variance(lab, captions, row["cutoff"]) if len(captions) > 1 else float("nan")
         rows.append({"cutoff": row["cutoff"], "rank": row["rank"], "reconstruction error": row["reconstruction_error"],
-                     "cos(f_cnvrt, true EOS)": row["cosine"], **{f"T-space {k}": v for k, v in shot.items()}})
+                     "cos(f_cnvrt, true EOS)": row["cosine"], "caption variance dropped": dropped,
+                     **{f"T-space {k}": v for k, v in shot.items()}})
     return rows
 
 

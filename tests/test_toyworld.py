@@ -294,6 +294,48 @@ def test_cutoff_sweep_against_numpy(lab):
     assert rows[0]["reconstruction_error"] < 1e-6  # full rank: W_t W_t^+ = I
 
 
+def test_dropped_variance_against_pinv(lab):
+    """The share of the end-token states' between-caption variance outside W_t^+ W_t's range, against
+    `torch.linalg.pinv(W_t, atol=cutoff)` and NumPy; 0 at cutoff 0 (W_t is square and full rank here)."""
+    from sdipc_lab.measure import dropped_variance, eos_states
+
+    captions = [d.caption for d in samples(12, "test", two_objects=0)]
+    W = lab.W_t.detach().double()
+    s = torch.linalg.svdvals(W)
+    eos = eos_states(lab, captions).double().numpy()
+    centred = eos - eos.mean(0)  # (N, D)
+    shares = []
+    for cutoff in (0.0, float(s.quantile(0.2)), float(s.quantile(0.9))):
+        projector = (torch.linalg.pinv(W, atol=cutoff) @ W).numpy()  # (D, D)
+        expected = 1 - np.sum((centred @ projector.T) ** 2) / np.sum(centred ** 2)
+        shares.append(dropped_variance(lab, captions, cutoff))
+        assert shares[-1] == pytest.approx(expected, abs=1e-9)
+    assert shares[0] == pytest.approx(0.0, abs=1e-9)
+    assert 0 < shares[1] < shares[2] < 1  # a higher cutoff drops more
+    assert dropped_variance(lab, captions) == pytest.approx(dropped_variance(lab, captions, lab.cutoff))
+    with pytest.raises(ValueError, match="at least 2 captions"):
+        dropped_variance(lab, captions[:1])
+    with pytest.raises(ValueError, match="zeroes every singular value"):
+        dropped_variance(lab, captions, float(s.max()) * 2)
+
+
+def test_cutoff_experiment_rows_are_the_measures(lab):
+    """Notebook 02's sweep table: each row carries the cutoff sweep's numbers and the dropped caption variance."""
+    from sdipc_lab import experiments as E
+    from sdipc_lab.measure import cutoff_sweep, dropped_variance
+
+    data = samples(5, "test", two_objects=0)
+    s = torch.linalg.svdvals(lab.W_t.detach().double())
+    cutoffs = [0.0, float(s.quantile(0.3))]
+    rows = E.cutoff_experiment(lab, data, cutoffs)
+    sweep = cutoff_sweep(lab, [d.image for d in data], [d.caption for d in data], cutoffs)
+    for row, ref, c in zip(rows, sweep, cutoffs, strict=True):
+        assert (row["rank"], row["cos(f_cnvrt, true EOS)"]) == (ref["rank"], ref["cosine"])
+        assert row["caption variance dropped"] == pytest.approx(dropped_variance(lab, [d.caption for d in data], c))
+    assert rows[0]["caption variance dropped"] == pytest.approx(0.0, abs=1e-9)
+    assert rows[1]["caption variance dropped"] > 0
+
+
 def test_every_size_budgets_every_stage():
     from sdipc_lab.toyworld import train as T
 
