@@ -52,8 +52,8 @@ def main() -> None:
                      f"{100 * r['i2t R@1']:.0f} / {100 * r['t2i R@1']:.0f}",
                      f"{np.mean([psnr(np.asarray(a), np.asarray(s.image)) for a, s in zip(recon, test)]):.1f}",
                      f"{100 * judged['shape']:.0f}", f"{100 * judged['colour']:.0f}",
-                     " / ".join(f"{100 * dropped_variance(lab, [s.caption for s in test], c):.1f}"
-                                for c in singular_value_quantiles(lab, (0.0, 0.05, 0.1, 0.2))[1:])])
+                     " / ".join(f"{100 * share:.1f}" for share in dropped_variance(
+                         lab, [s.caption for s in test], singular_value_quantiles(lab, (0.0, 0.05, 0.1, 0.2))[1:]))])
     print(f"## CLIP and VAE of a run ({args.n} test images; judge agreement in %)\n")
     print(table(["CLIP + VAE", "zero-shot shape", "colour", "size", "position", "background", "R@1 i2t / t2i",
                  "VAE PSNR dB", "VAE judge shape", "VAE judge colour",

@@ -88,14 +88,15 @@ def cutoff_table(lab, judge, cutoffs: list[float], args, start: float) -> None:
     judged = judge_conditions(lab, refs, judge, seed=args.seed, embeds=embeds)
     f_txt, eos = S.encode_text(lab, [s.caption for s in refs])
     f_eos = at_end(f_txt, eos).float()  # (N, D)
+    dropped = dict(zip(cutoffs, dropped_variance(lab, [s.caption for s in refs], cutoffs)))
     rows = []
     for name, scores in judged.items():
         cutoff = next((c for c in cutoffs if name.endswith(f"cutoff {c:.4g}")), None)
         inverse = None if cutoff is None else inverse_projection(lab, cutoff)
         rank = "" if inverse is None else f"{inverse.rank}/{len(inverse.singular_values)}"
-        dropped = "" if cutoff is None else f"{100 * dropped_variance(lab, [s.caption for s in refs], cutoff):.1f}"
         cosine = torch.nn.functional.cosine_similarity(embeds[name][:, 1].float(), f_eos, dim=-1).mean().item()
-        rows.append([name, rank, dropped, f"{cosine:.3f}", *pct(scores, ATTRS[:4]), f"{100 * scores['stray']:.2f}"])
+        share = "" if cutoff is None else f"{100 * dropped[cutoff]:.1f}"
+        rows.append([name, rank, share, f"{cosine:.3f}", *pct(scores, ATTRS[:4]), f"{100 * scores['stray']:.2f}"])
     print(f"## The round trip and the cutoff ({lab.source}, {args.n} {args.split} references, lab cutoff {lab.cutoff}, "
           f"norm {lab.norm}; judge agreement in %)\n")
     print(table(["prompt", "rank kept", "caption variance dropped %", "cos(f_cnvrt, true EOS)", *ATTRS[:4],

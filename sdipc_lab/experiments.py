@@ -93,12 +93,14 @@ def cutoff_experiment(lab: Lab, data, cutoffs) -> list[dict]:
     the cosine of f_cnvrt to the true end-token state, the share of the captions' end-token variance the
     round trip drops (what the U-Net may read there, SD-IPC cannot give back), and T-space zero-shot accuracy."""
     captions = [s.caption for s in data]
+    sweep = cutoff_sweep(lab, [s.image for s in data], captions, cutoffs)
+    kept = [row["cutoff"] for row in sweep]  # the cutoffs that keep at least one singular value
+    dropped = dropped_variance(lab, captions, kept) if len(captions) > 1 else [float("nan")] * len(kept)
     rows = []
-    for row in cutoff_sweep(lab, [s.image for s in data], captions, cutoffs):
+    for row, share in zip(sweep, dropped):
         shot = zero_shot(lab, data, "t", cutoff=row["cutoff"])
-        dropped = dropped_variance(lab, captions, row["cutoff"]) if len(captions) > 1 else float("nan")
         rows.append({"cutoff": row["cutoff"], "rank": row["rank"], "reconstruction error": row["reconstruction_error"],
-                     "cos(f_cnvrt, true EOS)": row["cosine"], "caption variance dropped": dropped,
+                     "cos(f_cnvrt, true EOS)": row["cosine"], "caption variance dropped": share,
                      **{f"T-space {k}": v for k, v in shot.items()}})
     return rows
 

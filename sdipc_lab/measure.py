@@ -63,19 +63,22 @@ def cutoff_sweep(lab: Lab, images, captions: Sequence[str], cutoffs: Sequence[fl
 
 
 @torch.no_grad()
-def dropped_variance(lab: Lab, captions: Sequence[str], cutoff: float | None = None) -> float:
-    """The share (0..1) of the captions' end-token states' variance *between captions* that the round trip
-    W_t^+ W_t discards at `cutoff` (default: the lab's): the part of f_txt^{t,eos} in the right singular directions
-    of W_t whose singular values are <= cutoff. What the U-Net reads there, SD-IPC cannot give it back, so
-    a text tower that keeps caption information in W_t's weak directions lowers the oracle row however well
-    the U-Net draws from the caption (docs/results/toyworld_v2_progress.md, sitting 17)."""
-    f_eos = eos_states(lab, captions).double().cpu()  # (N, D)
+def dropped_variance(lab: Lab, captions: Sequence[str], cutoffs: Sequence[float]) -> list[float]:
+    """For each cutoff: the share (0..1) of the captions' end-token states' variance *between captions* that the
+    round trip W_t^+ W_t discards — the part of f_txt^{t,eos} in the right singular directions of W_t whose singular
+    values are <= cutoff. What the U-Net reads there, SD-IPC cannot give it back, so a text tower that keeps
+    caption information in W_t's weak directions lowers the oracle row however well the U-Net draws from the
+    caption (docs/results/toyworld_v2_progress.md, sitting 17)."""
+    f_eos = eos_states(lab, captions).double().cpu()  # (N, D), encoded once for every cutoff
     if len(f_eos) < 2:
         raise ValueError(f"dropped_variance needs at least 2 captions to measure a variance, got {len(f_eos)}")
     centred = f_eos - f_eos.mean(0)  # (N, D)
-    inverse = InverseProjection(lab.W_t, lab.cutoff if cutoff is None else float(cutoff))
-    kept = centred @ (inverse.matrix @ lab.W_t.detach().double().cpu()).T  # (N, D): W_t^+ W_t, a projector
-    return max(0.0, float(1 - kept.pow(2).sum() / centred.pow(2).sum()))  # max: no -0.000 from rounding at rank D
+    W = lab.W_t.detach().double().cpu()  # (P, D)
+    shares = []
+    for cutoff in cutoffs:
+        kept = centred @ (InverseProjection(W, float(cutoff)).matrix @ W).T  # (N, D): W_t^+ W_t, a projector
+        shares.append(max(0.0, float(1 - kept.pow(2).sum() / centred.pow(2).sum())))  # max: no -0.000 at rank D
+    return shares
 
 
 def singular_value_quantiles(lab: Lab, qs=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)) -> list[float]:

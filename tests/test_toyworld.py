@@ -304,19 +304,18 @@ def test_dropped_variance_against_pinv(lab):
     s = torch.linalg.svdvals(W)
     eos = eos_states(lab, captions).double().numpy()
     centred = eos - eos.mean(0)  # (N, D)
-    shares = []
-    for cutoff in (0.0, float(s.quantile(0.2)), float(s.quantile(0.9))):
+    cutoffs = (0.0, float(s.quantile(0.2)), float(s.quantile(0.9)))
+    shares = dropped_variance(lab, captions, cutoffs)
+    for cutoff, share in zip(cutoffs, shares, strict=True):
         projector = (torch.linalg.pinv(W, atol=cutoff) @ W).numpy()  # (D, D)
         expected = 1 - np.sum((centred @ projector.T) ** 2) / np.sum(centred ** 2)
-        shares.append(dropped_variance(lab, captions, cutoff))
-        assert shares[-1] == pytest.approx(expected, abs=1e-9)
+        assert share == pytest.approx(expected, abs=1e-9)
     assert shares[0] == pytest.approx(0.0, abs=1e-9)
     assert 0 < shares[1] < shares[2] < 1  # a higher cutoff drops more
-    assert dropped_variance(lab, captions) == pytest.approx(dropped_variance(lab, captions, lab.cutoff))
     with pytest.raises(ValueError, match="at least 2 captions"):
-        dropped_variance(lab, captions[:1])
+        dropped_variance(lab, captions[:1], [lab.cutoff])
     with pytest.raises(ValueError, match="zeroes every singular value"):
-        dropped_variance(lab, captions, float(s.max()) * 2)
+        dropped_variance(lab, captions, [float(s.max()) * 2])
 
 
 def test_cutoff_experiment_rows_are_the_measures(lab):
@@ -329,9 +328,10 @@ def test_cutoff_experiment_rows_are_the_measures(lab):
     cutoffs = [0.0, float(s.quantile(0.3))]
     rows = E.cutoff_experiment(lab, data, cutoffs)
     sweep = cutoff_sweep(lab, [d.image for d in data], [d.caption for d in data], cutoffs)
-    for row, ref, c in zip(rows, sweep, cutoffs, strict=True):
+    shares = dropped_variance(lab, [d.caption for d in data], cutoffs)
+    for row, ref, share in zip(rows, sweep, shares, strict=True):
         assert (row["rank"], row["cos(f_cnvrt, true EOS)"]) == (ref["rank"], ref["cosine"])
-        assert row["caption variance dropped"] == pytest.approx(dropped_variance(lab, [d.caption for d in data], c))
+        assert row["caption variance dropped"] == pytest.approx(share)
     assert rows[0]["caption variance dropped"] == pytest.approx(0.0, abs=1e-9)
     assert rows[1]["caption variance dropped"] > 0
 
