@@ -44,8 +44,9 @@ def norms(lab: Lab, captions: Sequence[str]) -> dict:
 @torch.no_grad()
 def cutoff_sweep(lab: Lab, images, captions: Sequence[str], cutoffs: Sequence[float]) -> list[dict]:
     """For each cutoff that keeps at least one singular value: the rank kept, the reconstruction error
-    ||W_t W_t^+ f - f|| of unit image embeddings (how much of f_img^c the kept subspace holds), and the mean
-    cosine of f_cnvrt to the true caption's end-token state."""
+    ||W_t W_t^+ f - f|| of unit image embeddings (how much of f_img^c the kept subspace holds), the mean
+    cosine of f_cnvrt to the true caption's end-token state, and (with 2 captions or more) the share of the
+    captions' end-token variance the round trip drops (`dropped_variance`; the captions are encoded once)."""
     f_img_c = image_embeds(lab, images).double().cpu()
     f_eos = eos_states(lab, captions).double().cpu()
     W = lab.W_t.detach().double().cpu()  # (P, D)
@@ -58,8 +59,18 @@ def cutoff_sweep(lab: Lab, images, captions: Sequence[str], cutoffs: Sequence[fl
             continue
         error = (unit @ (W @ inverse.matrix).T - unit).norm(dim=-1).mean().item()
         cos = F.cosine_similarity(convert(lab, f_img_c, cutoff=cutoff).double().cpu(), f_eos).mean().item()
-        rows.append(dict(cutoff=float(cutoff), rank=inverse.rank, reconstruction_error=error, cosine=cos))
+        row = dict(cutoff=float(cutoff), rank=inverse.rank, reconstruction_error=error, cosine=cos)
+        if len(f_eos) > 1:
+            row["dropped_variance"] = _dropped_share(f_eos, W, inverse)
+        rows.append(row)
     return rows
+
+
+def _dropped_share(f_eos: torch.Tensor, W: torch.Tensor, inverse: InverseProjection) -> float:
+    """The share of the variance of f_eos (N, D) between its rows that W_t^+ W_t discards."""
+    centred = f_eos - f_eos.mean(0)  # (N, D)
+    kept = centred @ (inverse.matrix @ W).T  # (N, D): W_t^+ W_t, a projector
+    return max(0.0, float(1 - kept.pow(2).sum() / centred.pow(2).sum()))  # max: no -0.000 at rank D
 
 
 @torch.no_grad()
@@ -72,13 +83,8 @@ def dropped_variance(lab: Lab, captions: Sequence[str], cutoffs: Sequence[float]
     f_eos = eos_states(lab, captions).double().cpu()  # (N, D), encoded once for every cutoff
     if len(f_eos) < 2:
         raise ValueError(f"dropped_variance needs at least 2 captions to measure a variance, got {len(f_eos)}")
-    centred = f_eos - f_eos.mean(0)  # (N, D)
     W = lab.W_t.detach().double().cpu()  # (P, D)
-    shares = []
-    for cutoff in cutoffs:
-        kept = centred @ (InverseProjection(W, float(cutoff)).matrix @ W).T  # (N, D): W_t^+ W_t, a projector
-        shares.append(max(0.0, float(1 - kept.pow(2).sum() / centred.pow(2).sum())))  # max: no -0.000 at rank D
-    return shares
+    return [_dropped_share(f_eos, W, InverseProjection(W, float(cutoff))) for cutoff in cutoffs]
 
 
 def singular_value_quantiles(lab: Lab, qs=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)) -> list[float]:

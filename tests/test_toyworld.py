@@ -291,7 +291,13 @@ def test_cutoff_sweep_against_numpy(lab):
         converted = f @ pinv.T  # f_cnvrt up to its (positive) norm constant
         cos = (converted * eos).sum(1) / np.linalg.norm(converted, axis=1) / np.linalg.norm(eos, axis=1)
         assert row["cosine"] == pytest.approx(cos.mean(), abs=1e-4)
+        centred = eos - eos.mean(0)  # the between-caption variance W_t^+ W_t drops, from the same encoding
+        dropped = 1 - np.sum((centred @ (pinv @ W).T) ** 2) / np.sum(centred ** 2)
+        assert row["dropped_variance"] == pytest.approx(max(0.0, dropped), abs=1e-9)
     assert rows[0]["reconstruction_error"] < 1e-6  # full rank: W_t W_t^+ = I
+    assert rows[1]["dropped_variance"] > 0
+    one = cutoff_sweep(lab, [data[0].image], [data[0].caption], cutoffs[:1])
+    assert "dropped_variance" not in one[0]  # one caption has no variance between captions
 
 
 def test_dropped_variance_against_pinv(lab):
