@@ -77,8 +77,8 @@ def _cutoff(text: str):
 def cutoff_table(lab, judge, cutoffs: list[float], args, start: float) -> None:
     """Item 5 of issue 11: how much the round trip W_t^+ W_t loses, and what the cutoff does to it. Rows: the true
     end-token state repeated, then the oracle and SD-IPC at each cutoff; the rank W_t^+ keeps and the cosine
-    between each converted vector and the caption's true end-token state (the quantity the lab's cutoff was
-    chosen by, for SD-IPC); and the share of the captions' end-token variance the round trip drops at that cutoff
+    between each converted vector and the caption's true end-token state (what labs exported before 2026-12-03
+    chose their cutoff by; now the judge chooses it, `train.measure_constants`); and the share of the captions' end-token variance the round trip drops at that cutoff
     (`measure.dropped_variance`: what the U-Net reads there, SD-IPC cannot give back)."""
     from sdipc_lab.convert import at_end, inverse_projection
     from sdipc_lab.measure import dropped_variance

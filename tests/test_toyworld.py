@@ -231,6 +231,35 @@ def test_export_makes_a_loadable_lab(tiny_run, tmp_path):
     assert len(S.vary(lab, sample(0, "test").image, n=1, steps=2)) == 1
 
 
+def test_measure_constants_chooses_the_cutoff_the_judge_reads_best(tiny_run, tmp_path):
+    """With a judge, the lab's cutoff is the candidate whose SD-IPC variations the judge reads best, judged on
+    test references past the ones the benches report on; without one, the candidate closest in cosine. A stand-in
+    judge that reads only the j-th candidate's images right must make export pick that candidate."""
+    import sdipc_lab as S
+    from sdipc_lab.toyworld import train as T
+
+    out, _, _ = tiny_run
+    lab = S.load_lab(T.export(out, tmp_path / "lab"), device="cpu")
+    refs = samples(4, "test", start=T.CUTOFF_REFERENCES, two_objects=0)
+    by_cosine = T.measure_constants(lab, n=8)
+    assert by_cosine["cutoff_chosen_by"] == "cosine"
+    assert by_cosine["cutoff"] == round(max(by_cosine["cutoff_sweep"], key=lambda r: r["cosine"])["cutoff"], 4)
+    for j in (0, len(by_cosine["cutoff_sweep"]) - 1):
+        calls = []
+
+        def judge(images, j=j):  # right on the j-th condition judged, wrong shape and colour on every other
+            calls.append(len(images))
+            right = len(calls) - 1 == j
+            return [dict(s.attributes, **({} if right else {"shape": None, "colour": None})) for s in refs]
+
+        chosen = T.measure_constants(lab, n=8, judge=judge, n_judged=len(refs))
+        assert calls == [len(refs)] * len(chosen["cutoff_sweep"])  # one judged batch per candidate cutoff
+        assert chosen["cutoff"] == round(chosen["cutoff_sweep"][j]["cutoff"], 4)
+        assert chosen["cutoff_chosen_by"] == "judge"
+        assert chosen["cutoff_sweep"][j]["judged"]["shape"] == 1.0  # judged on the references at CUTOFF_REFERENCES
+        assert (chosen["norm"], chosen["norm_t"]) == (by_cosine["norm"], by_cosine["norm_t"])
+
+
 def test_shipped_judge_reads_drawn_images():
     """The independent judge that scores generated images must itself be right on drawn ones."""
     from sdipc_lab.toyworld.judge import Judge
