@@ -112,7 +112,8 @@ LAYERS = [
     {"latents", "attention", "metrics", "measure", "toyworld.judge"},
     {"adapters"},                                                 # what fine-tuning trains, and `applied`
     {"generate"},                                                 # vary / edit / generate
-    {"finetune", "probing", "toyworld.evaluate", "toyworld.train"},
+    {"finetune", "probing", "toyworld.evaluate"},
+    {"toyworld.train"},                                           # export judges the cutoff (toyworld.evaluate)
     {"latent_clip", "datasets"},                                  # what each lab is shown: the world or photos
     {"experiments", "widgets", ""},                               # "" is the package's __init__
     {"__main__"},

@@ -42,12 +42,13 @@ import torch.nn.functional as F
 
 from .. import build
 from ..build import sd_v1_scheduler, word_tokenizer
-from ..convert import token_ids
+from ..convert import image_embeds, pseudo_prompt, token_ids
 from ..lab import Lab, assemble, load_lab, quiet, save_lab, usable_cpus
 from ..latents import from_posterior
 from ..measure import cutoff_sweep, norms, singular_value_quantiles
 from ..training import TrainingStopped, checkpoint_weights, diffusion_loss, fit
-from .judge import JUDGE_FILE, mask_crops, new_judge_cnn
+from .evaluate import judge_conditions
+from .judge import JUDGE_FILE, Judge, mask_crops, new_judge_cnn
 from .world import SHAPES, SIZE, TWO_OBJECTS, caption, sample, samples, vocabulary
 
 LAB_DIR = Path(__file__).parent / "lab"
@@ -511,9 +512,6 @@ def measure_constants(lab: Lab, n: int = 512, judge=None, n_judged: int = 48) ->
     lower cutoff than the cosine picks (docs/results/toyworld_v2_progress.md, sitting 18). Without a judge, the
     candidate closest in cosine. Returns the constants, the sweep (with each judged candidate's agreement under
     "judged") and the norms."""
-    from ..convert import image_embeds, pseudo_prompt
-    from .evaluate import judge_conditions
-
     data = samples(n, "test", two_objects=0)
     captions = [s.caption for s in data]
     measured = norms(lab, captions)
@@ -605,8 +603,6 @@ def export(out: Path, lab_dir: Path | None = None, unet=None, **sampler) -> Path
 def run_judge(out: Path):
     """The judge export chooses the cutoff with: the run's own (`out/judge.safetensors`) if it trained one, else
     the shipped one; None (the cutoff is then chosen by cosine) if there is neither."""
-    from .judge import Judge
-
     path = out / "judge.safetensors" if (out / "judge.safetensors").exists() else JUDGE_FILE
     return Judge(path) if path.exists() else None
 
