@@ -76,26 +76,27 @@ def _cutoff(text: str):
 
 def cutoff_table(lab, judge, cutoffs: list[float], args, start: float) -> None:
     """Item 5 of issue 11: how much the round trip W_t^+ W_t loses, and what the cutoff does to it. Rows: the true
-    end-token state repeated, then the oracle and SD-IPC at each cutoff; the rank W_t^+ keeps and the cosine
-    between each converted vector and the caption's true end-token state (what labs exported before 2026-12-03
-    chose their cutoff by; now the judge chooses it, `train.measure_constants`); and the share of the captions' end-token variance the round trip drops at that cutoff
-    (`measure.dropped_variance`: what the U-Net reads there, SD-IPC cannot give back)."""
-    from sdipc_lab.convert import at_end, inverse_projection
-    from sdipc_lab.measure import dropped_variance
+    end-token state repeated, then the oracle and SD-IPC at each cutoff; the rank W_t^+ keeps; the cosine between
+    each converted vector and the caption's true end-token state (what labs exported before 2026-12-03 chose their
+    cutoff by; now the judge chooses it, `train.measure_constants`); and the share of the captions' end-token
+    variance the round trip drops at that cutoff (`measure.dropped_share`: what the U-Net reads there, SD-IPC
+    cannot give back)."""
+    from sdipc_lab.convert import InverseProjection, at_end, inverse_projection
+    from sdipc_lab.measure import dropped_share
 
     refs = samples(args.n, args.split, two_objects=0)
     embeds = cutoff_conditions(lab, refs, cutoffs)
     judged = judge_conditions(lab, refs, judge, seed=args.seed, embeds=embeds)
     f_txt, eos = S.encode_text(lab, [s.caption for s in refs])
-    f_eos = at_end(f_txt, eos).float()  # (N, D)
-    dropped = dict(zip(cutoffs, dropped_variance(lab, [s.caption for s in refs], cutoffs)))
+    f_eos = at_end(f_txt, eos).float()  # (N, D), encoded once: for the cosines and the dropped shares
+    W, f_eos64 = lab.W_t.detach().double().cpu(), f_eos.double().cpu()  # (P, D), (N, D): as measure.dropped_variance
     rows = []
     for name, scores in judged.items():
         cutoff = next((c for c in cutoffs if name.endswith(f"cutoff {c:.4g}")), None)
         inverse = None if cutoff is None else inverse_projection(lab, cutoff)
         rank = "" if inverse is None else f"{inverse.rank}/{len(inverse.singular_values)}"
         cosine = torch.nn.functional.cosine_similarity(embeds[name][:, 1].float(), f_eos, dim=-1).mean().item()
-        share = "" if cutoff is None else f"{100 * dropped[cutoff]:.1f}"
+        share = "" if cutoff is None else f"{100 * dropped_share(f_eos64, W, InverseProjection(W, cutoff)):.1f}"
         rows.append([name, rank, share, f"{cosine:.3f}", *pct(scores, ATTRS[:4]), f"{100 * scores['stray']:.2f}"])
     print(f"## The round trip and the cutoff ({lab.source}, {args.n} {args.split} references, lab cutoff {lab.cutoff}, "
           f"norm {lab.norm}; judge agreement in %)\n")

@@ -61,13 +61,15 @@ def cutoff_sweep(lab: Lab, images, captions: Sequence[str], cutoffs: Sequence[fl
         cos = F.cosine_similarity(convert(lab, f_img_c, cutoff=cutoff).double().cpu(), f_eos).mean().item()
         row = dict(cutoff=float(cutoff), rank=inverse.rank, reconstruction_error=error, cosine=cos)
         if len(f_eos) > 1:
-            row["dropped_variance"] = _dropped_share(f_eos, W, inverse)
+            row["dropped_variance"] = dropped_share(f_eos, W, inverse)
         rows.append(row)
     return rows
 
 
-def _dropped_share(f_eos: torch.Tensor, W: torch.Tensor, inverse: InverseProjection) -> float:
-    """The share of the variance of f_eos (N, D) between its rows that W_t^+ W_t discards."""
+def dropped_share(f_eos: torch.Tensor, W: torch.Tensor, inverse: InverseProjection) -> float:
+    """The share (0..1) of the variance of end-token states f_eos (N, D) between its rows that the round trip
+    W_t^+ W_t discards, for W_t = W (P, D) and its pseudo-inverse `inverse`: `dropped_variance` for states
+    already encoded."""
     centred = f_eos - f_eos.mean(0)  # (N, D)
     kept = centred @ (inverse.matrix @ W).T  # (N, D): W_t^+ W_t, a projector
     return max(0.0, float(1 - kept.pow(2).sum() / centred.pow(2).sum()))  # max: no -0.000 at rank D
@@ -84,7 +86,7 @@ def dropped_variance(lab: Lab, captions: Sequence[str], cutoffs: Sequence[float]
     if len(f_eos) < 2:
         raise ValueError(f"dropped_variance needs at least 2 captions to measure a variance, got {len(f_eos)}")
     W = lab.W_t.detach().double().cpu()  # (P, D)
-    return [_dropped_share(f_eos, W, InverseProjection(W, float(cutoff))) for cutoff in cutoffs]
+    return [dropped_share(f_eos, W, InverseProjection(W, float(cutoff))) for cutoff in cutoffs]
 
 
 def singular_value_quantiles(lab: Lab, qs=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)) -> list[float]:

@@ -526,7 +526,7 @@ def measure_constants(lab: Lab, n: int = 512, judge=None, n_judged: int = 48) ->
         judged = judge_conditions(lab, refs, judge, embeds=embeds)
         for row in sweep:
             scores = judged[row["cutoff"]]
-            row["judged"] = {k: scores[k] for k in ("shape", "colour", "size", "position", "stray")}
+            row["judged"] = {k: scores[k] for k in (*JUDGED, "stray")}
         best = max(sweep, key=lambda row: (round(float(np.mean([row["judged"][k] for k in JUDGED])), 6),
                                            row["cosine"]))
     return dict(cutoff=round(best["cutoff"], 4), norm=round(measured["norm"], 3), norm_t=round(measured["norm_t"], 3),
