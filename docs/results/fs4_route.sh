@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The candidate from-scratch route of docs/results/toyworld_v2_progress.md (sittings 15-19): a 1,000-step CLIP, U-Net
+# phase 1 under it (4,000 of a 6,000-step cosine), the text tower on in two time-budgeted pieces (clipA, clipB), U-Net
+# phase 2 under that tower (fs4b), then 45 minutes on one-object scenes and a 35-minute `vision` stage (fs4c).
+# The VAE is the shipped lab's: its from-scratch recipe (the README provenance table's `train vae --size cpu --steps
+# 2500`, 51 minutes) is not repeated here, but the route's hours count it.
+#
+# Resumable at any point: every stage checkpoints (train.fit) and leaves a .done marker when finished; run this
+# script again, with the same runs/ folder, to go on where it stopped. Stop it with `pkill -TERM -f toyworld.train`
+# (the stage under way writes its checkpoint). Training only ever writes under runs/.
+#
+#     nohup bash docs/results/fs4_route.sh > runs/route.log 2>&1 &
+set -e
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
+T="$PY -m sdipc_lab.toyworld.train"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+VAE=sdipc_lab/toyworld/lab/vae
+step_of() { python3 - "$1" <<'PY'
+import json, struct, sys
+try:
+    with open(sys.argv[1], "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        print(json.loads(f.read(n))["__metadata__"]["step"])
+except Exception:
+    print(0)
+PY
+}
+stage() { echo "=== $(date -u +%FT%TZ) $*"; }
+
+if [ ! -f runs/fs2/clip.done ]; then
+  stage "fs2 clip 1000"; $T clip --size cpu --out runs/fs2 --steps 1000; touch runs/fs2/clip.done
+fi
+if [ ! -f runs/fs2/phase1.done ]; then
+  stage "fs2 phase 1 to 4000 of 6000"
+  [ -d runs/fs2/vae ] || cp -r $VAE runs/fs2/vae
+  $T unet --size cpu --out runs/fs2 --steps 6000 &
+  pid=$!
+  while kill -0 $pid 2>/dev/null; do
+    if [ "$(step_of runs/fs2/unet.ckpt.safetensors)" -ge 4000 ]; then kill -TERM $pid; break; fi
+    sleep 20
+  done
+  wait $pid || true
+  [ "$(step_of runs/fs2/unet.ckpt.safetensors)" -ge 4000 ] && touch runs/fs2/phase1.done
+  [ -f runs/fs2/phase1.done ] || exit 1
+fi
+if [ ! -f runs/fs2/peek4000/sdipc_lab.json ]; then
+  stage "export peek4000"; $T export --size cpu --out runs/fs2 --from-checkpoint --lab-dir runs/fs2/peek4000
+fi
+if [ ! -f runs/clipA/clip.done ]; then
+  stage "clipA +12 min"; mkdir -p runs/clipA
+  [ -f runs/clipA/clip.ckpt.safetensors ] || cp -r runs/fs2/{clip.ckpt.safetensors,tokenizer,text_encoder,image_encoder} runs/clipA/
+  [ -d runs/clipA/vae ] || cp -r $VAE runs/clipA/vae
+  $T clip --size cpu --out runs/clipA --minutes 12; touch runs/clipA/clip.done
+fi
+if [ ! -f runs/clipB/clip.done ]; then
+  stage "clipB +25 min"
+  [ -d runs/clipB ] || cp -r runs/clipA runs/clipB; rm -f runs/clipB/clip.done
+  $T clip --size cpu --out runs/clipB --minutes 25; touch runs/clipB/clip.done
+fi
+if [ ! -f runs/fs4b/unet.done ]; then
+  stage "fs4b phase 2, 6000 steps"; mkdir -p runs/fs4b
+  [ -d runs/fs4b/text_encoder ] || cp -r runs/clipB/{clip.ckpt.safetensors,tokenizer,text_encoder,image_encoder} runs/fs4b/
+  [ -d runs/fs4b/vae ] || cp -r $VAE runs/fs4b/vae
+  $T unet --size cpu --out runs/fs4b --init-from-lab runs/fs2/peek4000 --steps 6000; touch runs/fs4b/unet.done
+fi
+if [ ! -f runs/fs4b/lab/sdipc_lab.json ]; then
+  stage "export fs4b/lab"; $T export --size cpu --out runs/fs4b --lab-dir runs/fs4b/lab
+fi
+if [ ! -f runs/fs4c/unet.done ]; then
+  stage "fs4c one-object 45 min"
+  $T unet --size cpu --out runs/fs4c --init-from-lab runs/fs4b/lab --minutes 45 --two-objects 0; touch runs/fs4c/unet.done
+fi
+if [ ! -f runs/fs4c/vision.done ]; then
+  stage "fs4c vision 35 min"; $T vision --size cpu --out runs/fs4c --minutes 35 --lr 1e-4; touch runs/fs4c/vision.done
+fi
+if [ ! -f runs/fs4c/lab/sdipc_lab.json ]; then
+  stage "export fs4c/lab"; $T export --size cpu --out runs/fs4c --lab-dir runs/fs4c/lab
+fi
+stage "route done"
