@@ -81,7 +81,7 @@ def cutoff_table(lab, judge, cutoffs: list[float], args, start: float) -> None:
     cutoff by; now the judge chooses it, `train.measure_constants`); and the share of the captions' end-token
     variance the round trip drops at that cutoff (`measure.dropped_share`: what the U-Net reads there, SD-IPC
     cannot give back)."""
-    from sdipc_lab.convert import InverseProjection, at_end, inverse_projection
+    from sdipc_lab.convert import at_end, inverse_projection
     from sdipc_lab.measure import dropped_share
 
     refs = samples(args.n, args.split, two_objects=0)
@@ -96,7 +96,7 @@ def cutoff_table(lab, judge, cutoffs: list[float], args, start: float) -> None:
         inverse = None if cutoff is None else inverse_projection(lab, cutoff)
         rank = "" if inverse is None else f"{inverse.rank}/{len(inverse.singular_values)}"
         cosine = torch.nn.functional.cosine_similarity(embeds[name][:, 1].float(), f_eos, dim=-1).mean().item()
-        share = "" if cutoff is None else f"{100 * dropped_share(f_eos64, W, InverseProjection(W, cutoff)):.1f}"
+        share = "" if inverse is None else f"{100 * dropped_share(f_eos64, W, inverse):.1f}"  # W_t^+ is float64
         rows.append([name, rank, share, f"{cosine:.3f}", *pct(scores, ATTRS[:4]), f"{100 * scores['stray']:.2f}"])
     print(f"## The round trip and the cutoff ({lab.source}, {args.n} {args.split} references, lab cutoff {lab.cutoff}, "
           f"norm {lab.norm}; judge agreement in %)\n")

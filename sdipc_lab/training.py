@@ -59,10 +59,12 @@ FORMAT = "1"  # the checkpoint layout's version: a checkpoint of another version
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    losses: list[float], ema: torch.nn.Module | None = None, signature: dict | None = None) -> None:
+                    losses: list[float], ema: torch.nn.Module | None = None, signature: dict | None = None,
+                    budget_seconds: float = 0.0) -> None:
     """One safetensors file, written beside the target and renamed over it (atomic). Holds the trainable weights,
     the EMA copy, the optimizer state, torch's CPU random state (so a resumed run draws the noise an uninterrupted
-    one would) and, as metadata, the step, the losses and `signature`: what the run trains on and with."""
+    one would) and, as metadata, the step, the losses, `signature` (what the run trains on and with) and
+    `budget_seconds`: the clock already spent by a time budget (`minutes`) still under way, 0 when none is."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in trainable_state(model).items()}
     tensors["rng.cpu"] = torch.get_rng_state()
     if ema is not None:
@@ -73,7 +75,8 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
             value = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"optim.{index}.{key}"] = value.detach().contiguous().cpu()
     metadata = {"step": str(step), "losses": json.dumps(losses), "param_groups": json.dumps(state["param_groups"]),
-                "format": FORMAT, "signature": json.dumps(signature or {}, sort_keys=True)}
+                "format": FORMAT, "signature": json.dumps(signature or {}, sort_keys=True),
+                "budget_seconds": repr(float(budget_seconds))}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -176,21 +179,26 @@ def stop_requests():
 
 def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, out: Path, accelerator=None,
         minutes: float | None = None, ema_decay: float | None = None, every: int = 250, schedule: str = "cosine",
-        weight_decay: float = 0.01, signature: dict | None = None) -> torch.nn.Module:
+        weight_decay: float = 0.01, signature: dict | None = None, stop_at: int | None = None) -> torch.nn.Module:
     """AdamW with warm-up, then cosine decay (or `schedule="constant"`); `loss_fn(module, step)` returns the
     loss of one batch, drawn deterministically from `step` so that a resumed run sees the same data.
 
     Resumes from `out/name.ckpt.safetensors` when its `signature` (what the run trains on and with: data,
     settings) matches, refuses otherwise; a resumed run equals an uninterrupted one (random state saved, the
-    schedule a function of the step). A NaN or infinite loss stops training with `NonFiniteLoss` and keeps
-    the last good checkpoint. A lock file refuses a second process training `name` into the same folder.
-    Returns the trained module (its EMA copy if asked).
+    schedule a function of the step). `minutes`: a time budget whose clock decays the rate too; interrupted, the
+    same call finishes the same budget (the clock spent is checkpointed); once it has run out, the same call
+    starts a new budget from the weights reached (a warm restart). `stop_at`: stop, checkpointed, at that step of
+    the `steps`-step schedule (resuming without it goes on along the same schedule). A NaN or infinite loss stops
+    training with `NonFiniteLoss` and keeps the last good checkpoint. A lock file refuses a second process
+    training `name` into the same folder. Returns the trained module (its EMA copy if asked).
     """
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     check_positive(steps=steps, lr=lr)
     if minutes is not None:
         check_positive(minutes=minutes)
+    if stop_at is not None:
+        check_positive(stop_at=stop_at)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"the output folder {out} is a file: name a folder (it is created if missing)")
@@ -198,7 +206,7 @@ def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, o
     with lock(out / f"{name}.lock"):
         return _fit(name, module, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
                     ema_decay=ema_decay, every=every, schedule=schedule, weight_decay=weight_decay,
-                    signature=signature or {})
+                    signature=signature or {}, stop_at=stop_at)
 
 
 def check_positive(**values) -> None:
@@ -247,7 +255,7 @@ def _alive(pid: int) -> bool:
 
 
 def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_decay, every, schedule, weight_decay,
-         signature):
+         signature, stop_at):
     if accelerator is None:
         from accelerate import Accelerator
         accelerator = Accelerator()
@@ -255,16 +263,22 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     ema = copy.deepcopy(module).requires_grad_(False) if ema_decay else None
-    step, losses = 0, []
+    step, losses, spent = 0, [], 0.0  # spent: seconds of this time budget run before an interruption
     if ckpt.exists():
         check_signature(ckpt, signature)
         step, losses = load_checkpoint(ckpt, model=module, optimizer=optimizer, ema=ema)
-        print(f"{name}: resumed at step {step} from {ckpt}")
+        spent = checkpoint_budget_seconds(ckpt) if minutes else 0.0
+        left = f", {minutes - spent / 60:.1f} of its {minutes:g} minutes left" if spent else ""
+        print(f"{name}: resumed at step {step} from {ckpt}{left}")
     warmup = max(1, min(500 if minutes is None else 100, steps // 20))
-    first = step
+    first, last = step, min(steps, stop_at or steps)
+    budget_done = False  # the time budget ran out (or the schedule did): a run after this one starts a new one
+
+    def clock():  # seconds of the time budget under way, across interruptions
+        return spent + time.time() - start
 
     def progress(k):  # 0 -> 1 over the stage; with --minutes, the clock counts too, so lr always decays
-        by_time = (time.time() - start) / (60 * minutes) if minutes else 0.0
+        by_time = clock() / (60 * minutes) if minutes else 0.0
         return min(1.0, max(k / steps, by_time))
 
     def lr_at(k):
@@ -281,10 +295,11 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
     def save():
         if accelerator.is_main_process:
             save_checkpoint(ckpt, model=accelerator.unwrap_model(module), optimizer=optimizer, step=step,
-                            losses=losses, ema=ema, signature=signature)
+                            losses=losses, ema=ema, signature=signature,
+                            budget_seconds=0.0 if budget_done or minutes is None else clock())
 
     with stop_requests() as asked:  # Ctrl-C / SIGTERM: finish the step under way, checkpoint it, stop
-        while step < steps and not asked:
+        while step < last and not asked:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             loss = loss_fn(module, step)
@@ -311,14 +326,19 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
                 save()
                 saved_at = time.time()
             if minutes is not None and progress(step) >= 1.0:
+                budget_done = True
                 print(f"{name}: time budget reached at step {step} of {steps} ({minutes} min, "
                       f"{(step - first) / (time.time() - start):.1f} steps/s)")
                 break
+        budget_done = budget_done or step >= steps
         save()
     bar.close()
     if asked:
         raise TrainingStopped(f"{name}: stopped at step {step} of {steps} as asked; {ckpt} holds it. "
                               "Run the same command again to resume.")
+    if step < steps and not budget_done:
+        print(f"{name}: stopped at step {step} of {steps} (stop_at); {ckpt} holds it: run again without it to go "
+              f"on along the same {steps}-step schedule")
     plot_losses(name, losses, out / f"{name}_loss.png")
     final = ema if ema is not None else accelerator.unwrap_model(module)
     return final.eval()
@@ -341,6 +361,13 @@ def checkpoint_weights(path: Path, model: torch.nn.Module) -> tuple[int, str]:
 def checkpoint_step(path: Path) -> int:
     with safe_open(str(path), framework="pt") as f:
         return int(f.metadata()["step"])
+
+
+def checkpoint_budget_seconds(path: Path) -> float:
+    """The clock a checkpoint's unfinished time budget had spent (0: none under way, or written before this was
+    recorded)."""
+    with safe_open(str(path), framework="pt") as f:
+        return float(f.metadata().get("budget_seconds", 0.0))
 
 
 def plot_losses(name: str, losses: list[float], path: Path) -> None:

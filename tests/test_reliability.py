@@ -10,7 +10,9 @@ import torch
 from safetensors import safe_open
 
 import sdipc_lab as S
-from sdipc_lab.training import NonFiniteLoss, TrainingStopped, fit
+from sdipc_lab import training
+from sdipc_lab.training import (NonFiniteLoss, TrainingStopped, checkpoint_budget_seconds, checkpoint_step,
+                                  fit)
 from sdipc_lab.toyworld.judge import JUDGE_FILE
 
 
@@ -73,6 +75,62 @@ def test_a_stop_request_checkpoints_the_step_under_way_and_resumes_as_if_never_s
     assert torch.equal(whole.w, resumed.w)
 
 
+class Clock:
+    """Stands in for `time` inside sdipc_lab.training: a second passes per training step, whatever the machine."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def time(self):
+        return self.now
+
+
+def test_an_interrupted_time_budget_is_finished_not_restarted(tmp_path, monkeypatch):
+    """`minutes`: stopped halfway, the same call trains the budget's other half, on its clock (bit for bit the
+    uninterrupted run); called again once the budget ran out, it trains a new budget (a warm restart)."""
+    clock = Clock()
+    monkeypatch.setattr(training, "time", clock)
+
+    def ticking(m, step, stop_at=None):
+        clock.now += 1.0
+        if step == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return m(step)
+
+    def run(out, stop_at=None):
+        return fit("toy", Noisy(), lambda m, step: ticking(m, step, stop_at), steps=1000, lr=0.05, out=out,
+                   every=3, minutes=10 / 60)  # a 10-second budget: 10 steps of this clock
+
+    torch.manual_seed(0)
+    whole = run(tmp_path / "whole")
+    assert checkpoint_step(tmp_path / "whole" / "toy.ckpt.safetensors") == 10
+    torch.manual_seed(0)
+    with pytest.raises(TrainingStopped, match="stopped at step 5 of 1000"):
+        run(tmp_path / "pieces", stop_at=4)
+    assert checkpoint_budget_seconds(tmp_path / "pieces" / "toy.ckpt.safetensors") == 5.0
+    clock.now = 1e6  # a new process, another day
+    torch.manual_seed(123)
+    resumed = run(tmp_path / "pieces")
+    assert checkpoint_step(tmp_path / "pieces" / "toy.ckpt.safetensors") == 10  # not 5 + a whole new budget
+    assert torch.equal(whole.w, resumed.w)
+    assert checkpoint_budget_seconds(tmp_path / "pieces" / "toy.ckpt.safetensors") == 0.0
+    run(tmp_path / "pieces")  # the budget ran out: the same command trains a new one
+    assert checkpoint_step(tmp_path / "pieces" / "toy.ckpt.safetensors") == 20
+
+
+def test_stop_at_checkpoints_a_step_of_the_schedule_and_the_rest_follows_it(tmp_path, capsys):
+    """`stop_at` stops at a step of the `steps`-step schedule (not a shorter schedule): run on without it, the
+    result is the uninterrupted run bit for bit."""
+    whole, _ = _fit(tmp_path / "whole", 12)
+    torch.manual_seed(0)
+    fit("toy", Noisy(), lambda m, step: m(step), steps=12, lr=0.05, out=tmp_path / "pieces", every=5, stop_at=7)
+    assert checkpoint_step(tmp_path / "pieces" / "toy.ckpt.safetensors") == 7
+    assert "stopped at step 7 of 12 (stop_at)" in capsys.readouterr().out
+    torch.manual_seed(123)
+    resumed, _ = _fit(tmp_path / "pieces", 12)
+    assert torch.equal(whole.w, resumed.w)
+
+
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLoss, match="loss became nan at step 7.*step 6 is kept.*--lr"):
         fit("toy", Noisy(), lambda m, step: m(step) * (float("nan") if step >= 7 else 1.0), steps=12, lr=0.05,
@@ -97,6 +155,7 @@ def test_a_checkpoint_of_another_run_is_refused_and_left_intact(tmp_path):
     (dict(steps=4, lr=0.0), "lr must be a positive number, got 0.0"),
     (dict(steps=4, minutes=0), "minutes must be a positive number, got 0"),
     (dict(steps=4, minutes=-1.0), "minutes must be a positive number"),
+    (dict(steps=4, stop_at=0), "stop_at must be a positive number, got 0"),
 ])
 def test_counts_and_rates_that_mean_nothing_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -288,6 +347,8 @@ def test_finetuned_files_and_folders_are_handled(lab, refs, tmp_path):
     (["clip", "--size", "test", "--minutes", "foo=2"], "no stage named ['foo']"),
     (["clip", "--size", "test", "--minutes", "clip=0"], "minutes must be positive"),
     (["clip", "--size", "test", "--batch", "0"], "--batch must be positive"),
+    (["clip", "--size", "test", "--stop-at", "0"], "--stop-at must be positive"),
+    (["all", "--size", "test", "--stop-at", "5"], "--stop-at is for one training stage"),
     (["export"], "reads tokenizer"),
 ])
 def test_the_training_cli_refuses_what_would_go_wrong(tmp_path, argv, message, capsys):

@@ -172,6 +172,18 @@ def test_training_resumes_from_the_checkpoint(tiny_run, capsys):
     assert not list(out.glob("*.tmp"))  # atomic writes leave nothing behind
 
 
+def test_stop_at_stops_a_stage_at_a_step_of_its_schedule_and_the_same_command_goes_on(tmp_path, capsys):
+    from sdipc_lab.toyworld import train as T
+
+    argv = ["clip", "--size", "test", "--out", str(tmp_path), "--steps", "12"]
+    T.main([*argv, "--stop-at", "6"])  # returns: a script may go on to `export --from-checkpoint`
+    assert _losses(tmp_path / "clip.ckpt.safetensors")[0] == 6
+    assert "stopped at step 6 of 12 (stop_at)" in capsys.readouterr().out
+    T.main(argv)
+    assert "resumed at step 6" in capsys.readouterr().out
+    assert _losses(tmp_path / "clip.ckpt.safetensors")[0] == 12
+
+
 def test_the_share_of_two_object_scenes_is_the_one_asked_and_part_of_the_signature(tmp_path):
     from sdipc_lab.toyworld import train as T
 

@@ -7,7 +7,10 @@
 #
 # Resumable at any point: every stage checkpoints (train.fit) and leaves a .done marker when finished; run this
 # script again, with the same runs/ folder, to go on where it stopped. Stop it with `pkill -TERM -f toyworld.train`
-# (the stage under way writes its checkpoint). Training only ever writes under runs/.
+# (the stage under way writes its checkpoint; a time-budgeted stage resumes on its budget's clock). clipB is
+# clipA's finished budget run again: a new 25-minute budget from clipA's weights (a warm restart of the cosine).
+# Training only ever writes under runs/. (Sitting 19 stopped phase 1 with a watcher on the checkpoint's step, at
+# 4,007; `--stop-at 4000` does it exactly.)
 #
 #     nohup bash docs/results/fs4_route.sh > runs/route.log 2>&1 &
 set -e
@@ -16,16 +19,6 @@ PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 T="$PY -m sdipc_lab.toyworld.train"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 VAE=sdipc_lab/toyworld/lab/vae
-step_of() { python3 - "$1" <<'PY'
-import json, struct, sys
-try:
-    with open(sys.argv[1], "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        print(json.loads(f.read(n))["__metadata__"]["step"])
-except Exception:
-    print(0)
-PY
-}
 stage() { echo "=== $(date -u +%FT%TZ) $*"; }
 
 if [ ! -f runs/fs2/clip.done ]; then
@@ -34,15 +27,7 @@ fi
 if [ ! -f runs/fs2/phase1.done ]; then
   stage "fs2 phase 1 to 4000 of 6000"
   [ -d runs/fs2/vae ] || cp -r $VAE runs/fs2/vae
-  $T unet --size cpu --out runs/fs2 --steps 6000 &
-  pid=$!
-  while kill -0 $pid 2>/dev/null; do
-    if [ "$(step_of runs/fs2/unet.ckpt.safetensors)" -ge 4000 ]; then kill -TERM $pid; break; fi
-    sleep 20
-  done
-  wait $pid || true
-  [ "$(step_of runs/fs2/unet.ckpt.safetensors)" -ge 4000 ] && touch runs/fs2/phase1.done
-  [ -f runs/fs2/phase1.done ] || exit 1
+  $T unet --size cpu --out runs/fs2 --steps 6000 --stop-at 4000; touch runs/fs2/phase1.done
 fi
 if [ ! -f runs/fs2/peek4000/sdipc_lab.json ]; then
   stage "export peek4000"; $T export --size cpu --out runs/fs2 --from-checkpoint --lab-dir runs/fs2/peek4000

@@ -10,7 +10,8 @@
 
 Every stage is seeded, shows a progress bar, writes an atomic checkpoint every few hundred steps and
 resumes from it when run again (`--steps` is the total to reach), and saves its loss curve as a PNG.
-`--minutes` stops a stage early (checkpointed) so a run fits a time budget.
+`--minutes` stops a stage early (checkpointed) so a run fits a time budget, its learning rate decaying by the
+clock (interrupted, it resumes on that clock); `--stop-at STEP` stops one stage at a step of its `--steps` schedule.
 `--size test` trains tiny models for a few steps: what the unit tests run.
 
 Design choices, each answering a finding of the pilot (shared notes, toyworld_pilot.md):
@@ -277,7 +278,7 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
     return dict(stage=stage, sizes=sizes, batch=budget[1], lr=budget[2], seed=seed, images=images, inputs=inputs)
 
 
-def train_clip(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
+def train_clip(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None, stop_at=None):
     steps, batch, lr = budget
     tokenizer = new_tokenizer()
     torch.manual_seed(seed)
@@ -288,14 +289,14 @@ def train_clip(world: World, s: ModelSizes, budget, out: Path, accelerator, seed
         return module(*contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "clip"))
 
     trainer = fit("clip", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-        signature=signature("clip", s, budget, seed, world, out, ()))
+        stop_at=stop_at, signature=signature("clip", s, budget, seed, world, out, ()))
     tokenizer.save_pretrained(out / "tokenizer")
     trainer.text.save_pretrained(out / "text_encoder")
     trainer.vision.save_pretrained(out / "image_encoder")
     return trainer
 
 
-def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
+def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None, stop_at=None):
     """Train CLIP's image tower further against the frozen text tower ("locked text"): the text states the
     U-Net is conditioned on stay bit-identical, so the U-Net stays valid, while the image embeddings (what
     SD-IPC converts) line up better with the captions. Needs `clip` first; overwrites out/image_encoder."""
@@ -316,13 +317,13 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
         return module(*contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "vision", offset=5))
 
     trainer = fit("vision", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-        signature=signature("vision", s, budget, seed, world, out, ("text_encoder",)))
+        stop_at=stop_at, signature=signature("vision", s, budget, seed, world, out, ("text_encoder",)))
     assert all(torch.equal(v, text_before[k]) for k, v in trainer.text.state_dict().items()), "the text tower moved"
     trainer.vision.save_pretrained(out / "image_encoder")
     return trainer
 
 
-def train_vae(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
+def train_vae(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None, stop_at=None):
     """The VAE, from scratch or (`s.init_vae`, --init-from-lab) from out/vae, regrouped to the size's GroupNorm
     groups; then its scaling factor, measured. A new latent space: the U-Net must be trained on it afterwards."""
     from diffusers import AutoencoderKL
@@ -341,7 +342,7 @@ def train_vae(world: World, s: ModelSizes, budget, out: Path, accelerator, seed:
         return module(world.pixels(index, accelerator.device))
 
     vae = fit("vae", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-        signature=signature("vae", s, budget, seed, world, out, ())).vae
+        stop_at=stop_at, signature=signature("vae", s, budget, seed, world, out, ())).vae
     # SD's scaling factor: 1 / std of sampled latents, measured on the data.
     with torch.no_grad():
         x = world.pixels(torch.arange(min(2048, len(world.images))), accelerator.device)
@@ -369,7 +370,7 @@ class DecoderTrainer(torch.nn.Module):
         return F.l1_loss(recon, x) + F.mse_loss(recon, x)
 
 
-def train_decoder(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
+def train_decoder(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None, stop_at=None):
     """Train the VAE's decoder further with its encoder frozen: sharper images, and the latent space (hence the
     U-Net and the latent CLIP tower trained on it) unchanged. Needs `vae` first; overwrites out/vae."""
     from diffusers import AutoencoderKL
@@ -384,7 +385,7 @@ def train_decoder(world: World, s: ModelSizes, budget, out: Path, accelerator, s
         return module(world.pixels(index, accelerator.device))
 
     vae = fit("decoder", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-        signature=signature("decoder", s, budget, seed, world, out, ())).vae
+        stop_at=stop_at, signature=signature("decoder", s, budget, seed, world, out, ())).vae
     assert all(torch.equal(v, encoder_before[k]) for k, v in vae.encoder.state_dict().items()), "the encoder moved"
     vae.save_pretrained(out / "vae")  # same config, same scaling_factor: only the decoder changed
     return vae
@@ -435,7 +436,7 @@ def cached_caption_states(out: Path, world: World, tokenizer, text, device, *, w
 # is saved in fp16 (--init-from-lab) - training or encoding in fp16 on a CPU is slow and lossy.
 
 
-def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
+def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None, stop_at=None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -465,13 +466,13 @@ def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed
         return diffusion_loss(module, scheduler, z0, f_txt, snr_gamma=s.snr_gamma)
 
     unet = fit("unet", unet, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-               ema_decay=0.999 if steps > 1000 else None,
+               stop_at=stop_at, ema_decay=0.999 if steps > 1000 else None,
                signature=signature("unet", s, budget, seed, world, out, ("text_encoder", "vae")))
     unet.save_pretrained(out / "unet")
     return unet
 
 
-def train_judge(s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None):
+def train_judge(s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None, stop_at=None):
     """The independent judge's shape classifier, on foreground masks of freshly drawn images."""
     from safetensors.torch import save_file
 
@@ -490,7 +491,7 @@ def train_judge(s: ModelSizes, budget, out: Path, accelerator, seed: int, minute
         return F.cross_entropy(module(x), shapes[index].to(accelerator.device))
 
     cnn = fit("judge", cnn, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-        signature=signature("judge", s, budget, seed, None, out, ()))
+        stop_at=stop_at, signature=signature("judge", s, budget, seed, None, out, ()))
     save_file({k: v.contiguous().cpu() for k, v in cnn.state_dict().items()}, str(out / "judge.safetensors"))
     return cnn
 
@@ -654,7 +655,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/toyworld"))
     parser.add_argument("--size", choices=list(MODEL_SIZES), default="full")
     parser.add_argument("--steps", type=int, help="total steps for the stage (default: the size's budget)")
-    parser.add_argument("--minutes", help="time budget per stage, e.g. 8 or clip=4,vae=2 (the lr decays by it)")
+    parser.add_argument("--minutes", help="time budget per stage, e.g. 8 or clip=4,vae=2 (the lr decays by it; "
+                        "an interrupted stage resumes on its budget's clock, a finished one starts a new budget)")
+    parser.add_argument("--stop-at", type=int, metavar="STEP", help="stop (checkpointed) at this step of the "
+                        "--steps schedule; one stage only. Run again without it to go on along the same schedule")
     parser.add_argument("--lr", type=float, help="learning rate (default: the size's budget)")
     parser.add_argument("--batch", type=int, help="batch size (default: the size's budget)")
     parser.add_argument("--unet-channels", help="override the size's U-Net channels, e.g. 64,128,128")
@@ -680,10 +684,12 @@ def main(argv=None) -> None:
     parser.add_argument("--lab-dir", type=Path, help="where export writes the lab (default: OUT/lab; 'toy' names "
                         "the package's own lab, which is only ever written when asked by that name)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch", "lr"):
+    for name in ("steps", "batch", "lr", "stop_at"):
         value = getattr(args, name)
         if value is not None and not value > 0:
-            parser.error(f"--{name} must be positive, got {value}")
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.stop_at is not None and (args.stage in ("all", "export") or "," in args.stage):
+        parser.error(f"--stop-at is for one training stage (a step of that stage's schedule), not {args.stage!r}")
     if args.from_checkpoint and args.stage != "export":
         parser.error("--from-checkpoint is for export (a look at a U-Net still training)")
     if args.out.exists() and not args.out.is_dir():
@@ -746,9 +752,10 @@ def main(argv=None) -> None:
         start = time.time()
         try:
             if stage == "judge":
-                train_judge(s, budget, args.out, accelerator, args.seed, minutes.get(stage))
+                train_judge(s, budget, args.out, accelerator, args.seed, minutes.get(stage), args.stop_at)
             else:
-                globals()[f"train_{stage}"](world, s, budget, args.out, accelerator, args.seed, minutes.get(stage))
+                globals()[f"train_{stage}"](world, s, budget, args.out, accelerator, args.seed, minutes.get(stage),
+                                            args.stop_at)
         except TrainingStopped as stopped:  # Ctrl-C or SIGTERM: checkpointed, say so without a traceback
             raise SystemExit(str(stopped)) from None
         print(f"{stage}: {time.time() - start:.0f} s on {accelerator.device}")
