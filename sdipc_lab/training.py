@@ -268,6 +268,7 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
         check_signature(ckpt, signature)
         step, losses = load_checkpoint(ckpt, model=module, optimizer=optimizer, ema=ema)
         spent = checkpoint_budget_seconds(ckpt) if minutes else 0.0
+        spent = spent if minutes and spent < 60 * minutes else 0.0  # a budget already spent: a new one
         left = f", {minutes - spent / 60:.1f} of its {minutes:g} minutes left" if spent else ""
         print(f"{name}: resumed at step {step} from {ckpt}{left}")
     warmup = max(1, min(500 if minutes is None else 100, steps // 20))
