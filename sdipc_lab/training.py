@@ -267,13 +267,14 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
     if ckpt.exists():
         check_signature(ckpt, signature)
         step, losses = load_checkpoint(ckpt, model=module, optimizer=optimizer, ema=ema)
-        spent = checkpoint_budget_seconds(ckpt) if minutes else 0.0
-        spent = spent if minutes and spent < 60 * minutes else 0.0  # a budget already spent: a new one
+        if minutes:
+            spent = checkpoint_budget_seconds(ckpt)
+            spent = spent if spent < 60 * minutes else 0.0  # a budget already spent: a new one
         left = f", {minutes - spent / 60:.1f} of its {minutes:g} minutes left" if spent else ""
         print(f"{name}: resumed at step {step} from {ckpt}{left}")
     warmup = max(1, min(500 if minutes is None else 100, steps // 20))
     first, last = step, min(steps, stop_at or steps)
-    budget_done = False  # the time budget ran out (or the schedule did): a run after this one starts a new one
+    finished = False  # the time budget or the schedule ran out: a run after this one starts a new budget
 
     def clock():  # seconds of the time budget under way, across interruptions
         return spent + time.time() - start
@@ -297,7 +298,7 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
         if accelerator.is_main_process:
             save_checkpoint(ckpt, model=accelerator.unwrap_model(module), optimizer=optimizer, step=step,
                             losses=losses, ema=ema, signature=signature,
-                            budget_seconds=0.0 if budget_done or minutes is None else clock())
+                            budget_seconds=0.0 if finished or minutes is None else clock())
 
     with stop_requests() as asked:  # Ctrl-C / SIGTERM: finish the step under way, checkpoint it, stop
         while step < last and not asked:
@@ -327,17 +328,17 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
                 save()
                 saved_at = time.time()
             if minutes is not None and progress(step) >= 1.0:
-                budget_done = True
+                finished = True
                 print(f"{name}: time budget reached at step {step} of {steps} ({minutes} min, "
                       f"{(step - first) / (time.time() - start):.1f} steps/s)")
                 break
-        budget_done = budget_done or step >= steps
+        finished = finished or step >= steps
         save()
     bar.close()
     if asked:
         raise TrainingStopped(f"{name}: stopped at step {step} of {steps} as asked; {ckpt} holds it. "
                               "Run the same command again to resume.")
-    if step < steps and not budget_done:
+    if not finished:  # stopped at stop_at
         print(f"{name}: stopped at step {step} of {steps} (stop_at); {ckpt} holds it: run again without it to go "
               f"on along the same {steps}-step schedule")
     plot_losses(name, losses, out / f"{name}_loss.png")
