@@ -60,11 +60,12 @@ FORMAT = "1"  # the checkpoint layout's version: a checkpoint of another version
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     losses: list[float], ema: torch.nn.Module | None = None, signature: dict | None = None,
-                    budget_seconds: float = 0.0) -> None:
+                    budget: tuple[float, int] | None = None) -> None:
     """One safetensors file, written beside the target and renamed over it (atomic). Holds the trainable weights,
     the EMA copy, the optimizer state, torch's CPU random state (so a resumed run draws the noise an uninterrupted
-    one would) and, as metadata, the step, the losses, `signature` (what the run trains on and with) and
-    `budget_seconds`: the clock already spent by a time budget (`minutes`) still under way, 0 when none is."""
+    one would) and, as metadata, the step, the losses, `signature` (what the run trains on and with) and `budget`:
+    the budget (`minutes` or `budget_steps`) still under way as (seconds its clock spent, the step it began at),
+    None when none is."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in trainable_state(model).items()}
     tensors["rng.cpu"] = torch.get_rng_state()
     if ema is not None:
@@ -76,7 +77,8 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
             tensors[f"optim.{index}.{key}"] = value.detach().contiguous().cpu()
     metadata = {"step": str(step), "losses": json.dumps(losses), "param_groups": json.dumps(state["param_groups"]),
                 "format": FORMAT, "signature": json.dumps(signature or {}, sort_keys=True),
-                "budget_seconds": repr(float(budget_seconds))}
+                "budget_seconds": repr(float(budget[0] if budget else 0.0)),
+                "budget_start": str(-1 if budget is None or budget[1] is None else int(budget[1]))}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -178,8 +180,9 @@ def stop_requests():
 
 
 def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, out: Path, accelerator=None,
-        minutes: float | None = None, ema_decay: float | None = None, every: int = 250, schedule: str = "cosine",
-        weight_decay: float = 0.01, signature: dict | None = None, stop_at: int | None = None) -> torch.nn.Module:
+        minutes: float | None = None, budget_steps: int | None = None, ema_decay: float | None = None,
+        every: int = 250, schedule: str = "cosine", weight_decay: float = 0.01, signature: dict | None = None,
+        stop_at: int | None = None) -> torch.nn.Module:
     """AdamW with warm-up, then cosine decay (or `schedule="constant"`); `loss_fn(module, step)` returns the
     loss of one batch, drawn deterministically from `step` so that a resumed run sees the same data.
 
@@ -187,26 +190,29 @@ def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, o
     settings) matches, refuses otherwise; a resumed run equals an uninterrupted one (random state saved, the
     schedule a function of the step). `minutes`: a time budget whose clock decays the rate too; interrupted, the
     same call finishes the same budget (the clock spent is checkpointed); once it has run out, the same call
-    starts a new budget from the weights reached (a warm restart). `stop_at`: stop, checkpointed, at that step of
-    the `steps`-step schedule (resuming without it goes on along the same schedule). A NaN or infinite loss stops
+    starts a new budget from the weights reached (a warm restart). `budget_steps`: the same budget counted in
+    steps from where the run is (the rate decays over them), so the same on every machine: a `minutes` run prints
+    the steps its budget took. `stop_at`: stop, checkpointed, at that step of the `steps`-step schedule (resuming
+    without it goes on along the same schedule). A NaN or infinite loss stops
     training with `NonFiniteLoss` and keeps the last good checkpoint. A lock file refuses a second process
     training `name` into the same folder. Returns the trained module (its EMA copy if asked).
     """
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     check_positive(steps=steps, lr=lr)
-    if minutes is not None:
-        check_positive(minutes=minutes)
-    if stop_at is not None:
-        check_positive(stop_at=stop_at)
+    for key, value in dict(minutes=minutes, budget_steps=budget_steps, stop_at=stop_at).items():
+        if value is not None:
+            check_positive(**{key: value})
+    if minutes is not None and budget_steps is not None:
+        raise ValueError("give a budget in minutes or in steps (budget_steps), not both")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"the output folder {out} is a file: name a folder (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     with lock(out / f"{name}.lock"):
         return _fit(name, module, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-                    ema_decay=ema_decay, every=every, schedule=schedule, weight_decay=weight_decay,
-                    signature=signature or {}, stop_at=stop_at)
+                    budget_steps=budget_steps, ema_decay=ema_decay, every=every, schedule=schedule,
+                    weight_decay=weight_decay, signature=signature or {}, stop_at=stop_at)
 
 
 def check_positive(**values) -> None:
@@ -254,8 +260,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_decay, every, schedule, weight_decay,
-         signature, stop_at):
+def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, budget_steps, ema_decay, every, schedule,
+         weight_decay, signature, stop_at):
     if accelerator is None:
         from accelerate import Accelerator
         accelerator = Accelerator()
@@ -263,25 +269,32 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     ema = copy.deepcopy(module).requires_grad_(False) if ema_decay else None
-    step, losses, spent = 0, [], 0.0  # spent: seconds of this time budget run before an interruption
+    budgeted = bool(minutes or budget_steps)
+    step, losses = 0, []
+    spent, begun = 0.0, 0  # the budget under way: seconds its clock spent before an interruption, its first step
     if ckpt.exists():
         check_signature(ckpt, signature)
         step, losses = load_checkpoint(ckpt, model=module, optimizer=optimizer, ema=ema)
-        if minutes:
-            spent = checkpoint_budget_seconds(ckpt)
-            spent = spent if spent < 60 * minutes else 0.0  # a budget already spent: a new one
-        left = f", {minutes - spent / 60:.1f} of its {minutes:g} minutes left" if spent else ""
+        left = ""
+        if budgeted:
+            spent, begun = checkpoint_budget(ckpt) or (0.0, None)
+            if (not 0 < spent < 60 * minutes) if minutes else (begun is None or step >= begun + budget_steps):
+                spent, begun = 0.0, step  # none under way, or it ran out: a new budget from here
+            elif minutes:
+                left = f", {minutes - spent / 60:.1f} of its {minutes:g} minutes left"
+            else:
+                left = f", {begun + budget_steps - step} of its {budget_steps} steps left"
         print(f"{name}: resumed at step {step} from {ckpt}{left}")
-    warmup = max(1, min(500 if minutes is None else 100, steps // 20))
+    warmup = max(1, min(100 if budgeted else 500, steps // 20))
     first, last = step, min(steps, stop_at or steps)
-    finished = False  # the time budget or the schedule ran out: a run after this one starts a new budget
+    finished = False  # the budget or the schedule ran out: a run after this one starts a new budget
 
     def clock():  # seconds of the time budget under way, across interruptions
         return spent + time.time() - start
 
-    def progress(k):  # 0 -> 1 over the stage; with --minutes, the clock counts too, so lr always decays
-        by_time = clock() / (60 * minutes) if minutes else 0.0
-        return min(1.0, max(k / steps, by_time))
+    def progress(k):  # 0 -> 1 over the stage; a budget (the clock, or steps from `begun`) counts too
+        by_budget = clock() / (60 * minutes) if minutes else (k - begun) / budget_steps if budget_steps else 0.0
+        return min(1.0, max(k / steps, by_budget))
 
     def lr_at(k):
         decay = 0.5 * (1 + math.cos(math.pi * progress(k))) if schedule == "cosine" else 1.0
@@ -298,7 +311,7 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
         if accelerator.is_main_process:
             save_checkpoint(ckpt, model=accelerator.unwrap_model(module), optimizer=optimizer, step=step,
                             losses=losses, ema=ema, signature=signature,
-                            budget_seconds=0.0 if finished or minutes is None else clock())
+                            budget=None if finished or not budgeted else (clock() if minutes else 0.0, begun))
 
     with stop_requests() as asked:  # Ctrl-C / SIGTERM: finish the step under way, checkpoint it, stop
         while step < last and not asked:
@@ -327,10 +340,13 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, ema_dec
             if step % every == 0 or step == steps or time.time() - saved_at > 300:  # at least every 5 minutes
                 save()
                 saved_at = time.time()
-            if minutes is not None and progress(step) >= 1.0:
+            if budgeted and progress(step) >= 1.0:
                 finished = True
-                print(f"{name}: time budget reached at step {step} of {steps} ({minutes} min, "
-                      f"{(step - first) / (time.time() - start):.1f} steps/s)")
+                rate = f"{(step - first) / (time.time() - start):.1f} steps/s"
+                print(f"{name}: budget reached at step {step} of {steps} " +
+                      (f"({budget_steps} steps from step {begun}, {rate})" if budget_steps else
+                       f"({minutes:g} min, {rate}; in steps, the same on any machine: --budget-steps {step - begun})"
+                       if begun is not None else f"({minutes:g} min, {rate})"))
                 break
         finished = finished or step >= steps
         save()
@@ -365,11 +381,14 @@ def checkpoint_step(path: Path) -> int:
         return int(f.metadata()["step"])
 
 
-def checkpoint_budget_seconds(path: Path) -> float:
-    """The clock a checkpoint's unfinished time budget had spent (0: none under way, or written before this was
-    recorded)."""
+def checkpoint_budget(path: Path) -> tuple[float, int] | None:
+    """The budget a checkpoint has under way, as (seconds its clock spent, the step it began at); None when none
+    is (it ran out, there was none, or the checkpoint is older than budgets). A time budget from before the first
+    step was recorded gives its seconds and None."""
     with safe_open(str(path), framework="pt") as f:
-        return float(f.metadata().get("budget_seconds", 0.0))
+        metadata = f.metadata()
+    seconds, begun = float(metadata.get("budget_seconds", 0.0)), int(metadata.get("budget_start", -1))
+    return (seconds, begun if begun >= 0 else None) if seconds > 0 or begun >= 0 else None
 
 
 def plot_losses(name: str, losses: list[float], path: Path) -> None:

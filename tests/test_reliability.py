@@ -11,8 +11,7 @@ from safetensors import safe_open
 
 import sdipc_lab as S
 from sdipc_lab import training
-from sdipc_lab.training import (NonFiniteLoss, TrainingStopped, checkpoint_budget_seconds, checkpoint_step,
-                                  fit)
+from sdipc_lab.training import NonFiniteLoss, TrainingStopped, checkpoint_budget, checkpoint_step, fit
 from sdipc_lab.toyworld.judge import JUDGE_FILE
 
 
@@ -107,15 +106,53 @@ def test_an_interrupted_time_budget_is_finished_not_restarted(tmp_path, monkeypa
     torch.manual_seed(0)
     with pytest.raises(TrainingStopped, match="stopped at step 5 of 1000"):
         run(tmp_path / "pieces", stop_at=4)
-    assert checkpoint_budget_seconds(tmp_path / "pieces" / "toy.ckpt.safetensors") == 5.0
+    assert checkpoint_budget(tmp_path / "pieces" / "toy.ckpt.safetensors") == (5.0, 0)  # 5 s spent, begun at 0
     clock.now = 1e6  # a new process, another day
     torch.manual_seed(123)
     resumed = run(tmp_path / "pieces")
     assert checkpoint_step(tmp_path / "pieces" / "toy.ckpt.safetensors") == 10  # not 5 + a whole new budget
     assert torch.equal(whole.w, resumed.w)
-    assert checkpoint_budget_seconds(tmp_path / "pieces" / "toy.ckpt.safetensors") == 0.0
+    assert checkpoint_budget(tmp_path / "pieces" / "toy.ckpt.safetensors") is None  # none under way
     run(tmp_path / "pieces")  # the budget ran out: the same command trains a new one
     assert checkpoint_step(tmp_path / "pieces" / "toy.ckpt.safetensors") == 20
+
+
+def test_a_step_budget_is_a_time_budget_counted_in_steps(tmp_path, monkeypatch, capsys):
+    """`budget_steps` is `minutes` made the same on every machine: on a clock of one second a step, a 10-second
+    budget and its warm restart give the weights of `budget_steps=10` twice, bit for bit, and the time budget's
+    log says so. Interrupted, a step budget is finished, not restarted."""
+    clock = Clock()
+    monkeypatch.setattr(training, "time", clock)
+
+    def run(out, stop_at=None, **budget):
+        def ticking(m, step):
+            clock.now += 1.0
+            if step == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return m(step)
+        return fit("toy", Noisy(), ticking, steps=1000, lr=0.05, out=out, every=3, **budget)
+
+    torch.manual_seed(0)
+    run(tmp_path / "minutes", minutes=10 / 60)
+    by_time = run(tmp_path / "minutes", minutes=10 / 60)  # a new budget: a warm restart from step 10
+    assert "budget reached at step 20 of 1000 (0.166667 min, 1.0 steps/s; in steps, the same on any machine: " \
+           "--budget-steps 10)" in capsys.readouterr().out
+    torch.manual_seed(0)
+    run(tmp_path / "steps", budget_steps=10)
+    by_steps = run(tmp_path / "steps", budget_steps=10)
+    assert checkpoint_step(tmp_path / "steps" / "toy.ckpt.safetensors") == 20
+    assert torch.equal(by_time.w, by_steps.w)
+
+    torch.manual_seed(0)
+    run(tmp_path / "pieces", budget_steps=10)
+    with pytest.raises(TrainingStopped, match="stopped at step 15 of 1000"):
+        run(tmp_path / "pieces", stop_at=14, budget_steps=10)
+    assert checkpoint_budget(tmp_path / "pieces" / "toy.ckpt.safetensors") == (0.0, 10)  # under way since step 10
+    torch.manual_seed(123)
+    resumed = run(tmp_path / "pieces", budget_steps=10)
+    assert "toy: resumed at step 15 from" in (out := capsys.readouterr().out) and "5 of its 10 steps left" in out
+    assert checkpoint_step(tmp_path / "pieces" / "toy.ckpt.safetensors") == 20  # not 15 + a whole new budget
+    assert torch.equal(by_steps.w, resumed.w)
 
 
 def test_stop_at_checkpoints_a_step_of_the_schedule_and_the_rest_follows_it(tmp_path, capsys):
@@ -156,6 +193,8 @@ def test_a_checkpoint_of_another_run_is_refused_and_left_intact(tmp_path):
     (dict(steps=4, minutes=0), "minutes must be a positive number, got 0"),
     (dict(steps=4, minutes=-1.0), "minutes must be a positive number"),
     (dict(steps=4, stop_at=0), "stop_at must be a positive number, got 0"),
+    (dict(steps=4, budget_steps=0), "budget_steps must be a positive number, got 0"),
+    (dict(steps=4, minutes=1.0, budget_steps=5), "in minutes or in steps .budget_steps., not both"),
 ])
 def test_counts_and_rates_that_mean_nothing_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -349,6 +388,9 @@ def test_finetuned_files_and_folders_are_handled(lab, refs, tmp_path):
     (["clip", "--size", "test", "--batch", "0"], "--batch must be positive"),
     (["clip", "--size", "test", "--stop-at", "0"], "--stop-at must be positive"),
     (["all", "--size", "test", "--stop-at", "5"], "--stop-at is for one training stage"),
+    (["clip", "--size", "test", "--budget-steps", "-3"], "--budget-steps must be positive"),
+    (["clip,vae", "--size", "test", "--budget-steps", "5"], "--budget-steps is for one training stage"),
+    (["clip", "--size", "test", "--budget-steps", "5", "--minutes", "2"], "in --minutes or in --budget-steps, not both"),
     (["export"], "reads tokenizer"),
 ])
 def test_the_training_cli_refuses_what_would_go_wrong(tmp_path, argv, message, capsys):

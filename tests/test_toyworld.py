@@ -184,6 +184,18 @@ def test_stop_at_stops_a_stage_at_a_step_of_its_schedule_and_the_same_command_go
     assert _losses(tmp_path / "clip.ckpt.safetensors")[0] == 12
 
 
+def test_budget_steps_trains_a_stage_that_many_steps_from_where_it_is(tmp_path, capsys):
+    from sdipc_lab.toyworld import train as T
+
+    argv = ["clip", "--size", "test", "--out", str(tmp_path), "--steps", "100"]
+    T.main([*argv, "--budget-steps", "4"])
+    assert _losses(tmp_path / "clip.ckpt.safetensors")[0] == 4
+    assert "budget reached at step 4 of 100 (4 steps from step 0" in capsys.readouterr().out
+    T.main([*argv, "--budget-steps", "3"])  # spent: a new budget, a warm restart of the cosine
+    assert "budget reached at step 7 of 100 (3 steps from step 4" in capsys.readouterr().out
+    assert _losses(tmp_path / "clip.ckpt.safetensors")[0] == 7
+
+
 def test_the_share_of_two_object_scenes_is_the_one_asked_and_part_of_the_signature(tmp_path):
     from sdipc_lab.toyworld import train as T
 

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The candidate from-scratch route of docs/results/toyworld_v2_progress.md (sittings 15-19): a 1,000-step CLIP, U-Net
-# phase 1 under it (4,000 of a 6,000-step cosine), the text tower on in two time-budgeted pieces (clipA, clipB), U-Net
-# phase 2 under that tower (fs4b), then 45 minutes on one-object scenes and a 35-minute `vision` stage (fs4c).
+# The candidate from-scratch route of docs/results/toyworld_v2_progress.md (sittings 15-21): a 1,000-step CLIP, U-Net
+# phase 1 under it (4,000 of a 6,000-step cosine), the text tower on in two budgeted cosine pieces (clipA, clipB),
+# U-Net phase 2 under that tower (fs4b), then 1,500 steps on one-object scenes and 4,000 of `vision` (fs4c).
+# Every stage is counted in steps, so the route trains the same on any machine (only its hours differ): the text
+# tower's pieces are the steps sitting 20's 12- and 25-minute budgets reached (513, 1,132; its tower was judged as
+# good as sitting 17's 3,068-step one), the one-object stage the ~1,500 steps the shipped lab's took (more did not
+# pay, sitting 13), the `vision` stage 4,000 steps (~25 minutes on the faster host, where `vis_d` ran 9,423 in 60).
 # The VAE is the shipped lab's: its from-scratch recipe (the README provenance table's `train vae --size cpu --steps
 # 2500`, 51 minutes) is not repeated here, but the route's hours count it.
 #
 # Resumable at any point: every stage checkpoints (train.fit) and leaves a .done marker when finished; run this
 # script again, with the same runs/ folder, to go on where it stopped. Stop it with `pkill -TERM -f toyworld.train`
-# (the stage under way writes its checkpoint; a time-budgeted stage resumes on its budget's clock). clipB is
-# clipA's finished budget run again: a new 25-minute budget from clipA's weights (a warm restart of the cosine).
+# (the stage under way writes its checkpoint and resumes its budget). clipB is clipA's finished budget run again:
+# a new budget of 1,132 steps from clipA's weights (a warm restart of the cosine).
 # Training only ever writes under runs/. (Sitting 19 stopped phase 1 with a watcher on the checkpoint's step, at
 # 4,007; `--stop-at 4000` does it exactly.)
 #
@@ -33,15 +37,15 @@ if [ ! -f runs/fs2/peek4000/sdipc_lab.json ]; then
   stage "export peek4000"; $T export --size cpu --out runs/fs2 --from-checkpoint --lab-dir runs/fs2/peek4000
 fi
 if [ ! -f runs/clipA/clip.done ]; then
-  stage "clipA +12 min"; mkdir -p runs/clipA
+  stage "clipA +513 steps"; mkdir -p runs/clipA
   [ -f runs/clipA/clip.ckpt.safetensors ] || cp -r runs/fs2/{clip.ckpt.safetensors,tokenizer,text_encoder,image_encoder} runs/clipA/
   [ -d runs/clipA/vae ] || cp -r $VAE runs/clipA/vae
-  $T clip --size cpu --out runs/clipA --minutes 12; touch runs/clipA/clip.done
+  $T clip --size cpu --out runs/clipA --budget-steps 513; touch runs/clipA/clip.done
 fi
 if [ ! -f runs/clipB/clip.done ]; then
-  stage "clipB +25 min"
+  stage "clipB +1132 steps"
   [ -d runs/clipB ] || cp -r runs/clipA runs/clipB; rm -f runs/clipB/clip.done
-  $T clip --size cpu --out runs/clipB --minutes 25; touch runs/clipB/clip.done
+  $T clip --size cpu --out runs/clipB --budget-steps 1132; touch runs/clipB/clip.done
 fi
 if [ ! -f runs/fs4b/unet.done ]; then
   stage "fs4b phase 2, 6000 steps"; mkdir -p runs/fs4b
@@ -53,11 +57,13 @@ if [ ! -f runs/fs4b/lab/sdipc_lab.json ]; then
   stage "export fs4b/lab"; $T export --size cpu --out runs/fs4b --lab-dir runs/fs4b/lab
 fi
 if [ ! -f runs/fs4c/unet.done ]; then
-  stage "fs4c one-object 45 min"
-  $T unet --size cpu --out runs/fs4c --init-from-lab runs/fs4b/lab --minutes 45 --two-objects 0; touch runs/fs4c/unet.done
+  stage "fs4c one-object 1500 steps"
+  $T unet --size cpu --out runs/fs4c --init-from-lab runs/fs4b/lab --budget-steps 1500 --two-objects 0
+  touch runs/fs4c/unet.done
 fi
 if [ ! -f runs/fs4c/vision.done ]; then
-  stage "fs4c vision 35 min"; $T vision --size cpu --out runs/fs4c --minutes 35 --lr 1e-4; touch runs/fs4c/vision.done
+  stage "fs4c vision 4000 steps"; $T vision --size cpu --out runs/fs4c --budget-steps 4000 --lr 1e-4
+  touch runs/fs4c/vision.done
 fi
 if [ ! -f runs/fs4c/lab/sdipc_lab.json ]; then
   stage "export fs4c/lab"; $T export --size cpu --out runs/fs4c --lab-dir runs/fs4c/lab

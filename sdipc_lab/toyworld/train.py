@@ -11,7 +11,8 @@
 Every stage is seeded, shows a progress bar, writes an atomic checkpoint every few hundred steps and
 resumes from it when run again (`--steps` is the total to reach), and saves its loss curve as a PNG.
 `--minutes` stops a stage early (checkpointed) so a run fits a time budget, its learning rate decaying by the
-clock (interrupted, it resumes on that clock); `--stop-at STEP` stops one stage at a step of its `--steps` schedule.
+clock (interrupted, it resumes on that clock); `--budget-steps N` is such a budget counted in steps, the same on
+every machine; `--stop-at STEP` stops one stage at a step of its `--steps` schedule.
 `--size test` trains tiny models for a few steps: what the unit tests run.
 
 Design choices, each answering a finding of the pilot (shared notes, toyworld_pilot.md):
@@ -278,7 +279,10 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
     return dict(stage=stage, sizes=sizes, batch=budget[1], lr=budget[2], seed=seed, images=images, inputs=inputs)
 
 
-def train_clip(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None, stop_at=None):
+# Each train_<stage>(world, sizes, (steps, batch, lr), out, accelerator, seed, **limits) trains one stage into `out`;
+# `limits` are how far this run of it goes: training.fit's `minutes`, `budget_steps` and `stop_at`.
+
+def train_clip(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, **limits):
     steps, batch, lr = budget
     tokenizer = new_tokenizer()
     torch.manual_seed(seed)
@@ -288,15 +292,15 @@ def train_clip(world: World, s: ModelSizes, budget, out: Path, accelerator, seed
     def loss_fn(module, step):
         return module(*contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "clip"))
 
-    trainer = fit("clip", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-        stop_at=stop_at, signature=signature("clip", s, budget, seed, world, out, ()))
+    trainer = fit("clip", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, **limits,
+        signature=signature("clip", s, budget, seed, world, out, ()))
     tokenizer.save_pretrained(out / "tokenizer")
     trainer.text.save_pretrained(out / "text_encoder")
     trainer.vision.save_pretrained(out / "image_encoder")
     return trainer
 
 
-def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None, stop_at=None):
+def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, **limits):
     """Train CLIP's image tower further against the frozen text tower ("locked text"): the text states the
     U-Net is conditioned on stay bit-identical, so the U-Net stays valid, while the image embeddings (what
     SD-IPC converts) line up better with the captions. Needs `clip` first; overwrites out/image_encoder."""
@@ -316,14 +320,14 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
     def loss_fn(module, step):
         return module(*contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "vision", offset=5))
 
-    trainer = fit("vision", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-        stop_at=stop_at, signature=signature("vision", s, budget, seed, world, out, ("text_encoder",)))
+    trainer = fit("vision", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, **limits,
+        signature=signature("vision", s, budget, seed, world, out, ("text_encoder",)))
     assert all(torch.equal(v, text_before[k]) for k, v in trainer.text.state_dict().items()), "the text tower moved"
     trainer.vision.save_pretrained(out / "image_encoder")
     return trainer
 
 
-def train_vae(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None, stop_at=None):
+def train_vae(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, **limits):
     """The VAE, from scratch or (`s.init_vae`, --init-from-lab) from out/vae, regrouped to the size's GroupNorm
     groups; then its scaling factor, measured. A new latent space: the U-Net must be trained on it afterwards."""
     from diffusers import AutoencoderKL
@@ -341,8 +345,8 @@ def train_vae(world: World, s: ModelSizes, budget, out: Path, accelerator, seed:
         index = batch_index(len(world.images), batch, step, seed + 1, accelerator)
         return module(world.pixels(index, accelerator.device))
 
-    vae = fit("vae", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-        stop_at=stop_at, signature=signature("vae", s, budget, seed, world, out, ())).vae
+    vae = fit("vae", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, **limits,
+        signature=signature("vae", s, budget, seed, world, out, ())).vae
     # SD's scaling factor: 1 / std of sampled latents, measured on the data.
     with torch.no_grad():
         x = world.pixels(torch.arange(min(2048, len(world.images))), accelerator.device)
@@ -370,7 +374,7 @@ class DecoderTrainer(torch.nn.Module):
         return F.l1_loss(recon, x) + F.mse_loss(recon, x)
 
 
-def train_decoder(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None, stop_at=None):
+def train_decoder(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, **limits):
     """Train the VAE's decoder further with its encoder frozen: sharper images, and the latent space (hence the
     U-Net and the latent CLIP tower trained on it) unchanged. Needs `vae` first; overwrites out/vae."""
     from diffusers import AutoencoderKL
@@ -384,8 +388,8 @@ def train_decoder(world: World, s: ModelSizes, budget, out: Path, accelerator, s
         index = batch_index(len(world.images), batch, step, seed + 4, accelerator)
         return module(world.pixels(index, accelerator.device))
 
-    vae = fit("decoder", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-        stop_at=stop_at, signature=signature("decoder", s, budget, seed, world, out, ())).vae
+    vae = fit("decoder", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, **limits,
+        signature=signature("decoder", s, budget, seed, world, out, ())).vae
     assert all(torch.equal(v, encoder_before[k]) for k, v in vae.encoder.state_dict().items()), "the encoder moved"
     vae.save_pretrained(out / "vae")  # same config, same scaling_factor: only the decoder changed
     return vae
@@ -436,7 +440,7 @@ def cached_caption_states(out: Path, world: World, tokenizer, text, device, *, w
 # is saved in fp16 (--init-from-lab) - training or encoding in fp16 on a CPU is slow and lossy.
 
 
-def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None, stop_at=None):
+def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, **limits):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -465,14 +469,14 @@ def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed
             z0 = from_posterior(posterior[index.to(device)], vae.config.scaling_factor)
         return diffusion_loss(module, scheduler, z0, f_txt, snr_gamma=s.snr_gamma)
 
-    unet = fit("unet", unet, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-               stop_at=stop_at, ema_decay=0.999 if steps > 1000 else None,
+    unet = fit("unet", unet, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, **limits,
+               ema_decay=0.999 if steps > 1000 else None,
                signature=signature("unet", s, budget, seed, world, out, ("text_encoder", "vae")))
     unet.save_pretrained(out / "unet")
     return unet
 
 
-def train_judge(s: ModelSizes, budget, out: Path, accelerator, seed: int, minutes=None, stop_at=None):
+def train_judge(s: ModelSizes, budget, out: Path, accelerator, seed: int, **limits):
     """The independent judge's shape classifier, on foreground masks of freshly drawn images."""
     from safetensors.torch import save_file
 
@@ -490,8 +494,8 @@ def train_judge(s: ModelSizes, budget, out: Path, accelerator, seed: int, minute
         x = (x + 0.15 * torch.randn_like(x)).clamp(0, 1)  # robustness to generated images' noise
         return F.cross_entropy(module(x), shapes[index].to(accelerator.device))
 
-    cnn = fit("judge", cnn, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, minutes=minutes,
-        stop_at=stop_at, signature=signature("judge", s, budget, seed, None, out, ()))
+    cnn = fit("judge", cnn, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, **limits,
+        signature=signature("judge", s, budget, seed, None, out, ()))
     save_file({k: v.contiguous().cpu() for k, v in cnn.state_dict().items()}, str(out / "judge.safetensors"))
     return cnn
 
@@ -657,6 +661,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="total steps for the stage (default: the size's budget)")
     parser.add_argument("--minutes", help="time budget per stage, e.g. 8 or clip=4,vae=2 (the lr decays by it; "
                         "an interrupted stage resumes on its budget's clock, a finished one starts a new budget)")
+    parser.add_argument("--budget-steps", type=int, metavar="N", help="a budget of N steps from where the stage "
+                        "is, the lr decaying over them as over --minutes (a finished one run again: a new budget); "
+                        "the same on every machine, where --minutes is not. One stage only, not with --minutes")
     parser.add_argument("--stop-at", type=int, metavar="STEP", help="stop (checkpointed) at this step of the "
                         "--steps schedule; one stage only. Run again without it to go on along the same schedule")
     parser.add_argument("--lr", type=float, help="learning rate (default: the size's budget)")
@@ -684,12 +691,16 @@ def main(argv=None) -> None:
     parser.add_argument("--lab-dir", type=Path, help="where export writes the lab (default: OUT/lab; 'toy' names "
                         "the package's own lab, which is only ever written when asked by that name)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch", "lr", "stop_at"):
+    for name in ("steps", "batch", "lr", "stop_at", "budget_steps"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.stop_at is not None and (args.stage in ("all", "export") or "," in args.stage):
         parser.error(f"--stop-at is for one training stage (a step of that stage's schedule), not {args.stage!r}")
+    if args.budget_steps is not None and (args.stage in ("all", "export") or "," in args.stage):
+        parser.error(f"--budget-steps is for one training stage (steps of that stage), not {args.stage!r}")
+    if args.budget_steps is not None and args.minutes:
+        parser.error("give a budget in --minutes or in --budget-steps, not both")
     if args.from_checkpoint and args.stage != "export":
         parser.error("--from-checkpoint is for export (a look at a U-Net still training)")
     if args.out.exists() and not args.out.is_dir():
@@ -749,13 +760,13 @@ def main(argv=None) -> None:
             continue
         steps, batch, lr = BUDGETS[args.size][stage]
         budget = (args.steps or steps, args.batch or batch, args.lr or lr)
+        limits = dict(minutes=minutes.get(stage), budget_steps=args.budget_steps, stop_at=args.stop_at)
         start = time.time()
         try:
             if stage == "judge":
-                train_judge(s, budget, args.out, accelerator, args.seed, minutes.get(stage), args.stop_at)
+                train_judge(s, budget, args.out, accelerator, args.seed, **limits)
             else:
-                globals()[f"train_{stage}"](world, s, budget, args.out, accelerator, args.seed, minutes.get(stage),
-                                            args.stop_at)
+                globals()[f"train_{stage}"](world, s, budget, args.out, accelerator, args.seed, **limits)
         except TrainingStopped as stopped:  # Ctrl-C or SIGTERM: checkpointed, say so without a traceback
             raise SystemExit(str(stopped)) from None
         print(f"{stage}: {time.time() - start:.0f} s on {accelerator.device}")
