@@ -200,9 +200,8 @@ def fit(name: str, module: torch.nn.Module, loss_fn, *, steps: int, lr: float, o
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     check_positive(steps=steps, lr=lr)
-    for key, value in dict(minutes=minutes, budget_steps=budget_steps, stop_at=stop_at).items():
-        if value is not None:
-            check_positive(**{key: value})
+    given = dict(minutes=minutes, budget_steps=budget_steps, stop_at=stop_at)
+    check_positive(**{key: value for key, value in given.items() if value is not None})
     if minutes is not None and budget_steps is not None:
         raise ValueError("give a budget in minutes or in steps (budget_steps), not both")
     out = Path(out)

@@ -695,10 +695,9 @@ def main(argv=None) -> None:
         value = getattr(args, name)
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.stop_at is not None and (args.stage in ("all", "export") or "," in args.stage):
-        parser.error(f"--stop-at is for one training stage (a step of that stage's schedule), not {args.stage!r}")
-    if args.budget_steps is not None and (args.stage in ("all", "export") or "," in args.stage):
-        parser.error(f"--budget-steps is for one training stage (steps of that stage), not {args.stage!r}")
+    for name, what in (("stop_at", "a step of that stage's schedule"), ("budget_steps", "steps of that stage")):
+        if getattr(args, name) is not None and (args.stage in ("all", "export") or "," in args.stage):
+            parser.error(f"--{name.replace('_', '-')} is for one training stage ({what}), not {args.stage!r}")
     if args.budget_steps is not None and args.minutes:
         parser.error("give a budget in --minutes or in --budget-steps, not both")
     if args.from_checkpoint and args.stage != "export":
