@@ -17,12 +17,19 @@
 # 4,007; `--stop-at 4000` does it exactly.)
 #
 #     nohup bash docs/results/fs4_route.sh > runs/route.log 2>&1 &
+#
+# A variant with a longer second text-tower piece shares fs2, peek4000 and clipA, and writes its own folders
+# (runs/clipB$TAG, runs/fs4b$TAG, runs/fs4c$TAG), e.g. the 3,068-step tower of sitting 18 (1,513 + 1,555):
+#
+#     TOWER_STEPS=1555 TAG=_t3068 nohup bash docs/results/fs4_route.sh > runs/route_t3068.log 2>&1 &
 set -e
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 T="$PY -m sdipc_lab.toyworld.train"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 VAE=sdipc_lab/toyworld/lab/vae
+TOWER=${TOWER_STEPS:-1132}  # clipB: the second piece of the text tower, in steps
+B=runs/clipB${TAG:-} P2=runs/fs4b${TAG:-} P3=runs/fs4c${TAG:-}
 stage() { echo "=== $(date -u +%FT%TZ) $*"; }
 
 if [ ! -f runs/fs2/clip.done ]; then
@@ -42,30 +49,30 @@ if [ ! -f runs/clipA/clip.done ]; then
   [ -d runs/clipA/vae ] || cp -r $VAE runs/clipA/vae
   $T clip --size cpu --out runs/clipA --budget-steps 513; touch runs/clipA/clip.done
 fi
-if [ ! -f runs/clipB/clip.done ]; then
-  stage "clipB +1132 steps"
-  [ -d runs/clipB ] || cp -r runs/clipA runs/clipB; rm -f runs/clipB/clip.done
-  $T clip --size cpu --out runs/clipB --budget-steps 1132; touch runs/clipB/clip.done
+if [ ! -f $B/clip.done ]; then
+  stage "$B +$TOWER steps"
+  [ -d $B ] || cp -r runs/clipA $B; rm -f $B/clip.done
+  $T clip --size cpu --out $B --budget-steps $TOWER; touch $B/clip.done
 fi
-if [ ! -f runs/fs4b/unet.done ]; then
-  stage "fs4b phase 2, 6000 steps"; mkdir -p runs/fs4b
-  [ -d runs/fs4b/text_encoder ] || cp -r runs/clipB/{clip.ckpt.safetensors,tokenizer,text_encoder,image_encoder} runs/fs4b/
-  [ -d runs/fs4b/vae ] || cp -r $VAE runs/fs4b/vae
-  $T unet --size cpu --out runs/fs4b --init-from-lab runs/fs2/peek4000 --steps 6000; touch runs/fs4b/unet.done
+if [ ! -f $P2/unet.done ]; then
+  stage "$P2 phase 2, 6000 steps"; mkdir -p $P2
+  [ -d $P2/text_encoder ] || cp -r $B/{clip.ckpt.safetensors,tokenizer,text_encoder,image_encoder} $P2/
+  [ -d $P2/vae ] || cp -r $VAE $P2/vae
+  $T unet --size cpu --out $P2 --init-from-lab runs/fs2/peek4000 --steps 6000; touch $P2/unet.done
 fi
-if [ ! -f runs/fs4b/lab/sdipc_lab.json ]; then
-  stage "export fs4b/lab"; $T export --size cpu --out runs/fs4b --lab-dir runs/fs4b/lab
+if [ ! -f $P2/lab/sdipc_lab.json ]; then
+  stage "export $P2/lab"; $T export --size cpu --out $P2 --lab-dir $P2/lab
 fi
-if [ ! -f runs/fs4c/unet.done ]; then
-  stage "fs4c one-object 1500 steps"
-  $T unet --size cpu --out runs/fs4c --init-from-lab runs/fs4b/lab --budget-steps 1500 --two-objects 0
-  touch runs/fs4c/unet.done
+if [ ! -f $P3/unet.done ]; then
+  stage "$P3 one-object 1500 steps"
+  $T unet --size cpu --out $P3 --init-from-lab $P2/lab --budget-steps 1500 --two-objects 0
+  touch $P3/unet.done
 fi
-if [ ! -f runs/fs4c/vision.done ]; then
-  stage "fs4c vision 4000 steps"; $T vision --size cpu --out runs/fs4c --budget-steps 4000 --lr 1e-4
-  touch runs/fs4c/vision.done
+if [ ! -f $P3/vision.done ]; then
+  stage "$P3 vision 4000 steps"; $T vision --size cpu --out $P3 --budget-steps 4000 --lr 1e-4
+  touch $P3/vision.done
 fi
-if [ ! -f runs/fs4c/lab/sdipc_lab.json ]; then
-  stage "export fs4c/lab"; $T export --size cpu --out runs/fs4c --lab-dir runs/fs4c/lab
+if [ ! -f $P3/lab/sdipc_lab.json ]; then
+  stage "export $P3/lab"; $T export --size cpu --out $P3 --lab-dir $P3/lab
 fi
 stage "route done"
