@@ -57,6 +57,7 @@ def main() -> None:
         print(table(["point", "CPU-hours", *CHAIN.values()], rows))
     routes = list(dict.fromkeys(route(label) for label, _, _ in points))
     markers = dict(zip(routes, "osD^vP*X"))
+    past_budget = points[-1][1] >= BUDGET_HOURS  # points are sorted by hours
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2, sharey=True)
     for ax, split in zip(axes, ("test", "heldout")):
@@ -70,13 +71,13 @@ def main() -> None:
                 ax.plot(xs, ys, marker=markers[r], color=colour, label=label)
             if (split, condition) in TARGETS:
                 ax.axhline(TARGETS[split, condition], color=colour, ls=":", lw=1)
-        if max(h for _, h, _ in points) >= BUDGET_HOURS:
+        if past_budget:
             ax.axvline(BUDGET_HOURS, color="grey", ls="--", lw=1)
         ax.set(title=f"{'test' if split == 'test' else 'held-out combinations'}: shape drawn",
                xlabel="CPU-hours of the run (2 cores)", ylim=(0, 100))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("judge agreement, shape %")
-    budget = f", dashed: the {BUDGET_HOURS}-hour budget" if max(h for _, h, _ in points) >= BUDGET_HOURS else ""
+    budget = f", dashed: the {BUDGET_HOURS}-hour budget" if past_budget else ""
     fig.suptitle(f"judged shape against the run's CPU-hours (dotted: issue 11's targets{budget})", fontsize="medium")
     axes[0].legend(loc="lower right", fontsize="small" if len(routes) > 1 else None)
     fig.tight_layout()
