@@ -30,6 +30,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 VAE=sdipc_lab/toyworld/lab/vae
 TOWER=${TOWER_STEPS:-1132}  # clipB: the second piece of the text tower, in steps
 B=runs/clipB${TAG:-} P2=runs/fs4b${TAG:-} P3=runs/fs4c${TAG:-}
+if [ "$TOWER" != 1132 ] && [ -z "${TAG:-}" ]; then  # else runs/clipB, already done, would be kept silently
+  echo "TOWER_STEPS=$TOWER needs its own folders: give TAG too, e.g. TAG=_t$((1513 + TOWER))" >&2; exit 2
+fi
 stage() { echo "=== $(date -u +%FT%TZ) $*"; }
 
 if [ ! -f runs/fs2/clip.done ]; then
