@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .. import build
 from ..build import sd_v1_scheduler, word_tokenizer
@@ -404,7 +405,7 @@ def caption_states(world: World, tokenizer, text, device, *, wordings: int, seed
     texts = [c for k in range(wordings) for c in world.captions(torch.arange(n), rng)]  # wording-major
     states = []
     with torch.no_grad():
-        for i in range(0, len(texts), batch):
+        for i in tqdm(range(0, len(texts), batch), desc="caption states (once)", leave=False):
             ids, _ = tokenize(tokenizer, texts[i:i + batch], device)
             states.append(text.text_model(ids).last_hidden_state.half())
         empty = text.text_model(tokenize(tokenizer, [""], device)[0]).last_hidden_state[0]
@@ -451,7 +452,8 @@ def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed
     vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
     with torch.no_grad():  # the posterior of every training image, once
         params = [vae.encode(world.pixels(torch.arange(i, min(i + 512, len(world.images))), device)).latent_dist.parameters
-                  for i in range(0, len(world.images), 512)]
+                  for i in tqdm(range(0, len(world.images), 512), desc="VAE posteriors (once)",
+                                leave=False)]
         posterior = torch.cat(params)  # (N, 8, 16, 16): mean and log-variance
     states, empty = cached_caption_states(out, world, tokenizer, text, device, wordings=s.wordings, seed=seed)
     scheduler = toy_scheduler()
