@@ -25,7 +25,7 @@ from sdipc_lab import latent_clip as LC  # noqa: E402
 
 def towers_for(lab) -> dict:
     if lab.source == "toy":
-        return LC.load_towers(device=lab.device, dtype=lab.dtype)
+        return LC.load_towers(device=lab.device, dtype=lab.dtype, lab=lab)
     return {k: LC.new_tower(lab, k).to(lab.device, lab.dtype).eval() for k in LC.KINDS}
 
 

@@ -79,7 +79,11 @@ def main() -> None:
     axes[0].set_ylabel("judge agreement, shape %")
     budget = f", dashed: the {BUDGET_HOURS}-hour budget" if past_budget else ""
     fig.suptitle(f"judged shape against the run's CPU-hours (dotted: issue 11's targets{budget})", fontsize="medium")
-    axes[0].legend(loc="lower right", fontsize="small" if len(routes) > 1 else None)
+    if len(routes) > 1:  # one line per (prompt, route): beside the panels, where it hides no point
+        fig.set_size_inches(11 + 2.6, 4)
+        axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
+    else:
+        axes[0].legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"\nfigure: {args.out}")

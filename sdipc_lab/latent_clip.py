@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import math
 import random
 import time
@@ -112,8 +113,17 @@ def train_tower(lab: Lab, kind: str, *, world, out: Path, steps: int = 2000, bat
         fit(f"{kind}-clip", trainer, loss_fn, steps=steps, lr=lr, out=Path(out), accelerator=accelerator,
             minutes=minutes, signature=signature)
     tower.eval().requires_grad_(False)
+    tower.config.text_fingerprint = text_fingerprint(lab)  # the C-space it was trained into, checked at load
     tower.save_pretrained(Path(out) / kind)
     return tower
+
+
+def text_fingerprint(lab: Lab) -> str:
+    """A short hash of the lab's text projection `W_t` as stored (fp16): the C-space a tower was trained into.
+    Towers record it in their config; `load_towers(lab=...)` refuses towers whose C-space is another text
+    tower's, which the widths alone cannot tell (two teaching labs have the same)."""
+    w_t = lab.W_t.detach().to("cpu", torch.float16).contiguous()  # (P, D)
+    return hashlib.sha256(w_t.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
 
 def load_towers(folder: Path = TOWERS_DIR, device="cpu", dtype=torch.float32, *, lab: Lab | None = None) -> dict:
@@ -121,8 +131,8 @@ def load_towers(folder: Path = TOWERS_DIR, device="cpu", dtype=torch.float32, *,
 
     They are stored in fp16 (small files) and loaded as `dtype`: fp32 by default, as fp16 matmuls on a
     CPU are several times slower. Pass the lab's (`device=lab.device, dtype=lab.dtype`) on a GPU.
-    With `lab`, the towers are checked against it (C-space width, latent and image sizes): towers trained
-    for one lab mean nothing on another."""
+    With `lab`, the towers are checked against it (C-space width, latent and image sizes, and the fingerprint
+    of the text projection they were trained against): towers trained for one lab mean nothing on another."""
     from transformers import CLIPVisionModelWithProjection
 
 
@@ -142,6 +152,15 @@ def load_towers(folder: Path = TOWERS_DIR, device="cpu", dtype=torch.float32, *,
                 raise ValueError(
                     f"the {k} tower in {folder} was trained for another lab ({have}; the {lab.source!r} lab needs "
                     f"{need}). Train towers for this lab: `python -m sdipc_lab.latent_clip train --lab "
+                    f"{lab.source} --export FOLDER`, then load_towers(FOLDER) (notebook 08: TOWERS = FOLDER).")
+        mine = text_fingerprint(lab)
+        for k, tower in towers.items():
+            theirs = getattr(tower.config, "text_fingerprint", None)  # None: towers saved before it was recorded
+            if theirs is not None and theirs != mine:
+                raise ValueError(
+                    f"the {k} tower in {folder} was trained for another lab: against another text tower (its W_t "
+                    f"fingerprint is {theirs}, the {lab.source!r} lab's {mine}), so its embeddings are not in this "
+                    f"lab's C-space. Train towers for this lab: `python -m sdipc_lab.latent_clip train --lab "
                     f"{lab.source} --export FOLDER`, then load_towers(FOLDER) (notebook 08: TOWERS = FOLDER).")
     return towers
 

@@ -1,5 +1,6 @@
 """Companion papers: probing (000) and latent CLIP with ReNO (001), on the tiny lab."""
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -141,6 +142,28 @@ def test_towers_of_another_lab_are_refused(towers, lab, tmp_path):
     assert set(LC.load_towers(LC.TOWERS_DIR, lab=None)) == set(LC.KINDS)  # the shipped ones load
     with pytest.raises(ValueError, match="trained for another lab.*latent_clip train --lab tiny"):
         LC.load_towers(LC.TOWERS_DIR, lab=lab)  # the toy lab's towers on the tiny lab
+
+
+def test_towers_of_another_text_tower_are_refused(towers, lab, tmp_path):
+    # Same widths, another C-space: only the recorded fingerprint of W_t can tell (two teaching labs are alike).
+    assert towers["latent"].config.text_fingerprint == LC.text_fingerprint(lab)
+    for kind, tower in towers.items():
+        tower.save_pretrained(tmp_path / kind)
+    other = dataclasses.replace(lab, text_encoder=copy.deepcopy(lab.text_encoder), cache={})
+    with torch.no_grad():
+        other.text_encoder.text_projection.weight.mul_(1.01)  # (P, D): one more step of training, say
+    assert LC.text_fingerprint(other) != LC.text_fingerprint(lab)
+    LC.load_towers(tmp_path, lab=lab)  # its own lab: fine
+    with pytest.raises(ValueError, match="trained for another lab: against another text tower.*latent_clip train"):
+        LC.load_towers(tmp_path, lab=other)
+
+
+def test_the_shipped_towers_belong_to_the_shipped_lab():
+    import sdipc_lab as S
+
+    toy = S.load_lab("toy", device="cpu")
+    towers = LC.load_towers(LC.TOWERS_DIR, lab=toy)  # raises if the package's towers are another text tower's
+    assert {t.config.text_fingerprint for t in towers.values()} == {LC.text_fingerprint(toy)}
 
 
 def test_missing_towers_say_how_to_train(tmp_path):
