@@ -144,24 +144,21 @@ def load_towers(folder: Path = TOWERS_DIR, device="cpu", dtype=torch.float32, *,
         towers = {k: CLIPVisionModelWithProjection.from_pretrained(Path(folder) / k, use_safetensors=True)
                   .to(device, dtype).eval() for k in KINDS}
     if lab is not None:
+        train_them = (f"Train towers for this lab: `python -m sdipc_lab.latent_clip train --lab {lab.source} --export "
+                      "FOLDER`, then load_towers(FOLDER) (notebook 08: TOWERS = FOLDER).")
         wanted = {k: new_tower(lab, k, width=8, layers=1, heads=1).config for k in KINDS}
+        mine = text_fingerprint(lab)
         for k, tower in towers.items():
             have = {a: getattr(tower.config, a) for a in ("projection_dim", "image_size", "num_channels")}
             need = {a: getattr(wanted[k], a) for a in have}
             if have != need:
-                raise ValueError(
-                    f"the {k} tower in {folder} was trained for another lab ({have}; the {lab.source!r} lab needs "
-                    f"{need}). Train towers for this lab: `python -m sdipc_lab.latent_clip train --lab "
-                    f"{lab.source} --export FOLDER`, then load_towers(FOLDER) (notebook 08: TOWERS = FOLDER).")
-        mine = text_fingerprint(lab)
-        for k, tower in towers.items():
+                raise ValueError(f"the {k} tower in {folder} was trained for another lab ({have}; the "
+                                 f"{lab.source!r} lab needs {need}). {train_them}")
             theirs = getattr(tower.config, "text_fingerprint", None)  # None: towers saved before it was recorded
             if theirs is not None and theirs != mine:
-                raise ValueError(
-                    f"the {k} tower in {folder} was trained for another lab: against another text tower (its W_t "
-                    f"fingerprint is {theirs}, the {lab.source!r} lab's {mine}), so its embeddings are not in this "
-                    f"lab's C-space. Train towers for this lab: `python -m sdipc_lab.latent_clip train --lab "
-                    f"{lab.source} --export FOLDER`, then load_towers(FOLDER) (notebook 08: TOWERS = FOLDER).")
+                raise ValueError(f"the {k} tower in {folder} was trained for another lab: against another text "
+                                 f"tower (its W_t fingerprint is {theirs}, the {lab.source!r} lab's {mine}), so its "
+                                 f"embeddings are not in this lab's C-space. {train_them}")
     return towers
 
 

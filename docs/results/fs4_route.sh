@@ -36,6 +36,14 @@ if [ "$TOWER" != 1132 ] && [ -z "${TAG:-}" ]; then  # else runs/clipB, already d
   echo "TOWER_STEPS=$TOWER needs its own folders: give TAG too, e.g. TAG=_t$((1513 + TOWER))" >&2; exit 2
 fi
 stage() { echo "=== $(date -u +%FT%TZ) $*"; }
+# copy_parts FROM TO [U-Net checkpoint]: a finished run's parts into a new run folder, whole or not at all
+copy_parts() {
+  [ -d "$2" ] && return
+  mkdir -p "$2.tmp"
+  cp -r "$1"/{caption_states.safetensors,tokenizer,text_encoder,image_encoder,vae,unet,vision.ckpt.safetensors} "$2.tmp/"
+  if [ -n "${3:-}" ]; then cp "$3" "$2.tmp/"; fi
+  mv "$2.tmp" "$2"
+}
 
 if [ ! -f runs/fs2/clip.done ]; then
   stage "fs2 clip 1000"; $T clip --size cpu --out runs/fs2 --steps 1000; touch runs/fs2/clip.done
@@ -86,7 +94,7 @@ fi
 # ~9.3 (README, "A from-scratch recipe inside 10 hours").
 if [ ! -f $P4/vision.done ]; then
   stage "$P4 vision 4000 more steps"
-  [ -d $P4 ] || { mkdir -p $P4.tmp && cp -r $P3/{caption_states.safetensors,tokenizer,text_encoder,image_encoder,vae,unet,vision.ckpt.safetensors} $P4.tmp/ && mv $P4.tmp $P4; }
+  copy_parts $P3 $P4
   $T vision --size cpu --out $P4 --budget-steps 4000 --lr 1e-4; touch $P4/vision.done
 fi
 if [ ! -f $P4/lab/sdipc_lab.json ]; then
@@ -94,7 +102,7 @@ if [ ! -f $P4/lab/sdipc_lab.json ]; then
 fi
 if [ ! -f $P5/unet.done ]; then
   stage "$P5 one-object 1500 more steps"
-  [ -d $P5 ] || { mkdir -p $P5.tmp && cp -r $P4/{caption_states.safetensors,tokenizer,text_encoder,image_encoder,vae,unet,vision.ckpt.safetensors} $P5.tmp/ && cp $P3/unet.ckpt.safetensors $P5.tmp/ && mv $P5.tmp $P5; }
+  copy_parts $P4 $P5 $P3/unet.ckpt.safetensors  # fs4e has fs4c's U-Net; this is its checkpoint
   $T unet --size cpu --out $P5 --budget-steps 1500 --two-objects 0; touch $P5/unet.done
 fi
 if [ ! -f $P5/lab/sdipc_lab.json ]; then
@@ -102,7 +110,7 @@ if [ ! -f $P5/lab/sdipc_lab.json ]; then
 fi
 if [ ! -f $P6/unet.done ]; then
   stage "$P6 one-object 1500 more steps"
-  [ -d $P6 ] || { mkdir -p $P6.tmp && cp -r $P5/{caption_states.safetensors,tokenizer,text_encoder,image_encoder,vae,unet,vision.ckpt.safetensors,unet.ckpt.safetensors} $P6.tmp/ && mv $P6.tmp $P6; }
+  copy_parts $P5 $P6 $P5/unet.ckpt.safetensors
   $T unet --size cpu --out $P6 --budget-steps 1500 --two-objects 0; touch $P6/unet.done
 fi
 if [ ! -f $P6/lab/sdipc_lab.json ]; then
