@@ -7,6 +7,12 @@ are (the control), judged by the independent judge, with the pixel change agains
 
 Used to tell whether a U-Net reads the end token (SD v1.4's habit, the paper's Fig. 2) or the words
 (docs/results/toyworld_v2_progress.md, sittings 15-17).
+
+With --padding, three more conditions tell whether it reads the padding states, which SD-IPC's pseudo-prompt
+replaces by copies of one state (sitting 29): the caption with its padding states replaced by copies of its end
+state; the same with the words masked too (after the softmax); and [sos, EOS x 76] (the oracle's layout).
+
+    python bench/masking.py toy --n 96 --padding
 """
 
 from __future__ import annotations
@@ -18,10 +24,33 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 from common import table, threads  # noqa: E402
 
+import torch  # noqa: E402
+
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab import experiments as E  # noqa: E402
+from sdipc_lab.attention import installed  # noqa: E402
+from sdipc_lab.convert import encode_text, end_padded, eos_prompt_embeds  # noqa: E402
 
 KEYS = ["condition", "judge shape", "judge colour", "judge size", "judge position", "pixel change vs full"]
+
+
+def padding_conditions(lab, data, *, seed: int) -> list[dict]:
+    """The padding-state conditions (see the module's docstring), judged against the captions, with the pixel
+    change against the full prompt."""
+    captions = [s.caption for s in data]
+    f_txt, eos = encode_text(lab, captions)  # (B, 77, D), (B,)
+    padded = end_padded(f_txt, eos)  # (B, 77, D)
+    positions = torch.arange(f_txt.shape[1])[None]  # (1, 77)
+    words = ((positions >= 1) & (positions < eos[:, None])).float()  # (B, 77): 1 on the words
+    full = S.sample(lab, f_txt, n=1, seed=seed)
+    images = {"padding -> copies of the end state": S.sample(lab, padded, n=1, seed=seed)}
+    with installed(lab):
+        images["words masked, padding -> end-state copies"] = S.sample(
+            lab, padded, n=1, seed=seed, cross_attention_kwargs={"token_mask": 1 - words, "mask_mode": "post"})
+    images["[sos, EOS x 76]"] = S.sample(lab, eos_prompt_embeds(lab, captions), n=1, seed=seed)
+    judge, truths = S.judge_for(lab), [s.attributes for s in data]
+    return [{"condition": name, **{f"judge {k}": v for k, v in E.agreement(judge(imgs), truths).items()},
+             "pixel change vs full": E.pixel_change(imgs, full)} for name, imgs in images.items()]
 
 
 def main() -> None:
@@ -29,11 +58,15 @@ def main() -> None:
     parser.add_argument("lab", help='a lab folder, or "toy"')
     parser.add_argument("--n", type=int, default=32, help="test captions")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--padding", action="store_true", help="also the padding-state conditions")
     args = parser.parse_args()
     lab = S.load_lab(args.lab)
-    rows, _ = E.masking_experiment(lab, S.references(lab, args.n), seeds=(args.seed,), judge=S.judge_for(lab))
+    data = S.references(lab, args.n)
+    rows, _ = E.masking_experiment(lab, data, seeds=(args.seed,), judge=S.judge_for(lab))
+    if args.padding:
+        rows += padding_conditions(lab, data, seed=args.seed)
     print(f"## Masking experiment ({lab.source}, {args.n} test captions, seed {args.seed}, {threads()}; "
-          "judge agreement 0-1)\n")
+          "the judge's agreement with the captions, 0-1)\n")
     print(table(KEYS, [[row.get(k) for k in KEYS] for row in rows]))
 
 

@@ -106,6 +106,14 @@ def at_end(states: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     return states[torch.arange(len(eos), device=states.device), eos.to(states.device)]
 
 
+def end_padded(states: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """The padding states replaced by copies of the end state, the words kept: (B, 77, D), (B,) -> (B, 77, D).
+    What SD-IPC's pseudo-prompt does to the padding, on a real caption (bench/masking.py --padding)."""
+    positions = torch.arange(states.shape[1], device=states.device)[None]  # (1, 77)
+    padding = (positions > eos.to(states.device)[:, None])[..., None]  # (B, 77, 1)
+    return torch.where(padding, at_end(states, eos)[:, None], states)
+
+
 def to_c_space(lab: Lab, f_eos: torch.Tensor) -> torch.Tensor:
     """f_txt^c = W_t f_txt^{t,eos}: T-space end-token states (B, D) -> C-space (B, P), in float32."""
     return f_eos.float() @ lab.W_t.float().T.to(f_eos.device)

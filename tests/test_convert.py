@@ -69,6 +69,19 @@ def test_pseudo_prompt_layout(lab, refs):
         torch.testing.assert_close(prompt[b, 1:], f_cnvrt[b].expand(76, D))
 
 
+def test_end_padded_keeps_the_words_and_copies_the_end_state(lab):
+    """bench/masking.py --padding: every state after the end token is the end token's, the rest untouched."""
+    from sdipc_lab.convert import encode_text, end_padded
+
+    f_txt, eos = encode_text(lab, ["a red circle", "a small blue square on the left"])  # (2, 77, D)
+    got, states = end_padded(f_txt, eos).numpy(), f_txt.numpy()
+    expected = states.copy()
+    for b, e in enumerate(eos.tolist()):
+        expected[b, e + 1:] = states[b, e]
+    assert eos[0] != eos[1] and not np.allclose(states, expected)  # two lengths, and something was replaced
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_norm_conventions(lab, refs):
     f_img_c = S.image_embeds(lab, refs).double()
     W_plus = torch.linalg.pinv(lab.W_t.double(), atol=lab.cutoff)
