@@ -24,6 +24,13 @@
 # the README's 9.3-hour recipe:
 #
 #     TOWER_STEPS=1555 TAG=_t3068 nohup bash docs/results/fs4_route.sh > runs/route_t3068.log 2>&1 &
+#
+# TOWER3_STEPS=N adds a third warm-restart piece of N steps to the text tower (runs/clipC$TAG, from clipB's), as the
+# shipped tower had (sitting 29: it keeps less caption variance where W_t is weak); the U-Net stages then run under
+# it. BTAG names the clipB folder to start from when it differs from TAG, e.g. sitting 29's variant, which shares
+# clipB_t3068 and writes runs/clipC_c3518, runs/fs4b_c3518, ... runs/fs4h_c3518:
+#
+#     TOWER_STEPS=1555 BTAG=_t3068 TOWER3_STEPS=450 TAG=_c3518 nohup bash docs/results/fs4_route.sh > runs/route_c3518.log 2>&1 &
 set -e
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
@@ -31,9 +38,13 @@ T="$PY -m sdipc_lab.toyworld.train"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 VAE=${VAE:-sdipc_lab/toyworld/lab/vae}  # the shipped lab's; from scratch: VAE=runs/toy_v6/vae (README)
 TOWER=${TOWER_STEPS:-1132}  # clipB: the second piece of the text tower, in steps
-B=runs/clipB${TAG:-} P2=runs/fs4b${TAG:-} P3=runs/fs4c${TAG:-} P4=runs/fs4e${TAG:-} P5=runs/fs4g${TAG:-} P6=runs/fs4h${TAG:-}
-if [ "$TOWER" != 1132 ] && [ -z "${TAG:-}" ]; then  # else runs/clipB, already done, would be kept silently
+TOWER3=${TOWER3_STEPS:-0}  # clipC: a third piece, in steps (0: none)
+B=runs/clipB${BTAG:-${TAG:-}} C=runs/clipC${TAG:-} P2=runs/fs4b${TAG:-} P3=runs/fs4c${TAG:-} P4=runs/fs4e${TAG:-} P5=runs/fs4g${TAG:-} P6=runs/fs4h${TAG:-}
+if [ "$TOWER" != 1132 ] && [ -z "${BTAG:-${TAG:-}}" ]; then  # else runs/clipB, already done, would be kept silently
   echo "TOWER_STEPS=$TOWER needs its own folders: give TAG too, e.g. TAG=_t$((1513 + TOWER))" >&2; exit 2
+fi
+if [ "$TOWER3" != 0 ] && [ -z "${TAG:-}" ]; then  # else the two-piece route's runs/fs4b... would be taken as done
+  echo "TOWER3_STEPS=$TOWER3 needs its own folders: give TAG too, e.g. TAG=_c$((1513 + TOWER + TOWER3))" >&2; exit 2
 fi
 stage() { echo "=== $(date -u +%FT%TZ) $*"; }
 # copy_parts FROM TO [U-Net checkpoint]: a finished run's parts into a new run folder, whole or not at all
@@ -64,12 +75,21 @@ if [ ! -f runs/clipA/clip.done ]; then
 fi
 if [ ! -f $B/clip.done ]; then
   stage "$B +$TOWER steps"
-  [ -d $B ] || cp -r runs/clipA $B; rm -f $B/clip.done
+  [ -d $B ] || { rm -rf $B.tmp; cp -r runs/clipA $B.tmp && rm -f $B.tmp/clip.done && mv $B.tmp $B; }
   $T clip --size cpu --out $B --budget-steps $TOWER; touch $B/clip.done
+fi
+TEXT=$B  # the tower the U-Net stages run under
+if [ "$TOWER3" != 0 ]; then
+  if [ ! -f $C/clip.done ]; then
+    stage "$C +$TOWER3 steps"
+    [ -d $C ] || { rm -rf $C.tmp; cp -r $B $C.tmp && rm -f $C.tmp/clip.done && mv $C.tmp $C; }
+    $T clip --size cpu --out $C --budget-steps $TOWER3; touch $C/clip.done
+  fi
+  TEXT=$C
 fi
 if [ ! -f $P2/unet.done ]; then
   stage "$P2 phase 2, 6000 steps"; mkdir -p $P2
-  [ -d $P2/text_encoder ] || cp -r $B/{clip.ckpt.safetensors,tokenizer,text_encoder,image_encoder} $P2/
+  [ -d $P2/text_encoder ] || cp -r $TEXT/{clip.ckpt.safetensors,tokenizer,text_encoder,image_encoder} $P2/
   [ -d $P2/vae ] || cp -r $VAE $P2/vae
   $T unet --size cpu --out $P2 --init-from-lab runs/fs2/peek4000 --steps 6000; touch $P2/unet.done
 fi
