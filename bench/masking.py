@@ -24,29 +24,24 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 from common import table, threads  # noqa: E402
 
-import torch  # noqa: E402
-
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab import experiments as E  # noqa: E402
-from sdipc_lab.attention import installed  # noqa: E402
+from sdipc_lab.attention import installed, token_mask  # noqa: E402
 from sdipc_lab.convert import encode_text, end_padded, eos_prompt_embeds  # noqa: E402
 
 KEYS = ["condition", "judge shape", "judge colour", "judge size", "judge position", "pixel change vs full"]
 
 
-def padding_conditions(lab, data, *, seed: int) -> list[dict]:
+def padding_conditions(lab, data, full, *, seed: int) -> list[dict]:
     """The padding-state conditions (see the module's docstring), judged against the captions, with the pixel
-    change against the full prompt."""
+    change against `full`, the full prompt's images."""
     captions = [s.caption for s in data]
-    f_txt, eos = encode_text(lab, captions)  # (B, 77, D), (B,)
-    padded = end_padded(f_txt, eos)  # (B, 77, D)
-    positions = torch.arange(f_txt.shape[1])[None]  # (1, 77)
-    words = ((positions >= 1) & (positions < eos[:, None])).float()  # (B, 77): 1 on the words
-    full = S.sample(lab, f_txt, n=1, seed=seed)
+    padded = end_padded(*encode_text(lab, captions))  # (B, 77, D)
+    words_masked = token_mask(lab, captions, "sos+eos")  # (B, 77)
     images = {"padding -> copies of the end state": S.sample(lab, padded, n=1, seed=seed)}
     with installed(lab):
         images["words masked, padding -> end-state copies"] = S.sample(
-            lab, padded, n=1, seed=seed, cross_attention_kwargs={"token_mask": 1 - words, "mask_mode": "post"})
+            lab, padded, n=1, seed=seed, cross_attention_kwargs={"token_mask": words_masked, "mask_mode": "post"})
     images["[sos, EOS x 76]"] = S.sample(lab, eos_prompt_embeds(lab, captions), n=1, seed=seed)
     judge, truths = S.judge_for(lab), [s.attributes for s in data]
     return [{"condition": name, **{f"judge {k}": v for k, v in E.agreement(judge(imgs), truths).items()},
@@ -62,9 +57,9 @@ def main() -> None:
     args = parser.parse_args()
     lab = S.load_lab(args.lab)
     data = S.references(lab, args.n)
-    rows, _ = E.masking_experiment(lab, data, seeds=(args.seed,), judge=S.judge_for(lab))
+    rows, images = E.masking_experiment(lab, data, seeds=(args.seed,), judge=S.judge_for(lab))
     if args.padding:
-        rows += padding_conditions(lab, data, seed=args.seed)
+        rows += padding_conditions(lab, data, images["full prompt"], seed=args.seed)
     print(f"## Masking experiment ({lab.source}, {args.n} test captions, seed {args.seed}, {threads()}; "
           "the judge's agreement with the captions, 0-1)\n")
     print(table(KEYS, [[row.get(k) for k in KEYS] for row in rows]))
