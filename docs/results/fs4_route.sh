@@ -25,6 +25,9 @@
 #
 #     TOWER_STEPS=1555 TAG=_t3068 nohup bash docs/results/fs4_route.sh > runs/route_t3068.log 2>&1 &
 #
+# runs/ is lost with a new checkout; docs/results/route_pack.sh saves the route's stage boundaries (phase 2's start
+# and end) into a committed folder and restores them, so a later session goes on from there.
+#
 # TOWER3_STEPS=N adds a third warm-restart piece of N steps to the text tower (runs/clipC$TAG, from clipB's), as the
 # shipped tower had (sitting 29: it keeps less caption variance where W_t is weak); the U-Net stages then run under
 # it. BTAG names the clipB folder to start from when it differs from TAG, e.g. sitting 29's variant, which shares
@@ -89,7 +92,8 @@ if [ "$TOWER3" != 0 ]; then
 fi
 if [ ! -f $P2/unet.done ]; then
   stage "$P2 phase 2, 6000 steps"; mkdir -p $P2
-  [ -d $P2/text_encoder ] || cp -r $TEXT/{clip.ckpt.safetensors,tokenizer,text_encoder,image_encoder} $P2/
+  [ -d $P2/text_encoder ] || cp -r $TEXT/{tokenizer,text_encoder,image_encoder} $P2/  # (a restored pack has no
+  # clip.ckpt: the U-Net stages never read it)
   [ -d $P2/vae ] || cp -r $VAE $P2/vae
   $T unet --size cpu --out $P2 --init-from-lab runs/fs2/peek4000 --steps 6000; touch $P2/unet.done
 fi
