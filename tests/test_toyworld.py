@@ -1,8 +1,11 @@
 """The teaching-scale world: deterministic sampling, held-out combinations, captions, the judge, training."""
 
 import json
+import os
 import random
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -752,10 +755,6 @@ def test_diversity_is_the_mean_pairwise_rms_of_the_shrunk_images():
 
 def test_route_pack_saves_the_stage_boundaries_and_restores_without_overwriting(tmp_path):
     """docs/results/route_pack.sh: what a later session needs to go on with fs4_route.sh after runs/ is lost."""
-    import os
-    import subprocess
-    from pathlib import Path
-
     script = Path(__file__).parents[1] / "docs" / "results" / "route_pack.sh"
     env = {**os.environ, "TOWER_STEPS": "1555", "BTAG": "_t3068", "TOWER3_STEPS": "450", "TAG": "_c3518"}
 
@@ -766,21 +765,22 @@ def test_route_pack_saves_the_stage_boundaries_and_restores_without_overwriting(
     runs, pack = tmp_path / "runs", tmp_path / "pack"
     refused = run("save", pack, runs)  # nothing finished yet
     assert refused.returncode == 2 and "nothing to save" in refused.stderr and not pack.exists()
-    for folder, files in {"fs2/peek4000": ["sdipc_lab.json", "unet/w"], "fs2": ["unet.ckpt.safetensors", "clip.done"],
-                          "clipC_c3518": ["tokenizer/t", "text_encoder/w", "image_encoder/w", "clip.ckpt.safetensors",
-                                          "clip.done"],
-                          "fs4b_c3518": ["unet.ckpt.safetensors", "unet.done", "lab/sdipc_lab.json", "lab/unet/w"]}.items():
+    finished = {"fs2/peek4000": ["sdipc_lab.json", "unet/w"], "fs2": ["unet.ckpt.safetensors", "clip.done"],
+                "clipC_c3518": ["tokenizer/t", "text_encoder/w", "image_encoder/w", "clip.ckpt.safetensors",
+                                "clip.done"],
+                "fs4b_c3518": ["unet.ckpt.safetensors", "unet.done", "lab/sdipc_lab.json", "lab/unet/w"]}
+    for folder, files in finished.items():
         for name in files:
             (runs / folder / name).parent.mkdir(parents=True, exist_ok=True)
             (runs / folder / name).write_text(f"{folder}/{name}")
     saved = run("save", pack, runs)
     assert saved.returncode == 0, saved.stderr
-    held = sorted(str(p.relative_to(pack)) for p in pack.rglob("*") if p.is_file())
+    held = sorted(str(p.relative_to(pack)) for p in pack.rglob("*") if p.is_file())  # no optimizer checkpoints
     assert held == ["clipA/clip.done", "clipB_t3068/clip.done", "clipC_c3518/clip.done",
                     "clipC_c3518/image_encoder/w", "clipC_c3518/text_encoder/w", "clipC_c3518/tokenizer/t",
                     "fs2/clip.done", "fs2/peek4000/sdipc_lab.json", "fs2/peek4000/unet/w", "fs2/phase1.done",
                     "fs4b_c3518/lab/sdipc_lab.json", "fs4b_c3518/lab/unet/w", "fs4b_c3518/unet.done"]
-    assert (pack / "fs4b_c3518/lab/unet/w").read_text() == "fs4b_c3518/lab/unet/w"  # no optimizer state saved
+    assert (pack / "fs4b_c3518/lab/unet/w").read_text() == "fs4b_c3518/lab/unet/w"
 
     fresh = tmp_path / "fresh"
     (fresh / "fs2/peek4000").mkdir(parents=True)

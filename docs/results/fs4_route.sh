@@ -92,8 +92,8 @@ if [ "$TOWER3" != 0 ]; then
 fi
 if [ ! -f $P2/unet.done ]; then
   stage "$P2 phase 2, 6000 steps"; mkdir -p $P2
-  [ -d $P2/text_encoder ] || cp -r $TEXT/{tokenizer,text_encoder,image_encoder} $P2/  # (a restored pack has no
-  # clip.ckpt: the U-Net stages never read it)
+  # the tower's parts, not its CLIP checkpoint: the U-Net stages never read it, and a restored pack has none
+  [ -d $P2/text_encoder ] || cp -r $TEXT/{tokenizer,text_encoder,image_encoder} $P2/
   [ -d $P2/vae ] || cp -r $VAE $P2/vae
   $T unet --size cpu --out $P2 --init-from-lab runs/fs2/peek4000 --steps 6000; touch $P2/unet.done
 fi
