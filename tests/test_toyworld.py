@@ -791,3 +791,40 @@ def test_route_pack_saves_the_stage_boundaries_and_restores_without_overwriting(
     assert (fresh / "fs4b_c3518/unet.done").exists() and (fresh / "clipC_c3518/text_encoder/w").exists()
     not_a_pack = run("restore", tmp_path / "nowhere", fresh)
     assert not_a_pack.returncode == 2 and "not a route pack" in not_a_pack.stderr
+
+
+def test_ship_lab_replaces_the_package_lab_whole_and_ships_one_lab_per_out(tmp_path):
+    """docs/results/ship_lab.sh: its first step (the lab's files into the package), its refusals."""
+    script = Path(__file__).parents[1] / "docs" / "results" / "ship_lab.sh"
+    package, out = tmp_path / "package_lab", tmp_path / "ship"
+
+    def run(lab, out=out):
+        env = {**os.environ, "OUT": str(out), "PACKAGE_LAB": str(package), "UNTIL": "lab"}
+        return subprocess.run(["bash", str(script), str(lab)], env=env, capture_output=True, text=True)
+
+    def exported(name):
+        lab = tmp_path / name
+        for part in ["sdipc_lab.json", "unet/w", "text_encoder/w", "image_encoder/w", "tokenizer/t", "vae/w",
+                     "scheduler/c"]:
+            (lab / part).parent.mkdir(parents=True, exist_ok=True)
+            (lab / part).write_text(f"{name}/{part}")
+        return lab
+
+    new, other = exported("new"), exported("other")
+    (new / "unet/w").unlink()
+    (new / "unet").rmdir()
+    refused = run(new)  # not an exported lab: nothing touched
+    assert refused.returncode == 2 and "not an exported lab (no unet)" in refused.stderr
+    assert not package.exists() and not out.exists()
+    new = exported("new")
+    package.mkdir()
+    (package / "stale.json").write_text("from the lab shipped before")
+    shipped = run(new)
+    assert shipped.returncode == 0, shipped.stderr
+    assert sorted(str(p.relative_to(package)) for p in package.rglob("*") if p.is_file()) == sorted(
+        str(p.relative_to(new)) for p in new.rglob("*") if p.is_file())  # the new lab whole, nothing left over
+    assert (package / "unet/w").read_text() == "new/unet/w" and (out / "lab.txt").exists()
+    assert run(new).returncode == 0  # the same lab again: the finished step is skipped
+    mixed = run(other)
+    assert mixed.returncode == 2 and "not " + str(other.resolve()) in mixed.stderr
+    assert (package / "unet/w").read_text() == "new/unet/w"
