@@ -798,7 +798,7 @@ def test_ship_lab_replaces_the_package_lab_whole_and_ships_one_lab_per_out(tmp_p
     script = Path(__file__).parents[1] / "docs" / "results" / "ship_lab.sh"
     package, out = tmp_path / "package_lab", tmp_path / "ship"
 
-    def run(lab, out=out):
+    def run(lab):
         env = {**os.environ, "OUT": str(out), "PACKAGE_LAB": str(package), "UNTIL": "lab"}
         return subprocess.run(["bash", str(script), str(lab)], env=env, capture_output=True, text=True)
 
