@@ -793,6 +793,15 @@ def test_route_pack_saves_the_stage_boundaries_and_restores_without_overwriting(
     assert not_a_pack.returncode == 2 and "not a route pack" in not_a_pack.stderr
 
 
+def test_route_refuses_an_unknown_until_stage_before_training():
+    """docs/results/fs4_route.sh UNTIL=STAGE: a misspelt stage stops the script before it trains anything."""
+    script = Path(__file__).parents[1] / "docs" / "results" / "fs4_route.sh"
+    env = {**os.environ, "UNTIL": "fs4f", "PYTHON": "false"}  # any training call would fail differently
+    refused = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "UNTIL=fs4f is not a stage" in refused.stderr and "fs4g" in refused.stderr
+    assert "===" not in refused.stdout  # no stage started
+
+
 def test_ship_lab_replaces_the_package_lab_whole_and_ships_one_lab_per_out(tmp_path):
     """docs/results/ship_lab.sh: its first step (the lab's files into the package), its refusals."""
     script = Path(__file__).parents[1] / "docs" / "results" / "ship_lab.sh"

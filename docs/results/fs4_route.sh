@@ -34,6 +34,9 @@
 # clipB_t3068 and writes runs/clipC_c3518, runs/fs4b_c3518, ... runs/fs4h_c3518:
 #
 #     TOWER_STEPS=1555 BTAG=_t3068 TOWER3_STEPS=450 TAG=_c3518 nohup bash docs/results/fs4_route.sh > runs/route_c3518.log 2>&1 &
+#
+# UNTIL=STAGE (fs4b, fs4c, fs4e, fs4g; default fs4h, the last) stops the route once that stage's lab is exported:
+# the lab shipped on 2026-12-05 is the _c3518 variant's fs4g (README), whose fs4h benched no better.
 set -e
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
@@ -49,7 +52,14 @@ fi
 if [ "$TOWER3" != 0 ] && [ -z "${TAG:-}" ]; then  # else the two-piece route's runs/fs4b... would be taken as done
   echo "TOWER3_STEPS=$TOWER3 needs its own folders: give TAG too, e.g. TAG=_c$((1513 + TOWER + TOWER3))" >&2; exit 2
 fi
+UNTIL=${UNTIL:-fs4h}
+case $UNTIL in
+  fs4b|fs4c|fs4e|fs4g|fs4h) ;;
+  *) echo "UNTIL=$UNTIL is not a stage of the route: give fs4b, fs4c, fs4e, fs4g or fs4h" >&2; exit 2;;
+esac
 stage() { echo "=== $(date -u +%FT%TZ) $*"; }
+# until NAME: stop here, after NAME's lab is exported, when UNTIL asks for it
+until_() { if [ "$UNTIL" = "$1" ]; then stage "route done (UNTIL=$1): runs/$1${TAG:-}/lab"; exit 0; fi; }
 # copy_parts FROM TO [U-Net checkpoint]: a finished run's parts into a new run folder, whole or not at all
 copy_parts() {
   [ -d "$2" ] && return
@@ -100,6 +110,7 @@ fi
 if [ ! -f $P2/lab/sdipc_lab.json ]; then
   stage "export $P2/lab"; $T export --size cpu --out $P2 --lab-dir $P2/lab
 fi
+until_ fs4b
 if [ ! -f $P3/unet.done ]; then
   stage "$P3 one-object 1500 steps"
   $T unet --size cpu --out $P3 --init-from-lab $P2/lab --budget-steps 1500 --two-objects 0
@@ -112,6 +123,7 @@ fi
 if [ ! -f $P3/lab/sdipc_lab.json ]; then
   stage "export $P3/lab"; $T export --size cpu --out $P3 --lab-dir $P3/lab
 fi
+until_ fs4c
 # Sitting 26-27: 4,000 more `vision` steps (fs4e, a new budget from fs4c's image tower), then twice 1,500 more U-Net
 # steps on one-object scenes (fs4g, a new budget from fs4c's U-Net checkpoint, which fs4e shares; fs4h, another
 # from fs4g's). With TAG=_t3068, fs4g meets every target of issue 11 in ~8.7 hours and fs4h, a little better, in
@@ -124,6 +136,7 @@ fi
 if [ ! -f $P4/lab/sdipc_lab.json ]; then
   stage "export $P4/lab"; $T export --size cpu --out $P4 --lab-dir $P4/lab
 fi
+until_ fs4e
 if [ ! -f $P5/unet.done ]; then
   stage "$P5 one-object 1500 more steps"
   copy_parts $P4 $P5 $P3/unet.ckpt.safetensors  # fs4e has fs4c's U-Net; this is its checkpoint
@@ -132,6 +145,7 @@ fi
 if [ ! -f $P5/lab/sdipc_lab.json ]; then
   stage "export $P5/lab"; $T export --size cpu --out $P5 --lab-dir $P5/lab
 fi
+until_ fs4g
 if [ ! -f $P6/unet.done ]; then
   stage "$P6 one-object 1500 more steps"
   copy_parts $P5 $P6 $P5/unet.ckpt.safetensors
