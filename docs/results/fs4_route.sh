@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The candidate from-scratch route of docs/results/toyworld_v2_progress.md (sittings 15-21): a 1,000-step CLIP, U-Net
-# phase 1 under it (4,000 of a 6,000-step cosine), the text tower on in two budgeted cosine pieces (clipA, clipB),
+# The from-scratch route of the shipped lab (docs/results/toyworld_v2_progress.md, sittings 15-32): a 1,000-step
+# CLIP, U-Net phase 1 under it (4,000 of a 6,000-step cosine), the text tower on in two budgeted cosine pieces
+# (clipA, clipB; a third, clipC, with TOWER3_STEPS),
 # U-Net phase 2 under that tower (fs4b), then 1,500 steps on one-object scenes and 4,000 of `vision` (fs4c),
 # 4,000 more of `vision` (fs4e) and twice 1,500 more on one-object scenes (fs4g, fs4h).
 # Every stage is counted in steps, so the route trains the same on any machine (only its hours differ): the text
 # tower's pieces are the steps sitting 20's 12- and 25-minute budgets reached (513, 1,132; its tower was judged as
-# good as sitting 17's 3,068-step one), the one-object stage the ~1,500 steps the shipped lab's took (more did not
+# good as sitting 17's 3,068-step one), the one-object stage the ~1,500 steps `two00`'s took (more did not
 # pay, sitting 13), the `vision` stage 4,000 steps (~25 minutes on the faster host, where `vis_d` ran 9,423 in 60).
 # The VAE is the shipped lab's: its from-scratch recipe (the README provenance table's `train vae --size cpu --steps
 # 2500`, 51 minutes) is not repeated here, but the route's hours count it.
@@ -21,7 +22,7 @@
 #
 # A variant with a longer second text-tower piece shares fs2, peek4000 and clipA, and writes its own folders
 # (runs/clipB$TAG, runs/fs4b$TAG, ... runs/fs4h$TAG), e.g. the 3,068-step tower of sitting 18 (1,513 + 1,555),
-# the README's 9.3-hour recipe:
+# 9.3 hours in all (sittings 25-27 of docs/results/toyworld_v2_progress.md):
 #
 #     TOWER_STEPS=1555 TAG=_t3068 nohup bash docs/results/fs4_route.sh > runs/route_t3068.log 2>&1 &
 #
@@ -127,7 +128,7 @@ until_ fs4c
 # Sitting 26-27: 4,000 more `vision` steps (fs4e, a new budget from fs4c's image tower), then twice 1,500 more U-Net
 # steps on one-object scenes (fs4g, a new budget from fs4c's U-Net checkpoint, which fs4e shares; fs4h, another
 # from fs4g's). With TAG=_t3068, fs4g meets every target of issue 11 in ~8.7 hours and fs4h, a little better, in
-# ~9.3 (README, "A from-scratch recipe inside 10 hours").
+# ~9.3 (progress doc, sitting 27); the shipped lab is TAG=_c3518's fs4g (README, "The shipped weights").
 if [ ! -f $P4/vision.done ]; then
   stage "$P4 vision 4000 more steps"
   copy_parts $P3 $P4
