@@ -3,7 +3,7 @@
     pip install -e '.[book]'            # mkdocs + mkdocs-jupyter (and Chromium from your OS for the check)
     python bench/book.py                # execute, build site/, check every page; prints a table
     python bench/book.py --no-execute   # build from notebooks already executed into build/book/
-    python bench/book.py --check-only   # check an existing site/
+    python bench/book.py --check-only   # check an existing site/ (refused, saying so, when there is none)
 
 Each notebook is executed on the default (teaching) lab with nbconvert into `build/book/`, then mkdocs with
 mkdocs-jupyter renders them beside an index page into `site/` (open `site/index.html`). The check loads
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import importlib.util
 import json
 import os
 import re
@@ -41,6 +42,14 @@ ERRORS = ("Error displaying widget", "Traceback (most recent call last)", "model
           "ModuleNotFoundError")
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+BOOK_MODULES = {"mkdocs": "mkdocs", "mkdocs_jupyter": "mkdocs-jupyter", "material": "mkdocs-material"}
+
+
+def missing_book_packages() -> list[str]:
+    """The packages of the `book` extra that this Python cannot import (the site is built with them)."""
+    return [name for module, name in BOOK_MODULES.items() if importlib.util.find_spec(module) is None]
 
 
 WIDGETS = re.compile(r"_slider\(|_panel\(")  # live-kernel cells: a static page cannot move their knobs
@@ -97,8 +106,11 @@ def build(executed: list[Path]) -> None:
               "use_directory_urls": False, "theme": {"name": "material"}, "nav": nav,
               "plugins": [{"mkdocs-jupyter": {"execute": False, "include_source": True, "ignore_h1_titles": True}}]}
     (BUILD / "mkdocs.yml").write_text(json.dumps(config, indent=1))  # JSON is YAML
-    subprocess.run([sys.executable, "-m", "mkdocs", "build", "--quiet", "-f", str(BUILD / "mkdocs.yml")], check=True,
-                   env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, cwd=BUILD)  # its .cache/ goes there too
+    built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--quiet", "-f", str(BUILD / "mkdocs.yml")],
+                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, cwd=BUILD,  # its .cache/ goes there too
+                           capture_output=True, text=True)
+    if built.returncode:
+        raise SystemExit(f"mkdocs could not build the site from {BUILD / 'mkdocs.yml'}:\n{built.stderr[-3000:]}")
 
 
 def browser() -> str:
@@ -128,13 +140,22 @@ def check(pages: list[Path]) -> list[list]:
 
 
 def main() -> None:
+    global SITE  # --site: where build writes and check reads
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-execute", action="store_true", help="use the notebooks already in build/book/")
     parser.add_argument("--check-only", action="store_true", help="only check the pages of an existing site/")
     parser.add_argument("--minutes", type=float, default=20, help="time limit per notebook run")
     parser.add_argument("--tries", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 05")
+    parser.add_argument("--site", type=Path, default=SITE, help=f"the site's folder (default {SITE})")
     args = parser.parse_args()
+    SITE = args.site.resolve()
+    if args.check_only and not (SITE / "index.html").exists():
+        raise SystemExit(f"--check-only checks a built site, and there is none in {SITE} (no index.html): build it "
+                         "first with python bench/book.py (pip install -e '.[book]' for its packages)")
+    if not args.check_only and missing_book_packages():
+        raise SystemExit(f"building the book needs {', '.join(missing_book_packages())}, not installed in "
+                         f"{sys.executable}: pip install -e '.[book]' (then run this again)")
     notebooks = sorted(NOTEBOOKS.glob("[0-9]*.ipynb"))
     if args.only:
         notebooks = [nb for nb in notebooks if nb.name.startswith(tuple(args.only))]
@@ -151,6 +172,7 @@ def main() -> None:
         build(executed)
     pages = [SITE / "index.html", *(SITE / (nb.stem + ".html") for nb in notebooks)]
     rows = check([p for p in pages if p.exists()])
+    rows += [[p.name, 0, 0, "the page is missing", "MISSING"] for p in pages if not p.exists()]
     for row in rows:
         row.insert(1, f"{timing[row[0].replace('.html', '.ipynb')]:.0f}" if row[0].replace(".html", ".ipynb") in timing
                    else "-")

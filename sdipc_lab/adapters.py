@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -115,13 +116,22 @@ class FineTuned:
 def new_finetuned(lab: Lab, *, n_tokens: int = 8, train_prompts: bool = True, train_kv: bool = True,
                   seed: int = 0) -> FineTuned:
     prompts = DeepVisualPrompts(lab.image_encoder, n_tokens, seed=seed).to(lab.device).eval() if train_prompts else None
-    return FineTuned(prompts, kv_processors(lab) if train_kv else {}, info=fingerprint(lab))
+    return FineTuned(prompts, kv_processors(lab) if train_kv else {},
+                     info={**fingerprint(lab), "text_fingerprint": text_fingerprint(lab)})
 
 
 def fingerprint(lab: Lab) -> dict:
     """What a fine-tuned file must match in a lab: the widths and depths its tensors were made for."""
     return {"W_t": list(lab.W_t.shape), "vision_layers": lab.image_encoder.config.num_hidden_layers,
             "vision_width": lab.image_encoder.config.hidden_size, "cross_attention_dim": lab.unet.config.cross_attention_dim}
+
+
+def text_fingerprint(lab: Lab) -> str:
+    """A short hash of the lab's text projection `W_t` as stored (fp16): the C-space it converts into. Latent CLIP
+    towers and fine-tuned files record it, and are refused on a lab with another, which the widths alone cannot
+    tell (two teaching labs have the same)."""
+    w_t = lab.W_t.detach().to("cpu", torch.float16).contiguous()  # (P, D)
+    return hashlib.sha256(w_t.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
 
 def save_finetuned(ft: FineTuned, path: str | os.PathLike) -> Path:
@@ -137,8 +147,9 @@ def save_finetuned(ft: FineTuned, path: str | os.PathLike) -> Path:
 
 
 def load_finetuned(lab: Lab, path: str | os.PathLike) -> FineTuned:
-    """Read a fine-tuned file into new modules for `lab`; refuses a file made for another base."""
-    from safetensors import safe_open
+    """Read a fine-tuned file into new modules for `lab`; refuses a file made for another base (widths, or the
+    fingerprint of its W_t), and a file cut short."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -147,12 +158,25 @@ def load_finetuned(lab: Lab, path: str | os.PathLike) -> FineTuned:
         found = sorted(path.glob("*.safetensors"))
         hint = f" (it holds {', '.join(p.name for p in found)})" if found else ""
         raise ValueError(f"{path} is a folder{hint}: pass the fine-tuned file itself, e.g. {path / 'finetuned.safetensors'}")
-    with safe_open(str(path), framework="pt") as f:
-        info = json.loads(f.metadata().get("sdipc_lab", "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {}).get("sdipc_lab", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a readable fine-tuned file ({error}): it may be cut short or from "
+                         "elsewhere; train it again, or copy it again from where it was made") from None
     base = fingerprint(lab)
     if {k: info.get(k) for k in base} != base:
         raise ValueError(f"{path} was trained on a lab with {info}; this lab has {base}. Load it into a lab of the same base.")
+    theirs, mine = info.get("text_fingerprint"), text_fingerprint(lab)
+    if theirs is not None and theirs != mine:  # None: files saved before it was recorded
+        raise ValueError(f"{path} was trained on another lab of the same sizes (its W_t fingerprint is {theirs}, "
+                         f"this lab's {mine}): its prompts and k/v mean nothing here. Load it into the lab it was "
+                         "trained on (the same base), or fine-tune this lab.")
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise ValueError(f"{path} holds non-finite values (NaN or infinite) in {', '.join(bad[:5])}: the training "
+                         "that wrote it went wrong; train it again with a lower learning rate")
     text = None
     if "token_embedding" in tensors:
         text = with_new_token(lab, info["token"], tensors["token_embedding"])

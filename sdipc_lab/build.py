@@ -206,6 +206,9 @@ SHRUNK = dict(text=dict(hidden_size=64, intermediate_size=128, num_attention_hea
               vae=dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1))
 
 
+HUB_CACHE_MARKER = "sdipc_lab_hub_cache.txt"  # marks a cache of random weights as hub_cache's own, to write again
+
+
 def hub_cache(folder, configs, *, shrink: dict | None = SHRUNK, words: Iterable[str] = TINY_WORDS,
               seed: int = 0) -> Path:
     """A Hugging Face hub cache (`folder/models--org--name/{refs/main, snapshots/REV/...}`, as the hub client
@@ -213,7 +216,8 @@ def hub_cache(folder, configs, *, shrink: dict | None = SHRUNK, words: Iterable[
     sub-folder per repository: `openai--clip-vit-large-patch14/`, `CompVis--stable-diffusion-v1-4/`) and random
     weights, at the widths of `shrink` (None: the real ones, several GB). The tokenizer is a small word-level
     one (`words`) in the real tokenizer's files and layout. Point HF_HUB_CACHE at `folder` and set
-    HF_HUB_OFFLINE=1: `load_lab("sd-v1-4")` then runs its real `from_pretrained` path on this machine."""
+    HF_HUB_OFFLINE=1: `load_lab("sd-v1-4")` then runs its real `from_pretrained` path on this machine. `folder` must
+    be new (in an existing folder), empty, or a cache hub_cache wrote before: a real cache is refused."""
     import json
     import shutil
     import tempfile
@@ -222,7 +226,23 @@ def hub_cache(folder, configs, *, shrink: dict | None = SHRUNK, words: Iterable[
     from safetensors.torch import save_file
     from transformers import CLIPConfig, CLIPModel
 
-    folder, configs = Path(folder), Path(configs)
+    folder, configs = Path(folder).expanduser(), Path(configs)
+    if not folder.parent.is_dir():
+        raise ValueError(f"hub_cache: {folder.parent} (the folder that would hold {folder.name}) does not exist: "
+                         "create it first, or name a folder in an existing one")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"hub_cache: {folder} is a file; name a new or empty folder")
+    if folder.exists() and any(folder.iterdir()) and not (folder / HUB_CACHE_MARKER).exists():
+        held = sorted(p.name for p in folder.iterdir())[:5]
+        raise ValueError(f"hub_cache: {folder} already holds {', '.join(held)}, not written by hub_cache (it may be a "
+                         "real Hugging Face cache: its repositories would be replaced by random weights). Name a new "
+                         "or empty folder.")
+    missing = [repo for repo in HUB_REPOS.values() if not (configs / repo.replace("/", "--")).is_dir()]
+    if missing:
+        raise ValueError(f"hub_cache: {configs} has no configuration folder for {', '.join(missing)} (one "
+                         "sub-folder per repository, e.g. openai--clip-vit-large-patch14/)")
+    folder.mkdir(exist_ok=True)
+    (folder / HUB_CACHE_MARKER).write_text("random weights written by sdipc_lab.build.hub_cache\n")
     shrink = shrink or {}
     snapshots = {}
     for key, repo in HUB_REPOS.items():

@@ -227,6 +227,8 @@ def edit_prompt_embeds(lab: Lab, images, text: str | Sequence[str], *, alpha: fl
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number (0.9 in the paper), got {alpha!r}")
     alpha = float(alpha)
+    if not (isinstance(text, str) or (isinstance(text, Sequence) and text and all(isinstance(t, str) for t in text))):
+        raise ValueError(f"text must be the edit text (a str, e.g. 'a blue disk'), or one per image, got {text!r}")
     pseudo = image_prompt_embeds(lab, images, cutoff=cutoff, norm=norm, norm_space=norm_space, weights=weights)
     B = len(pseudo)
     texts = [text] * B if isinstance(text, str) else list(text)

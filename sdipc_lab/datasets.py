@@ -118,6 +118,8 @@ def references(lab: Lab, n: int, *, seed: int | None = None, kind: str | None = 
     seed. `kind`: "photos" or "world" instead of the lab's own kind (photographs can be shown to any lab).
     `world`: passed to `toyworld.samples` (e.g. split="train")."""
     n = whole_number("n", n, low=1)
+    if seed is not None:
+        seed = whole_number("seed", seed, low=0)  # or None: the first n
     if kind not in (None, "photos", "world"):
         raise ValueError(f'kind must be "photos", "world" or None (the lab\'s own), got {kind!r}')
     if (kind or ("world" if knows_world(lab) else "photos")) == "photos":
@@ -126,7 +128,13 @@ def references(lab: Lab, n: int, *, seed: int | None = None, kind: str | None = 
     world.setdefault("two_objects", 0)
     if seed is None:
         return samples(n, split, **world)
-    return [sample(i, split, **world) for i in random.Random(seed).sample(range(1000), n)]
+    if n > DRAWN_FROM:
+        raise ValueError(f"asked for {n} references drawn by seed {seed} from the first {DRAWN_FROM} images of "
+                         f"the {split!r} split: ask for at most {DRAWN_FROM}, or pass seed=None for the first {n}")
+    return [sample(i, split, **world) for i in random.Random(seed).sample(range(DRAWN_FROM), n)]
+
+
+DRAWN_FROM = 1000  # `references(..., seed=...)` draws among the first images of a split
 
 
 def judge_for(lab: Lab):

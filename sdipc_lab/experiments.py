@@ -20,8 +20,8 @@ from .lab import Lab
 from .latent_clip import reno
 from .measure import cutoff_sweep, norm_distributions  # noqa: F401 (norm_distributions: notebook 03 calls it here)
 from .metrics import clip_fid, clip_i, clip_score, clip_t
-from .toyworld import concept_samples
-from .toyworld.evaluate import prompt_conditions
+from .toyworld import concept_samples, freehand, samples
+from .toyworld.evaluate import prompt_conditions, read_drawings
 from .toyworld.judge import agreement
 
 MASKING_CONDITIONS = {
@@ -144,6 +144,37 @@ def variation_table(lab: Lab, data, *, judge=None, seed=0, steps=None) -> tuple[
             row.update({f"judge {k}": v for k, v in agreement(judge(images[name]), [s.attributes for s in data]).items()})
         rows.append(row)
     return rows, images
+
+
+def shape_by_size(lab: Lab, *, judge, n: int = 96, n_world: int = 48, part: str = "dev", seed: int = 0) -> list[dict]:
+    """SD-IPC's and CLIP's shape accuracy against the object's width, on the world's own test renderings and on
+    `n` drawings made by other code (`toyworld.freehand`, its `part`): does the lab read shapes, or the world's
+    two sizes? One row per (images, width bucket): "width %" (the bucket's middle), "SD-IPC shape", "CLIP shape"
+    (zero-shot), "N". Needs the toy judge: [] without one (on SD it is not measured)."""
+    if judge is None:
+        return []
+    world = samples(n_world, "test", two_objects=0)
+    widths = {"world's renderings": [_width(s.image) for s in world]}
+    drawn = freehand.drawings(n, part)
+    widths["other drawings"] = [d.width for d in drawn]
+    rows = []
+    for name, data in (("world's renderings", world), ("other drawings", drawn)):
+        read = read_drawings(lab, data, judge, seed=seed)
+        for low, high in freehand.BUCKETS:
+            inside = [r for r, w in zip(read, widths[name]) if freehand.bucket(w) == freehand.bucket(low)]
+            if inside:
+                rows.append({"images": name, "width %": round(50 * (low + high)), "N": len(inside),
+                             "SD-IPC shape": float(np.mean([r["sd-ipc shape"] for r in inside])),
+                             "CLIP shape": float(np.mean([r["clip shape"] for r in inside]))})
+    return rows
+
+
+def _width(image) -> float:
+    """A drawn object's width, a share of the image: the extent of the pixels far from the border's colour."""
+    x = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
+    ys, xs = np.nonzero(np.linalg.norm(x - np.median(border, axis=0), axis=-1) > 50)
+    return (max(np.ptp(ys), np.ptp(xs)) + 1) / x.shape[0] if len(ys) else 0.0
 
 
 def alpha_experiment(lab: Lab, data, edit_text: str, alphas, *, target: dict | None = None, judge=None, seed=0,

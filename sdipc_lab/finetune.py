@@ -16,6 +16,10 @@ another image of the same concept ("A/B training", App. C.2).
     python -m sdipc_lab.finetune FOLDER --mode ft --out runs/ft      # sub-folders = concepts (A/B)
     python -m sdipc_lab.finetune FOLDER --mode ct --out runs/ct      # one concept, 5 images, 30 steps
     accelerate launch -m sdipc_lab.finetune ...                      # several GPUs, same command
+    accelerate launch --multi_gpu --num_processes 2 -m sdipc_lab.finetune ...   # 2 processes, also on a CPU
+
+With several processes `--batch` is the global batch: each step draws it as one process would, and each process
+trains on its contiguous share, so N processes train the same weights as one (up to float rounding), N times faster.
 
 The result is one small safetensors file (prompts and k/v only) that `load_finetuned` reads into any lab
 of the same base; `vary(..., finetuned=ft)` and `edit(..., finetuned=ft)` use it.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import random
 import sys
@@ -35,15 +40,27 @@ import torch
 # FT.load_finetuned, FT.FineTuned, ...: the fine-tuned parts' public names, re-exported from adapters.py. They are
 # applied by passing them (or their file) as `finetuned=` to vary / edit / generate: the one way to use them.
 from .adapters import FineTuned as FineTuned
-from .adapters import applied, fingerprint, kv_processors, with_new_token
+from .adapters import applied, fingerprint, kv_processors, text_fingerprint, with_new_token
 from .adapters import load_finetuned as load_finetuned
 from .adapters import new_finetuned as new_finetuned
 from .adapters import save_finetuned as save_finetuned
 from .convert import encode_text, pseudo_prompt, token_ids
+from .generate import whole_number
 from .images import as_rgb_images, digest
 from .lab import Lab, limit_threads, load_lab
 from .latents import encode_latents
-from .training import TrainingStopped, diffusion_loss, fit
+from .training import (
+    MAX_LR,
+    TrainingStopped,
+    check_batch,
+    check_positive,
+    diffusion_loss,
+    fit,
+    new_accelerator,
+    processes,
+    shard,
+    use_local_gpu,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MODES = {  # the paper's recipes (Sec. 4.1): steps, schedule, text-to-image regulariser; the lr is the lab's
@@ -99,14 +116,15 @@ class Eq9(torch.nn.Module):
         self.lab = lab
         self.prompts = ft.prompts
         self.kv = torch.nn.ModuleDict({k.replace(".", "/"): v for k, v in ft.kv.items()})
+        self.part = (0, 1)  # (process index, process count): batches are this process's share of a global batch
 
     def forward(self, ref_pixels, target_latents, text_states=None, text_latents=None):
         lab = self.lab
         f_img_c = lab.image_encoder(pixel_values=ref_pixels).image_embeds  # (B, P), through the prompts
         prompt = pseudo_prompt(lab, f_img_c)  # (B, 77, D), W_t^+ fixed
-        loss = diffusion_loss(lab.unet, lab.scheduler, target_latents, prompt)
+        loss = diffusion_loss(lab.unet, lab.scheduler, target_latents, prompt, part=self.part)
         if text_states is not None:
-            loss = loss + diffusion_loss(lab.unet, lab.scheduler, text_latents, text_states)
+            loss = loss + diffusion_loss(lab.unet, lab.scheduler, text_latents, text_states, part=self.part)
         return loss
 
 
@@ -130,18 +148,29 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
     """
     if mode not in MODES:
         raise ValueError(f"mode must be 'ft' (SD-IPC-FT) or 'ct' (SD-IPC-CT), got {mode!r}")
+    batch, seed, n_tokens = _counts(batch=batch, seed=seed, n_tokens=n_tokens)
+    if not concepts.images or not all(concepts.images.values()):
+        raise ValueError(f"every concept needs images; got {({c: len(v) for c, v in concepts.images.items()})}")
     recipe = MODES[mode]
     steps = recipe["steps"] if steps is None else steps
     lr = lab.finetune_lr[mode] if lr is None else lr
+    check_positive(steps=steps, lr=lr)  # before the run folder is claimed
     counts = {c: len(v) for c, v in concepts.images.items()}
     if ab is None:
         ab = mode == "ft" and min(counts.values()) >= 2
     if ab and min(counts.values()) < 2:
         raise ValueError(f"A/B training needs at least 2 images per concept; got {counts}. Add images or pass ab=False.")
     out = Path(out)
+    accelerator = accelerator or new_accelerator()
+    check_batch(batch, accelerator)
+    if accelerator.is_main_process:
+        claim_run_folder(out, mode, {"concepts": {c: digest(v) for c, v in concepts.images.items()}},
+                         f"concepts {sorted(concepts.images)}")
+    accelerator.wait_for_everyone()
     torch.manual_seed(seed)
     ft = new_finetuned(lab, n_tokens=n_tokens, train_prompts=train_prompts, train_kv=train_kv, seed=seed)
     module = Eq9(lab, ft)
+    module.part = processes(accelerator)
     for p in lab.unet.parameters():
         p.requires_grad_(False)
     for p in lab.image_encoder.parameters():
@@ -171,11 +200,12 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
     for i, (c, _) in enumerate(flat):
         by_concept.setdefault(c, []).append(i)
 
-    def loss_fn(m, step):
+    def loss_fn(m, step):  # the global batch of the step, drawn alike by every process; this process's share of it
         rng = random.Random(f"ft:{seed}:{step}")
         ref = [rng.randrange(len(flat)) for _ in range(batch)]
         target = [rng.choice([j for j in by_concept[flat[i][0]] if j != i]) if ab else i for i in ref]
-        idx, tgt = torch.tensor(ref, device=lab.device), torch.tensor(target, device=lab.device)
+        idx = torch.tensor(shard(ref, module.part), device=lab.device)
+        tgt = torch.tensor(shard(target, module.part), device=lab.device)
         if text_states is None:
             return m(pixels[idx], latents[tgt])
         return m(pixels[idx], latents[tgt], text_states[idx], latents[idx])
@@ -193,8 +223,69 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
     for part in [*(ft.kv.values()), *([ft.prompts] if ft.prompts is not None else [])]:
         part.requires_grad_(False).eval()
     ft.info.update(mode=mode, steps=steps, lr=lr, ab=bool(ab), concepts=counts)
-    save_finetuned(ft, out / "finetuned.safetensors")
+    if accelerator.is_main_process:
+        save_finetuned(ft, out / "finetuned.safetensors")
+    accelerator.wait_for_everyone()
     return ft
+
+
+RUN_FILE = "finetune_run.json"  # what a fine-tuning run folder holds: its mode and the data it trains on
+RUN_OUTPUTS = ("finetuned.safetensors", "finetuned.tmp")
+
+
+def _counts(**values) -> list[int]:
+    """Batch sizes, seeds and token counts as ints (NumPy integers too), refused with their name otherwise."""
+    low = {"seed": 0}
+    return [whole_number(k, v, low=low.get(k, 1), high=2**63 - 1 if k == "seed" else None) for k, v in values.items()]
+
+
+def claim_run_folder(out: Path, mode: str, data: dict, what: str) -> None:
+    """A fine-tuning run writes into `out` only if it is new, empty, or holds the run of the same mode on the same
+    data (recorded in `RUN_FILE`): another run's `finetuned.safetensors` and checkpoints are never overwritten, nor
+    files that no run wrote."""
+    import json
+
+    record = {"mode": mode, **data}
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output folder {out} is a file: name a folder (--out; it is created if missing)")
+    if (out / RUN_FILE).exists():
+        try:
+            saved = json.loads((out / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            saved = None
+        if saved != json.loads(json.dumps(record)):
+            was = (f"a {saved.get('mode')!r} run on other data" if isinstance(saved, dict) and saved.get("mode") == mode
+                   else f"a {saved.get('mode')!r} run" if isinstance(saved, dict) else f"an unreadable {RUN_FILE}")
+            raise ValueError(f"{out} holds {was}; this is a {mode!r} run on {what}. Nothing was trained or "
+                             "overwritten: train into another folder (--out / out=).")
+        return
+    if out.exists():
+        ours = {*RUN_OUTPUTS, *(f"{n}{end}" for n in (*(f"sdipc-{m}" for m in MODES), "custom-diffusion")
+                                for end in (".ckpt.safetensors", ".ckpt.tmp", "_loss.png", ".lock"))}
+        strangers = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        if strangers:
+            raise ValueError(f"{out} holds files a fine-tuning run did not write ({', '.join(strangers[:5])}); they "
+                             "are left alone. Train into a new or empty folder (--out / out=).")
+        previous = _finetuned_info(out / "finetuned.safetensors")
+        if previous is not None and previous.get("mode") != mode:  # a run from before RUN_FILE was recorded
+            raise ValueError(f"{out} holds a {previous.get('mode')!r} run's finetuned.safetensors; this is a {mode!r} "
+                             "run. Nothing was trained or overwritten: train into another folder (--out / out=).")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _finetuned_info(path: Path) -> dict | None:
+    import json
+
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("sdipc_lab", "{}"))
+    except Exception:  # unreadable: no mode to compare
+        return {}
 
 
 class TextToImageLoss(torch.nn.Module):
@@ -204,10 +295,11 @@ class TextToImageLoss(torch.nn.Module):
         super().__init__()
         self.lab, self.encoder = lab, ft.text[1]
         self.kv = torch.nn.ModuleDict({k.replace(".", "/"): v for k, v in ft.kv.items()})
+        self.part = (0, 1)  # (process index, process count): batches are this process's share of a global batch
 
     def forward(self, input_ids, latents):
         f_txt = self.encoder.text_model(input_ids).last_hidden_state  # (B, 77, D)
-        return diffusion_loss(self.lab.unet, self.lab.scheduler, latents, f_txt.to(latents.dtype))
+        return diffusion_loss(self.lab.unet, self.lab.scheduler, latents, f_txt.to(latents.dtype), part=self.part)
 
 
 def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>", steps: int = 250,
@@ -222,7 +314,9 @@ def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>"
     baseline learns in the language its U-Net was trained on.
     """
     images = as_rgb_images(images)
+    batch, seed = _counts(batch=batch, seed=seed)
     lr = lab.finetune_lr["custom-diffusion"] if lr is None else lr
+    check_positive(steps=steps, lr=lr)
     if captions is not None:
         captions = list(captions)
         if len(captions) != len(images) or not all(token in c for c in captions):
@@ -231,9 +325,17 @@ def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>"
     class_ids = lab.tokenizer(class_word, add_special_tokens=False).input_ids
     if len(class_ids) != 1:
         raise ValueError(f"class_word must be one token of the lab's vocabulary; {class_word!r} is {len(class_ids)}")
+    accelerator = accelerator or new_accelerator()
+    check_batch(batch, accelerator)
+    if accelerator.is_main_process:
+        claim_run_folder(Path(out), "custom-diffusion", {"images": digest(images), "token": token,
+                                                          "class_word": class_word},
+                         f"{len(images)} images of {class_word!r}")
+    accelerator.wait_for_everyone()
     init = lab.text_encoder.get_input_embeddings().weight[class_ids[0]].detach()
     tokenizer, encoder = with_new_token(lab, token, init)
-    ft = FineTuned(None, kv_processors(lab), info={**fingerprint(lab), "token": token, "class_word": class_word},
+    ft = FineTuned(None, kv_processors(lab), info={**fingerprint(lab), "text_fingerprint": text_fingerprint(lab),
+                                                   "token": token, "class_word": class_word},
                    text=(tokenizer, encoder))
     table = encoder.get_input_embeddings().weight
     table.requires_grad_(True)
@@ -251,11 +353,13 @@ def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>"
     ids = token_ids(tokenizer, captions)[0].to(lab.device)  # (K, 77)
     latents = latents_of(lab, images)  # (N, 4, h, w)
     module = TextToImageLoss(lab, ft)
+    module.part = processes(accelerator)
 
-    def loss_fn(m, step):
+    def loss_fn(m, step):  # the global batch of the step, drawn alike by every process; this process's share of it
         rng = random.Random(f"cd:{seed}:{step}")
         pick = [rng.randrange(len(images)) for _ in range(batch)]
         which = pick if per_image else [rng.randrange(len(captions)) for _ in range(batch)]
+        which, pick = shard(which, module.part), shard(pick, module.part)
         return m(ids[torch.tensor(which, device=lab.device)], latents[torch.tensor(pick, device=lab.device)])
 
     with applied(lab, dataclasses.replace(ft, text=None)), limit_threads(lab.threads):
@@ -269,7 +373,9 @@ def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>"
     for proc in ft.kv.values():
         proc.requires_grad_(False)
     ft.info.update(mode="custom-diffusion", steps=steps, lr=lr)
-    save_finetuned(ft, Path(out) / "finetuned.safetensors")
+    if accelerator.is_main_process:
+        save_finetuned(ft, Path(out) / "finetuned.safetensors")
+    accelerator.wait_for_everyone()
     return ft
 
 
@@ -286,19 +392,29 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ab", action="store_true", help="x_target = x_ref even with several images per concept")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name in ("steps", "batch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be a whole number >= 1, got {getattr(args, name)}")
+    if args.lr is not None and not (math.isfinite(args.lr) and 0 < args.lr <= MAX_LR):
+        parser.error(f"--lr must be a positive number at most {MAX_LR:g}, got {args.lr}: fine-tuning rates are "
+                     "around 1e-5 to 1e-2 (default: the lab's finetune_lr for the mode)")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
 
     try:
         concepts = read_folder(args.folder)
+        use_local_gpu()  # several GPUs: this process's one, for the lab (loaded before the processes join)
         lab = load_lab(args.lab)
+        accelerator = new_accelerator()
         ft = finetune(lab, concepts, mode=args.mode, out=args.out, steps=args.steps, lr=args.lr, batch=args.batch,
-                      ab=False if args.no_ab else None, seed=args.seed)
+                      ab=False if args.no_ab else None, seed=args.seed, accelerator=accelerator)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:  # Ctrl-C or SIGTERM: checkpointed
         print(stopped, file=sys.stderr)
         return 130
-    print(f"saved {Path(args.out) / 'finetuned.safetensors'}: {ft.info}")
+    accelerator.print(f"saved {Path(args.out) / 'finetuned.safetensors'}: {ft.info}")
     return 0
 
 

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import tempfile
 import warnings
@@ -114,6 +115,17 @@ class Lab:
         unknown = set(parts) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"lab.replace takes components ({', '.join(COMPONENTS)}), not {sorted(unknown)}")
+        for part, component in parts.items():
+            model = part in ("text_encoder", "image_encoder", "unet", "vae")
+            if component is None or (model and not isinstance(component, torch.nn.Module)):
+                raise ValueError(f"lab.replace({part}=...) needs a {part} component (e.g. lab.{part}, or one loaded "
+                                 f"with from_pretrained), got {type(component).__name__}; leave {part} out to keep "
+                                 "the lab's own")
+            kind = _kind_of(component)
+            if model and kind != part:
+                raise ValueError(f"lab.replace({part}=...) needs a {part} component, got a "
+                                 f"{type(component).__name__}" + (f" (a {kind}: pass it as {kind}=...)" if kind else "")
+                                 + f"; leave {part} out to keep the lab's own")
         components = {part: getattr(self, part) for part in COMPONENTS} | parts
         check_consistent(components)
         for part in set(parts) & {"text_encoder", "image_encoder", "unet", "vae"}:
@@ -136,6 +148,21 @@ class Lab:
         P, D = self.W_t.shape
         return (f"Lab(source={self.source!r}, D={D}, P={P}, image={self.image_size}px, "
                 f"device={self.device}, dtype={self.dtype}, {self.constants})")
+
+
+def _kind_of(component) -> str | None:
+    """Which of the lab's model components `component` can stand in for, by what the lab calls on it: the VAE's
+    encode/decode, the U-Net's cross-attention, the text and image towers' projections (W_t, W_i)."""
+    config = getattr(component, "config", None)
+    if hasattr(component, "encode") and hasattr(component, "decode") and hasattr(config, "latent_channels"):
+        return "vae"
+    if hasattr(config, "cross_attention_dim") and not hasattr(component, "decode"):
+        return "unet"
+    if hasattr(component, "text_projection"):
+        return "text_encoder"
+    if hasattr(component, "visual_projection"):
+        return "image_encoder"
+    return None
 
 
 def pick_device() -> torch.device:
@@ -253,11 +280,12 @@ def _quota_in(folder: Path, *, v2: bool) -> float | None:
 
 
 def whole(name: str, value) -> int:
-    """`value` if it is a whole number >= 1, else a ValueError naming `name` (None keeps the lab's own)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """`value` as an int if it is a whole number >= 1 (NumPy integers too), else a ValueError naming `name` (None
+    keeps the lab's own)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         hint = f"this process may use {usable_cpus()} CPUs" if name == "threads" else "or None for the lab's own"
         raise ValueError(f"{name} must be a whole number >= 1 ({hint}), got {value!r}")
-    return value
+    return int(value)
 
 
 @contextlib.contextmanager
@@ -306,25 +334,27 @@ def save_lab(lab: Lab, folder: str | os.PathLike, *, extra: dict | None = None, 
     so is the package's own 'toy' lab unless `into_package=True`."""
     import shutil
 
-    folder = Path(folder).expanduser().resolve()
-    if folder == TOY_FOLDER.resolve() and not into_package:
-        raise ValueError(f"{folder} is the teaching lab shipped in the package: save elsewhere, or pass "
-                         "into_package=True to replace it.")
-    if folder.exists() and not (folder.is_dir() and ((folder / LAB_FILE).exists() or not any(folder.iterdir()))):
-        raise ValueError(f"{folder} exists and is not a lab folder (no {LAB_FILE}); it is left alone. "
-                         "Name a new or empty folder.")
+    folder = check_save_target(folder, extra=extra or {}, into_package=into_package)
     tmp = folder.with_name(f"{folder.name}.saving-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by this very process, interrupted
     tmp.mkdir(parents=True)
-    with quiet():
-        for part in COMPONENTS:
-            component = getattr(lab, part)
-            if isinstance(component, torch.nn.Module):
-                component.save_pretrained(tmp / part, safe_serialization=True)
-            else:
-                component.save_pretrained(tmp / part)
-            _forget_origin(tmp / part / "config.json")
+    try:
+        with quiet():
+            for part in COMPONENTS:
+                component = getattr(lab, part)
+                if isinstance(component, torch.nn.Module):
+                    component.save_pretrained(tmp / part, safe_serialization=True)
+                else:
+                    component.save_pretrained(tmp / part)
+                _forget_origin(tmp / part / "config.json")
+        if folder.exists():  # inside the components: only the files this save writes again may go
+            _refuse_strangers(folder, [p for part in COMPONENTS if (folder / part).is_dir()
+                                       for p in (folder / part).rglob("*")
+                                       if p.is_file() and not (tmp / p.relative_to(folder)).exists()])
+    except ValueError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for name, text in (extra or {}).items():
         (tmp / name).write_text(text)
     (tmp / LAB_FILE).write_text(json.dumps(lab.constants, indent=2) + "\n")  # last: a lab only once complete
@@ -334,6 +364,35 @@ def save_lab(lab: Lab, folder: str | os.PathLike, *, extra: dict | None = None, 
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+# Files a lab's writers put beside the components: `toyworld.train export` records the constants it measured.
+LAB_EXTRAS = ("constants_measured.json",)
+
+
+def check_save_target(folder: str | os.PathLike, *, extra=(), into_package: bool = False) -> Path:
+    """The folder `save_lab` may write a lab into, resolved: new, empty, or a lab holding only what lab writers
+    write (`extra`: names of the other files this save writes); never the package's own lab unless
+    `into_package=True`. A ValueError says why not, before anything is written."""
+    folder = Path(folder).expanduser().resolve()
+    if folder == TOY_FOLDER.resolve() and not into_package:
+        raise ValueError(f"{folder} is the teaching lab shipped in the package: save elsewhere, or pass "
+                         "into_package=True to replace it.")
+    if folder.exists() and not (folder.is_dir() and ((folder / LAB_FILE).exists() or not any(folder.iterdir()))):
+        raise ValueError(f"{folder} exists and is not a lab folder (no {LAB_FILE}); it is left alone. "
+                         "Name a new or empty folder.")
+    ours = {*COMPONENTS, LAB_FILE, *LAB_EXTRAS, *extra}
+    _refuse_strangers(folder, [p for p in folder.iterdir() if p.name not in ours] if folder.exists() else [])
+    return folder
+
+
+def _refuse_strangers(folder: Path, strangers: list) -> None:
+    """Saving over a lab replaces the whole folder: refuse when it holds files no lab writer wrote (the user's)."""
+    if strangers:
+        names = ", ".join(str(p.relative_to(folder)) for p in strangers[:5]) + (" ..." if len(strangers) > 5 else "")
+        raise ValueError(f"{folder} is a lab folder but also holds files save_lab did not write ({names}); saving "
+                         "would replace the whole folder and lose them. Move them out of it, or save to another "
+                         "folder. Nothing was written.")
 
 
 def _forget_origin(config: Path) -> None:
@@ -471,6 +530,11 @@ def _load(places: dict, constants: dict, source: str, device, dtype, *, local_on
     parts = {}
     with quiet():
         for part, (where, subfolder) in places.items():
+            local = Path(where) if subfolder is None and Path(where).is_dir() else None  # a lab folder's component
+            if local is not None and part in CONFIG_FILES and not (local / CONFIG_FILES[part]).exists():
+                raise WeightsNotFoundError(
+                    f"the lab's {part} in {local} has no {CONFIG_FILES[part]} (the description of its architecture), "
+                    "so it cannot be loaded: restore the file, or re-save the lab with sdipc_lab.save_lab.")
             kwargs = dict(local_files_only=local_only)
             if subfolder:
                 kwargs["subfolder"] = subfolder
@@ -484,7 +548,44 @@ def _load(places: dict, constants: dict, source: str, device, dtype, *, local_on
                     raise OSError("no tokenizer files (vocabulary and merges) there")
             except (OSError, ValueError, SafetensorError) as error:  # hub/cache misses are OSErrors; cut files
                 raise _missing(part, where, subfolder, source, local_only, error, unreachable) from None
+            if local is not None and isinstance(parts[part], torch.nn.Module):
+                check_weights(part, parts[part], local)
         return assemble(parts, constants, source=source, device=device, dtype=dtype)
+
+
+# The file each component's folder describes itself with (the tokenizer is checked by its vocabulary).
+CONFIG_FILES = {"text_encoder": "config.json", "image_encoder": "config.json", "unet": "config.json",
+                "vae": "config.json", "scheduler": "scheduler_config.json",
+                "feature_extractor": "preprocessor_config.json"}
+
+
+def check_weights(part: str, model: torch.nn.Module, folder: Path) -> None:
+    """The weights in `folder` (its .safetensors files) must be exactly those its config builds, all finite: the
+    libraries fill a missing tensor with random numbers and load NaNs without a word. A ValueError names the file
+    and the tensors otherwise."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    stored = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            stored.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    state = model.state_dict()
+    expected = {key: tuple(value.shape) for key, value in state.items()}
+    problems = []
+    for what, keys in (("missing", sorted(set(expected) - set(stored))),
+                       ("unexpected", sorted(set(stored) - set(expected))),
+                       ("of another shape than the config's",
+                        sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])),
+                       ("not finite (NaN or infinite values)",
+                        sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()))):
+        if keys:
+            problems.append(f"{len(keys)} tensor(s) {what}: {', '.join(keys[:5])}" + (" ..." if len(keys) > 5 else ""))
+    if problems:
+        where = ", ".join(str(f) for f in files) or f"{folder} (no .safetensors file)"
+        raise ValueError(f"the lab's {part} weights in {where} do not match its config.json: " + "; ".join(problems)
+                         + ". The lab would run with random or broken weights there: restore the file, or re-save "
+                         "the lab with sdipc_lab.save_lab.")
 
 
 def _missing(part, where, subfolder, source, local_only, error, unreachable: bool = False) -> Exception:

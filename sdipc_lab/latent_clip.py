@@ -8,6 +8,8 @@
   the best image kept. The latent reward needs no VAE decode inside the loop.
 
     python -m sdipc_lab.latent_clip train --out runs/latent_clip     # both towers, then export (<= 10 MB)
+    accelerate launch -m sdipc_lab.latent_clip train ...              # several GPUs, same command (--multi_gpu
+                                                                      # --num_processes N: N processes on a CPU)
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import math
 import random
 import time
@@ -24,12 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .adapters import text_fingerprint  # towers record the C-space they were trained into
 from .convert import encode_text, image_embeds, text_embeds
 from .lab import Lab, limit_threads, load_lab, quiet
 from .latents import decode_latents, encode_latents, from_posterior, pixels_of
 from .toyworld.evaluate import zero_shot_of
 from .toyworld.train import render
-from .training import TrainingStopped, fit
+from .training import (TrainingStopped, check_batch, fit, gathered, new_accelerator, processes, randn_shard, shard,
+                       use_local_gpu)
 
 TOWERS_DIR = Path(__file__).parent / "toyworld" / "latent_clip"
 KINDS = ("latent", "pixel")
@@ -63,9 +66,10 @@ class TowerTrainer(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, x, f_txt_c):  # f_txt_c: (B, P) unit text embeddings from the frozen lab
-        f_img = tower_embeds(self.tower, x)
+        # with several processes, x is this process's share: the loss is over the global batch (`gathered`)
+        f_img, f_txt_c = gathered(tower_embeds(self.tower, x)), gathered(f_txt_c)
         logits = self.logit_scale.clamp(max=math.log(100)).exp() * f_img @ f_txt_c.T
-        labels = torch.arange(len(x), device=x.device)
+        labels = torch.arange(len(f_img), device=x.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
@@ -79,6 +83,9 @@ def train_tower(lab: Lab, kind: str, *, world, out: Path, steps: int = 2000, bat
     if posterior not in ("sample", "mean"):
         raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
     n_images = len(world.images)
+    accelerator = accelerator or new_accelerator()
+    check_batch(batch, accelerator)
+    part = processes(accelerator)
     torch.manual_seed(seed)
     tower = new_tower(lab, kind, width=width, layers=layers) if init is None else copy.deepcopy(init)
     tower.train().requires_grad_(True)
@@ -93,14 +100,18 @@ def train_tower(lab: Lab, kind: str, *, world, out: Path, steps: int = 2000, bat
             moments = torch.cat([lab.vae.encode(pixels(torch.arange(i, min(i + 256, n_images))).to(lab.dtype))
                                    .latent_dist.parameters for i in range(0, n_images, 256)])  # (N, 8, h, w)
 
-    def loss_fn(module, step):
+    def loss_fn(module, step):  # the global batch of the step, drawn alike by every process; this process's share
         rng = random.Random(f"{kind}:{seed}:{step}")
         index = torch.tensor([rng.randrange(n_images) for _ in range(batch)])
+        captions = shard(world.captions(index, rng), part)
+        index = shard(index, part)
         with torch.no_grad():
-            f_txt_c = F.normalize(text_embeds(lab, world.captions(index, rng)).float(), dim=-1)
+            f_txt_c = F.normalize(text_embeds(lab, captions).float(), dim=-1)
             if kind == "latent":  # scaled (and by default sampled) latents: "rescaling is key"
-                x = from_posterior(moments[index.to(lab.device)], lab.vae.config.scaling_factor,
-                                   sample=posterior == "sample")
+                share, noise = moments[index.to(lab.device)], None
+                if posterior == "sample":  # drawn for the global batch, sharded: any process count draws alike
+                    noise = randn_shard(share.chunk(2, dim=1)[0], part)  # as from_posterior's own draw
+                x = from_posterior(share, lab.vae.config.scaling_factor, sample=posterior == "sample", noise=noise)
             else:
                 x = pixels(index)
         return module(x, f_txt_c)
@@ -114,16 +125,10 @@ def train_tower(lab: Lab, kind: str, *, world, out: Path, steps: int = 2000, bat
             minutes=minutes, signature=signature)
     tower.eval().requires_grad_(False)
     tower.config.text_fingerprint = text_fingerprint(lab)  # the C-space it was trained into, checked at load
-    tower.save_pretrained(Path(out) / kind)
+    if accelerator.is_main_process:
+        tower.save_pretrained(Path(out) / kind)
+    accelerator.wait_for_everyone()
     return tower
-
-
-def text_fingerprint(lab: Lab) -> str:
-    """A short hash of the lab's text projection `W_t` as stored (fp16): the C-space a tower was trained into.
-    Towers record it in their config; `load_towers(lab=...)` refuses towers whose C-space is another text
-    tower's, which the widths alone cannot tell (two teaching labs have the same)."""
-    w_t = lab.W_t.detach().to("cpu", torch.float16).contiguous()  # (P, D)
-    return hashlib.sha256(w_t.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
 
 def load_towers(folder: Path = TOWERS_DIR, device="cpu", dtype=torch.float32, *, lab: Lab | None = None) -> dict:
@@ -285,6 +290,19 @@ def _pixel_clip(lab: Lab, pixels: torch.Tensor) -> torch.Tensor:
     return F.normalize(lab.image_encoder(pixel_values=((x - mean) / std).to(lab.dtype)).image_embeds.float(), dim=-1)
 
 
+def towers_folder_strangers(folder: Path) -> list[str]:
+    """What in `folder` is not a tower's export (`KIND/config.json`, `KIND/model.safetensors`): the towers are
+    written only into a new or empty folder, or over towers, never over anything else."""
+    if not folder.exists():
+        return []
+    if not folder.is_dir():
+        return [folder.name]
+    ours = {"config.json", "model.safetensors"}
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not (
+        (p.is_dir() and p.parent == folder and p.name in KINDS) or
+        (p.is_file() and p.parent.parent == folder and p.parent.name in KINDS and p.name in ours)))[:5]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train"])
@@ -306,16 +324,31 @@ def main(argv=None) -> None:
         if args.lab != "toy":
             parser.error(f"the package's towers belong to the toy lab; for --lab {args.lab} name another --export")
         args.export = TOWERS_DIR
+    elif args.export is not None and args.export.expanduser().resolve() == TOWERS_DIR.resolve():
+        parser.error(f"--export {args.export} is the package's own towers folder: it is only replaced when asked "
+                     "by name (--export toy, for --lab toy); name another --export")
     args.out = args.out or Path("runs/latent_clip") / Path(args.lab).name
     args.export = args.export or args.out / "towers"
+    if args.export.resolve() != TOWERS_DIR.resolve():
+        strangers = towers_folder_strangers(args.export)
+        if strangers:
+            parser.error(f"--export {args.export} holds files that are not latent CLIP towers ({', '.join(strangers)}); "
+                         "they are left alone: name a new or empty folder, or one that holds only towers")
+    use_local_gpu()  # several GPUs: this process's one, for the lab (loaded before the processes join)
     lab = load_lab(args.lab)
+    accelerator = new_accelerator()
     world = render(args.images, "train")
     for kind in kinds:
         try:
-            tower = train_tower(lab, kind, world=world, out=args.out, steps=args.steps, minutes=args.minutes)
+            tower = train_tower(lab, kind, world=world, out=args.out, steps=args.steps, minutes=args.minutes,
+                                accelerator=accelerator)
         except TrainingStopped as stopped:  # Ctrl-C or SIGTERM: checkpointed, say so without a traceback
             raise SystemExit(str(stopped)) from None
-        tower.half().save_pretrained(args.export / kind, safe_serialization=True)
+        if accelerator.is_main_process:
+            tower.half().save_pretrained(args.export / kind, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
     size = sum(f.stat().st_size for f in Path(args.export).rglob("*.safetensors"))
     print(f"exported the {' and '.join(kinds)} tower{'s' * (len(kinds) > 1)} to {args.export} "
           f"({size / 2**20:.1f} MB in the folder)")

@@ -24,11 +24,15 @@ def encode_latents(lab: Lab, images, sample: bool = True, size: int | None = Non
     return (dist.sample() if sample else dist.mean) * lab.vae.config.scaling_factor
 
 
-def from_posterior(moments: torch.Tensor, scaling_factor: float, sample: bool = True) -> torch.Tensor:
+def from_posterior(moments: torch.Tensor, scaling_factor: float, sample: bool = True,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled latents (B, C, h, w) from the VAE posterior's moments (B, 2C, h, w) (`latent_dist.parameters`: mean,
-    log-variance): a draw from it (torch's global generator), or its mean with `sample=False`."""
+    log-variance): a draw from it (torch's global generator, or the standard normal `noise` (B, C, h, w) given), or
+    its mean with `sample=False`."""
     mean, logvar = moments.chunk(2, dim=1)
-    z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+    if sample and noise is None:
+        noise = torch.randn_like(mean)
+    z = mean + noise * (0.5 * logvar).exp() if sample else mean
     return z * scaling_factor
 
 

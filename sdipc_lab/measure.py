@@ -6,6 +6,7 @@ Functions take a lab plus images and captions, so they serve the teaching lab an
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -97,9 +98,17 @@ def singular_value_quantiles(lab: Lab, qs=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75))
 @torch.no_grad()
 def nearest_texts(lab: Lab, f_cnvrt: torch.Tensor, texts: Sequence[str], k: int = 5) -> list[dict]:
     """What a converted prompt "says": the `k` texts whose end-token states (T-space) are closest in cosine to
-    f_cnvrt (D,), best first, as rows {"text", "cosine"}."""
+    f_cnvrt (D,), best first, as rows {"text", "cosine"}. One text (a str) is read as a list of one."""
+    if not isinstance(f_cnvrt, torch.Tensor):
+        raise ValueError(f"f_cnvrt must be a tensor (D,), e.g. S.convert(lab, f_img_c)[0], got "
+                         f"{type(f_cnvrt).__name__}: the texts come second, nearest_texts(lab, f_cnvrt, texts)")
     if f_cnvrt.dim() != 1:
         raise ValueError(f"f_cnvrt must be one vector (D,), got shape {tuple(f_cnvrt.shape)}")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"texts must be one or more strings to compare with (e.g. candidate_texts(lab)), got {texts!r}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be a whole number >= 1 (how many texts to return), got {k!r}")
     f_eos = eos_states(lab, list(texts))  # (N, D)
     cos = F.cosine_similarity(f_eos, f_cnvrt.float().to(f_eos.device)[None], dim=-1)  # (N,)
     best = cos.topk(min(k, len(texts)))

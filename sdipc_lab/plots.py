@@ -127,6 +127,29 @@ def plot_curves(rows: Sequence[dict], x: str, ys: Sequence[str], *, logx: bool =
     return fig
 
 
+def plot_groups(rows: Sequence[dict], x: str, ys: Sequence[str], group: str, *, title: str = "", ylabel: str = "",
+                styles: Sequence[str] = ("-", "--", ":"), chance: float | None = None):
+    """One line per (value of column `group`, column of `ys`) against column `x`: a colour per group, a line style
+    per column; `chance`, a grey line at that accuracy (and the y axis from 0 to 1). Returns the figure, or None
+    (saying so) when there are no rows (not measured on this lab)."""
+    if not rows:
+        print(f"{title or 'plot'}: nothing to draw, not measured on this lab")
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for k, name in enumerate(dict.fromkeys(r[group] for r in rows)):
+        mine = [r for r in rows if r[group] == name]
+        for y, style in zip(ys, styles):
+            ax.plot([r[x] for r in mine], [r[y] for r in mine], style, marker="o", color=f"C{k}", label=f"{name}: {y}")
+    if chance is not None:
+        ax.axhline(chance, color="0.6", lw=1, ls=":", label="chance")
+        ax.set_ylim(0, 1.03)
+    ax.set(xlabel=x, ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_spectrum(singular_values, cutoff: float | None = None, title: str = "singular values of W_t"):
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.semilogy(range(1, len(singular_values) + 1), singular_values, marker=".", lw=1)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 
 import matplotlib.pyplot as plt
 
-from .generate import edit, vary
+from .generate import edit, real_number, vary
+from .images import as_rgb_images
 from .lab import Lab
 from .plots import show_images
 
@@ -35,11 +37,27 @@ def _panel(show, **controls):
     return panel
 
 
-def cutoff_slider(lab: Lab, image, cutoffs: Sequence[float], *, n: int = 4, seed: int = 0):
-    """Variations of `image` at the chosen singular-value cutoff."""
+def _one_image(image, where: str) -> list:
+    """`image` read as one RGB image (a PIL image, an array or a path), or a ValueError saying where it came from."""
+    if isinstance(image, numbers.Number):
+        raise ValueError(f"{where}: the image comes first, got the number {image!r}")
+    images = as_rgb_images(image)
+    if len(images) != 1:
+        raise ValueError(f"{where}: one image, got {len(images)}")
+    return images
+
+
+def cutoff_slider(lab: Lab, image, cutoffs: Sequence[float] | None = None, *, n: int = 4, seed: int = 0):
+    """Variations of `image` at the chosen singular-value cutoff (`cutoffs`; default 0, the lab's and 0.5)."""
     import ipywidgets as w
 
-    cutoffs = list(cutoffs)
+    [image] = _one_image(image, "cutoff_slider(lab, image, cutoffs)")
+    if cutoffs is None:
+        cutoffs = sorted({0.0, float(lab.cutoff), 0.5})
+    if isinstance(cutoffs, (str, bytes)) or not isinstance(cutoffs, Iterable):
+        raise ValueError(f"cutoffs must be a list of cutoffs the slider steps through, e.g. [0.0, lab.cutoff, 0.5], "
+                         f"got {cutoffs!r}")
+    cutoffs = [real_number("a cutoff", c) for c in cutoffs]
     if not cutoffs:
         raise ValueError("cutoffs is empty: give the cutoffs the slider steps through, e.g. [0.0, lab.cutoff, 0.5]")
     options = [(f"{c:.3g}", c) for c in cutoffs]
@@ -65,6 +83,10 @@ def edit_panel(lab: Lab, references: dict, *, n: int = 4):
     """Pick a reference image, type an edit text, move alpha and the seed (Eq. 8)."""
     import ipywidgets as w
 
+    if not isinstance(references, dict) or not references:
+        raise ValueError("references must be a non-empty dict of name -> image, e.g. {'star': refs[0]}, got "
+                         f"{references!r}"[:300])
+    references = {str(name): _one_image(image, f"references[{name!r}]")[0] for name, image in references.items()}
     def show(reference, text, alpha, seed):
         image = references[reference]
         _show([image, *edit(lab, image, text, alpha=alpha, n=n, seed=seed)], f"'{text}', alpha {alpha:.2f}")

@@ -107,10 +107,12 @@ def test_the_rendered_output_checks_catch_what_a_reader_would_see():
 # The package as a stack: a module imports only from layers below its own (issue 14). Read it bottom-up.
 LAYERS = [
     {"images", "plots", "training", "build", "toyworld.world"},  # no package imports at all
-    {"lab", "toyworld"},                                          # load_lab(); the world's public names
+    {"lab", "toyworld", "toyworld.freehand"},                     # load_lab(); the world's public names; drawings
+                                                                  # by other code than the world's
     {"convert"},                                                  # the paper's Eq. 5-8
     {"latents", "attention", "metrics", "measure", "toyworld.judge"},
-    {"adapters"},                                                 # what fine-tuning trains, and `applied`
+    {"adapters", "toyworld.variety"},                             # what fine-tuning trains, and `applied`; the
+                                                                  # image tower's varied drawings (the judge's sizes)
     {"generate"},                                                 # vary / edit / generate
     {"finetune", "probing", "toyworld.evaluate"},
     {"toyworld.train"},                                           # export judges the cutoff (toyworld.evaluate)

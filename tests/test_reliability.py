@@ -392,6 +392,17 @@ def test_finetuned_files_and_folders_are_handled(lab, refs, tmp_path):
     (["clip,vae", "--size", "test", "--budget-steps", "5"], "--budget-steps is for one training stage"),
     (["clip", "--size", "test", "--budget-steps", "5", "--minutes", "2"], "in --minutes or in --budget-steps, not both"),
     (["export"], "reads tokenizer"),
+    (["clip", "--size", "test", "--lr", "1e30"], "--lr must be a positive number at most 1 (0 < lr <= 1; "),
+    (["clip", "--size", "test", "--lr", "1e39"], "got 1e+39"),
+    (["clip", "--size", "test", "--lr", "nan"], "got nan"),
+    (["clip", "--size", "test", "--lr", "0"], "--lr must be a positive number at most 1"),
+    (["clip", "--size", "test", "--seed", str(2**64)], "--seed must be a whole number between 0 and 2**63 - 1"),
+    (["clip", "--size", "test", "--seed", "-1"], "got -1"),
+    (["export", "--sampler", "steps=0"], "steps is a whole number from 1 to 1000"),
+    (["export", "--sampler", "guidance_scale=-2"], "guidance_scale is a number >= 0"),
+    (["export", "--sampler", "scheduler=euler"], "scheduler is ddim or dpm++"),
+    (["export", "--sampler", "steps=ten"], "steps is a whole number"),
+    (["export", "--sampler", "stepz=3"], "NAME one of scheduler, steps"),
 ])
 def test_the_training_cli_refuses_what_would_go_wrong(tmp_path, argv, message, capsys):
     from sdipc_lab.toyworld import train as T
@@ -399,6 +410,21 @@ def test_the_training_cli_refuses_what_would_go_wrong(tmp_path, argv, message, c
     with pytest.raises(SystemExit) as error:
         T.main([*argv, "--out", str(tmp_path / "run")])
     assert message in str(error.value) or message in capsys.readouterr().err  # a message, or argparse's usage error
+    if "--lr" in argv or "--seed" in argv or "--sampler" in argv:
+        assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_the_training_cli_refuses_a_lab_dir_export_would_refuse_before_training(tmp_path, monkeypatch, capsys):
+    from sdipc_lab.toyworld import train as T
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("two years")
+    monkeypatch.setattr(T, "render", lambda *a, **k: pytest.fail("a stage started before --lab-dir was checked"))
+    for lab_dir, message in ((tmp_path / "mine", "not a lab folder"), (T.LAB_DIR.resolve(), "shipped in the package")):
+        with pytest.raises(SystemExit):
+            T.main(["all", "--size", "test", "--out", str(tmp_path / "run"), "--lab-dir", str(lab_dir)])
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "mine" / "thesis.txt").read_text() == "two years" and not (tmp_path / "run").exists()
 
 
 def test_sampler_settings_size_and_steps_per_call(lab, refs):
@@ -466,3 +492,291 @@ def test_panels_redraw_in_place_with_labels_shown(lab, refs, monkeypatch):
     slider = widgets.cutoff_slider(lab, refs[0], [0.0, lab.cutoff], n=1)
     slider.children[0].children[0].value = 0.0
     assert drawn[-1][1] == "cutoff 0"
+
+
+def test_save_lab_over_a_lab_keeps_the_users_files(lab, tmp_path):
+    folder = S.save_lab(lab, tmp_path / "lab")
+    (folder / "notes.md").write_text("my notes")
+    with pytest.raises(ValueError, match="files save_lab did not write \\(notes.md\\).*Move them out"):
+        S.save_lab(lab, folder)
+    (folder / "notes.md").rename(tmp_path / "notes.md")
+    (folder / "unet" / "notes.md").write_text("mine too")
+    with pytest.raises(ValueError, match="unet/notes.md"):
+        S.save_lab(lab, folder)
+    assert (folder / "unet" / "notes.md").read_text() == "mine too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lab", "notes.md"]  # nothing half-written left beside it
+    (folder / "unet" / "notes.md").unlink()
+    S.save_lab(lab, folder)  # a lab's own files alone: replaced
+    with pytest.raises(ValueError, match="shipped in the package"):  # however the path is spelled
+        S.save_lab(lab, tmp_path / os.path.relpath(S.lab.TOY_FOLDER, tmp_path))
+
+
+def test_export_refuses_the_package_lab_unless_named(tmp_path):
+    from sdipc_lab.toyworld import train as T
+
+    with pytest.raises(SystemExit, match="shipped in the package.*--lab-dir toy"):
+        T.export(tmp_path, T.LAB_DIR.resolve())
+
+
+def test_finetuning_into_another_modes_run_is_refused(lab, tmp_path):
+    from sdipc_lab import finetune as FT
+    from sdipc_lab.toyworld import concept_samples
+
+    red = FT.Concepts({"red star": [s.image for s in concept_samples("star", "red", 2)]})
+    blue = FT.Concepts({"blue heart": [s.image for s in concept_samples("heart", "blue", 2)]})
+    FT.finetune(lab, red, mode="ct", out=tmp_path, steps=1, batch=2)
+    before = (tmp_path / "finetuned.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="holds a 'ct' run; this is a 'ft' run.*another folder \\(--out"):
+        FT.finetune(lab, blue, mode="ft", out=tmp_path, steps=1, batch=2)
+    with pytest.raises(ValueError, match="holds a 'ct' run; this is a 'custom-diffusion' run"):
+        FT.custom_diffusion(lab, red.images["red star"], class_word="star", out=tmp_path, steps=1, batch=2)
+    assert (tmp_path / "finetuned.safetensors").read_bytes() == before
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "thesis.txt").write_text("two years")
+    with pytest.raises(ValueError, match="did not write \\(thesis.txt\\)"):
+        FT.finetune(lab, red, mode="ct", out=tmp_path / "theirs", steps=1, batch=2)
+    assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["thesis.txt"]
+
+
+def test_latent_towers_refuse_the_package_folder_by_path_and_a_folder_of_other_files(tmp_path, capsys):
+    from sdipc_lab import latent_clip as LC
+
+    with pytest.raises(SystemExit):
+        LC.main(["train", "--lab", "tiny", "--export", str(LC.TOWERS_DIR.resolve()), "--out", str(tmp_path)])
+    assert "package's own towers" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("mine")
+    with pytest.raises(SystemExit):
+        LC.main(["train", "--lab", "tiny", "--export", str(tmp_path / "mine"), "--out", str(tmp_path / "run")])
+    assert "not latent CLIP towers (notes.md)" in capsys.readouterr().err
+    assert LC.towers_folder_strangers(LC.TOWERS_DIR) == []  # towers alone are the towers' own to replace
+
+
+def test_hub_cache_refuses_a_real_cache_and_a_missing_parent(tmp_path):
+    from sdipc_lab.build import hub_cache
+
+    configs = os.path.join(os.path.dirname(__file__), "data", "hub_configs")
+    real = tmp_path / "hub" / "models--openai--clip-vit-large-patch14" / "refs"
+    real.mkdir(parents=True)
+    (real / "main").write_text("abc123")
+    with pytest.raises(ValueError, match="already holds models--openai--clip-vit-large-patch14.*real Hugging Face"):
+        hub_cache(tmp_path / "hub", configs)
+    assert (real / "main").read_text() == "abc123"
+    with pytest.raises(ValueError, match="does not exist"):
+        hub_cache(tmp_path / "nope" / "hub", configs)
+    assert not (tmp_path / "nope").exists()
+
+
+def _broken_lab(lab, tmp_path, part, keep):
+    from safetensors.torch import load_file, save_file
+
+    folder = S.save_lab(lab, tmp_path / part)
+    weights = next((folder / part).glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    save_file({k: v for i, (k, v) in enumerate(sorted(tensors.items())) if keep(i, k)}, str(weights))
+    return folder, weights
+
+
+def test_a_lab_with_missing_or_broken_tensors_is_refused_by_name(lab, tmp_path):
+    folder, weights = _broken_lab(lab, tmp_path, "text_encoder", lambda i, k: k != "text_projection.weight")
+    with pytest.raises(ValueError, match=f"{weights}.*1 tensor\\(s\\) missing: text_projection.weight"):
+        S.load_lab(folder)
+    folder, weights = _broken_lab(lab, tmp_path, "image_encoder", lambda i, k: i % 2 == 0)  # half of its tensors
+    with pytest.raises(ValueError, match="image_encoder weights in .*model.safetensors.*tensor\\(s\\) missing"):
+        S.load_lab(folder)
+
+    from safetensors.torch import load_file, save_file
+    folder = S.save_lab(lab, tmp_path / "nan")
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match=f"not finite.*{name}"):
+        S.load_lab(folder)
+    (folder / "vae" / "config.json").unlink()
+    with pytest.raises(S.WeightsNotFoundError, match="vae in .* has no config.json"):
+        S.load_lab(folder)
+
+
+def test_a_finetuned_file_is_for_its_own_lab_and_a_cut_file_is_named(lab, refs, tmp_path):
+    import copy
+
+    from sdipc_lab import finetune as FT
+
+    FT.finetune(lab, FT.Concepts({"c": refs[:2]}), mode="ct", out=tmp_path, steps=1, batch=2)
+    path = tmp_path / "finetuned.safetensors"
+    other_text = copy.deepcopy(lab.text_encoder)
+    with torch.no_grad():
+        other_text.text_projection.weight.mul_(-1.0)  # the same sizes, another C-space
+    with pytest.raises(ValueError, match="another lab of the same sizes.*W_t fingerprint"):
+        FT.load_finetuned(lab.replace(text_encoder=other_text), path)
+    assert FT.load_finetuned(lab, path).info["mode"] == "ct"
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="cut.safetensors is not a readable fine-tuned file"):
+        FT.load_finetuned(lab, cut)
+
+
+def test_non_finite_weights_stop_training_and_keep_the_last_good_checkpoint(tmp_path):
+    def poisoned(m, step):
+        if step == 7:
+            m.w.register_hook(lambda grad: grad * float("inf"))  # the gradient overflows, the loss does not
+        return m(step)
+
+    with pytest.raises(NonFiniteLoss, match="gradients became .* at step 7.*step 6 is kept.*--lr"):
+        fit("toy", Noisy(), poisoned, steps=12, lr=0.05, out=tmp_path / "grad", every=3)
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def overflowing(m, step):
+        if step == 4:  # the update itself overflows a weight (as a rate of 1e39 does in float32)
+            def hook(optimizer, args, kwargs):
+                with torch.no_grad():
+                    m.w[0] = float("inf")
+                handle.remove()
+            handle = register_optimizer_step_post_hook(hook)
+        return m(step)
+
+    with pytest.raises(NonFiniteLoss, match="weights became non-finite .* at step 4.*step 3 is kept"):
+        fit("toy", Noisy(), overflowing, steps=12, lr=0.05, out=tmp_path / "w", every=3)
+    with safe_open(str(tmp_path / "w" / "toy.ckpt.safetensors"), framework="pt") as f:
+        assert int(f.metadata()["step"]) == 3 and torch.isfinite(f.get_tensor("model.w")).all()
+
+
+@pytest.mark.parametrize("lr", ["1e30", "1e39", "inf", "nan", "0"])
+def test_an_absurd_learning_rate_is_refused_at_the_cli(tmp_path, lr, capsys):
+    from sdipc_lab import finetune as FT
+
+    with pytest.raises(SystemExit):
+        FT.main([str(tmp_path), "--lr", lr, "--out", str(tmp_path / "run")])
+    assert "--lr must be a positive number at most 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        fit("toy", Noisy(), lambda m, step: m(step), steps=2, lr=float(lr), out=tmp_path / "fit")
+
+
+def test_public_arguments_are_checked_where_they_enter(lab, refs, tmp_path, capsys):
+    import numpy as np
+
+    from sdipc_lab import finetune as FT
+    from sdipc_lab.datasets import references
+    from sdipc_lab.measure import nearest_texts
+    from sdipc_lab.widgets import cutoff_slider, edit_panel
+
+    with pytest.raises(ValueError, match="asked for 1001 references drawn by seed 3.*at most 1000"):
+        references(lab, 1001, seed=3, kind="world")
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        references(lab, 2, seed=2**64 + 0.5, kind="world")
+    assert len(references(lab, np.int64(2), seed=np.int64(5), kind="world")) == 2
+    with pytest.raises(SystemExit):
+        FT.main([str(tmp_path), "--batch", "0", "--out", str(tmp_path / "run")])
+    assert "--batch must be a whole number >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch must be a whole number >= 1, got 0"):
+        FT.finetune(lab, FT.Concepts({"c": refs[:2]}), mode="ct", out=tmp_path / "b", steps=1, batch=0)
+    with pytest.raises(ValueError, match="seed must be a whole number >= 0 and <= 9223372036854775807, got 18446744"):
+        FT.finetune(lab, FT.Concepts({"c": refs[:2]}), mode="ct", out=tmp_path / "s", steps=1, seed=2**64)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "s").exists()
+    f_cnvrt = S.convert(lab, S.image_embeds(lab, refs[:1]))[0]
+    [row] = nearest_texts(lab, f_cnvrt, "a red circle")  # one text: a list of one
+    assert row["text"] == "a red circle"
+    with pytest.raises(ValueError, match="texts must be one or more strings"):
+        nearest_texts(lab, f_cnvrt, [])
+    with pytest.raises(ValueError, match=r"k must be a whole number >= 1 \(how many texts to return\), got -1"):
+        nearest_texts(lab, f_cnvrt, ["a red star"], k=-1)
+    with pytest.raises(ValueError, match="f_cnvrt must be a tensor.*texts come second"):
+        nearest_texts(lab, "a red circle", ["a red star"])
+    with pytest.raises(ValueError, match="text must be the edit text.*got None"):
+        S.edit(lab, refs[0], None, n=1)
+    with pytest.raises(ValueError, match="lab.replace\\(vae=...\\) needs a vae component.*got NoneType"):
+        lab.replace(vae=None)
+    with pytest.raises(ValueError, match="the image comes first, got the number 0.3"):
+        cutoff_slider(lab, 0.3, [0.0, 0.3])
+    with pytest.raises(ValueError, match="cutoffs must be a list.*got 0.3"):
+        cutoff_slider(lab, refs[0], 0.3)
+    with pytest.raises(ValueError, match="references must be a non-empty dict"):
+        edit_panel(lab, {})
+
+
+def test_export_refuses_a_folder_of_other_files_before_measuring(tmp_path, monkeypatch):
+    from sdipc_lab.toyworld import train as T
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("two years")
+    monkeypatch.setattr(T, "load_parts", lambda *a, **k: pytest.fail("export measured before checking its target"))
+    with pytest.raises(SystemExit, match="not a lab folder"):
+        T.export(tmp_path, tmp_path / "mine")
+    assert (tmp_path / "mine" / "thesis.txt").read_text() == "two years"
+
+
+def test_numpy_threads_and_a_component_of_another_kind(lab):
+    import numpy as np
+
+    assert S.load_lab("tiny", device="cpu", threads=np.int64(1)).threads == 1
+    with pytest.raises(ValueError, match="needs a vae component, got a UNet2DConditionModel \\(a unet: pass it as"):
+        lab.replace(vae=lab.unet)
+    with pytest.raises(ValueError, match="needs a text_encoder component, got a CLIPVisionModelWithProjection"):
+        lab.replace(text_encoder=lab.image_encoder)
+
+
+def test_the_book_script_says_to_build_the_site_or_install_its_packages(tmp_path):
+    book = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "book.py")
+    checked = subprocess.run([sys.executable, book, "--check-only", "--site", str(tmp_path / "site")],
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode != 0 and "Traceback" not in checked.stderr
+    assert "there is none in" in checked.stderr and "build it first" in checked.stderr
+    without = ("import runpy, sys; sys.modules['mkdocs'] = None; sys.argv = ['book.py', '--no-execute']; "
+               f"runpy.run_path({book!r}, run_name='__main__')")  # mkdocs not installed, as far as imports go
+    built = subprocess.run([sys.executable, "-c", without], capture_output=True, text=True, timeout=120)
+    assert built.returncode != 0 and "Traceback" not in built.stderr
+    assert "needs mkdocs" in built.stderr and "pip install -e '.[book]'" in built.stderr
+
+
+def _battery():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "reliability.py")
+    spec = importlib.util.spec_from_file_location("reliability_battery", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_mistakes_battery_classifies_what_each_case_led_to(lab):
+    import time
+
+    R = _battery()
+    cases = {c.name: c for c in R.CASES}
+    for name, cls in (("nearest_texts with []", "handled"), ("nearest_texts with one str", "ok"),
+                      ("references 1001 by seed", "handled"), ("Lab.replace(vae=None)", "handled")):
+        assert R.run_case(cases[name], lab).cls == cls, name
+
+    def deletes(lab, tmp, watch):
+        watch.user_file(tmp / "notes.md").unlink()
+        raise ValueError("refused, but only after deleting the user's notes")
+
+    def from_a_library(lab, tmp, watch):
+        torch.zeros(2) @ torch.zeros(3)  # a shape error raised inside torch
+
+    def cli_parser(lab, tmp, watch):
+        from sdipc_lab import finetune as FT
+
+        FT.main([str(tmp), "--batch", "0"])  # argparse's exit, with our message
+
+    def runs(*code):
+        return lambda lab, tmp, watch: subprocess.run([sys.executable, "-c", *code], capture_output=True, text=True)
+
+    outcomes = {
+        "data-loss": deletes, "raw": from_a_library, "silent-wrong": lambda lab, tmp, watch: None,
+        "hang": lambda lab, tmp, watch: time.sleep(30), "handled": cli_parser,
+    }
+    for cls, fn in outcomes.items():
+        outcome = R.run_case(R.Case(cls, "a made-up mistake", "refuse", fn, timeout=1), lab)
+        assert outcome.cls == cls, (cls, outcome)
+    assert "--batch must be a whole number" in R.run_case(R.Case("x", "", "refuse", cli_parser, 60), lab).message
+    for code, cls in (("pass", "silent-wrong"), ("raise RuntimeError('boom, from no code of ours')", "raw"),
+                      ("import sys; sys.exit(2)", "raw"),  # no message
+                      ("import sys; sys.exit('the folder holds your files: name another one')", "handled")):
+        assert R.run_case(R.Case(code, "", "refuse", runs(code), 60), lab).cls == cls, code
+    assert R.classify("work", error=ValueError("x" * 40)) == ("raw", "ValueError: " + "x" * 40 +
+                                                               " (refused a call that must work)")

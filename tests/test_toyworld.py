@@ -729,6 +729,19 @@ def test_export_from_checkpoint_takes_the_checkpoints_ema_unet(tiny_run, tmp_pat
         T.main(["export", "--size", "test", "--out", str(run), "--from-checkpoint"])
 
 
+def test_export_with_init_from_lab_writes_the_run_s_lab_not_the_source(tiny_run, tmp_path):
+    """`export --init-from-lab SOURCE` exports to OUT/lab (or --lab-dir): the lab it continued from is only read."""
+    from sdipc_lab.toyworld import train as T
+
+    out, _, _ = tiny_run
+    source = T.export(out, tmp_path / "source")
+    before = {p: p.stat().st_mtime_ns for p in source.rglob("*")}
+    run = tmp_path / "run"
+    T.main(["export", "--size", "test", "--out", str(run), "--init-from-lab", str(source)])
+    assert (run / "lab" / "sdipc_lab.json").exists()
+    assert {p: p.stat().st_mtime_ns for p in source.rglob("*")} == before
+
+
 def test_diversity_is_the_mean_pairwise_rms_of_the_shrunk_images():
     """Against a direct NumPy computation; identical images give 0 and no judged flips; a red and a blue
     variation of one drawing are far apart."""
@@ -779,8 +792,13 @@ def test_route_pack_saves_the_stage_boundaries_and_restores_without_overwriting(
     assert held == ["clipA/clip.done", "clipB_t3068/clip.done", "clipC_c3518/clip.done",
                     "clipC_c3518/image_encoder/w", "clipC_c3518/text_encoder/w", "clipC_c3518/tokenizer/t",
                     "fs2/clip.done", "fs2/peek4000/sdipc_lab.json", "fs2/peek4000/unet/w", "fs2/phase1.done",
-                    "fs4b_c3518/lab/sdipc_lab.json", "fs4b_c3518/lab/unet/w", "fs4b_c3518/unet.done"]
+                    "fs4b_c3518/lab/sdipc_lab.json", "fs4b_c3518/lab/unet/w", "fs4b_c3518/unet.done",
+                    "route_pack.txt"]  # its marker: the folder is the script's own to replace
     assert (pack / "fs4b_c3518/lab/unet/w").read_text() == "fs4b_c3518/lab/unet/w"
+    (runs / "fs4b_c3518/lab/unet/w").write_text("trained on")
+    assert run("save", pack, runs).returncode == 0  # its own pack: replaced whole
+    assert (pack / "fs4b_c3518/lab/unet/w").read_text() == "trained on"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pack", "runs"]  # no .tmp or .old left
 
     fresh = tmp_path / "fresh"
     (fresh / "fs2/peek4000").mkdir(parents=True)
@@ -789,8 +807,27 @@ def test_route_pack_saves_the_stage_boundaries_and_restores_without_overwriting(
     assert restored.returncode == 0, restored.stderr
     assert (fresh / "fs2/peek4000/sdipc_lab.json").read_text() == "the user's own"  # never overwritten
     assert (fresh / "fs4b_c3518/unet.done").exists() and (fresh / "clipC_c3518/text_encoder/w").exists()
+    assert not (fresh / "route_pack.txt").exists()  # the marker stays in the pack
     not_a_pack = run("restore", tmp_path / "nowhere", fresh)
     assert not_a_pack.returncode == 2 and "not a route pack" in not_a_pack.stderr
+
+    mine = tmp_path / "mine"  # a user's folder given as the pack, or found where the save stages it
+    (mine / "fs2/peek4000").mkdir(parents=True)
+    (mine / "thesis.txt").write_text("two years")
+    staged = tmp_path / "other"
+    (tmp_path / "other.tmp").mkdir()
+    (tmp_path / "other.tmp" / "notes.md").write_text("mine")
+    for target, named in ((mine, mine), (staged, tmp_path / "other.tmp")):
+        refused = run("save", target, runs)
+        assert refused.returncode == 2 and f"{named} exists and is not a route pack" in refused.stderr
+    assert (mine / "thesis.txt").read_text() == "two years" and (tmp_path / "other.tmp/notes.md").exists()
+    assert not staged.exists()
+    legacy = tmp_path / "legacy"  # a pack without the marker (as committed): known by its shape, replaced
+    shutil.copytree(pack, legacy)
+    (legacy / "route_pack.txt").unlink()
+    assert run("save", legacy, runs).returncode == 0 and (legacy / "route_pack.txt").exists()
+    typo = run("sav", pack, runs)
+    assert typo.returncode == 2 and "sav is not an action" in typo.stderr
 
 
 def test_route_refuses_an_unknown_until_stage_before_training():
@@ -807,8 +844,8 @@ def test_ship_lab_replaces_the_package_lab_whole_and_ships_one_lab_per_out(tmp_p
     script = Path(__file__).parents[1] / "docs" / "results" / "ship_lab.sh"
     package, out = tmp_path / "package_lab", tmp_path / "ship"
 
-    def run(lab):
-        env = {**os.environ, "OUT": str(out), "PACKAGE_LAB": str(package), "UNTIL": "lab"}
+    def run(lab, **variables):
+        env = {**os.environ, "OUT": str(out), "PACKAGE_LAB": str(package), "UNTIL": "lab", **variables}
         return subprocess.run(["bash", str(script), str(lab)], env=env, capture_output=True, text=True)
 
     def exported(name):
@@ -826,13 +863,32 @@ def test_ship_lab_replaces_the_package_lab_whole_and_ships_one_lab_per_out(tmp_p
     assert refused.returncode == 2 and "not an exported lab (no unet)" in refused.stderr
     assert not package.exists() and not out.exists()
     new = exported("new")
+    typo = run(new, UNTIL="lab_", PYTHON="false")  # a misspelt step: refused before any step, not every step run
+    assert typo.returncode == 2 and "UNTIL=lab_ is not a step" in typo.stderr and "latent_clip" in typo.stderr
+    assert not package.exists() and not out.exists()
     package.mkdir()
-    (package / "stale.json").write_text("from the lab shipped before")
+    (package / "notes.md").write_text("mine")
+    refused = run(new)  # a folder that is not a lab: never replaced
+    assert refused.returncode == 2 and "not a lab folder" in refused.stderr
+    (package / "sdipc_lab.json").write_text("{}")
+    refused = run(new)  # a lab holding a user's file: never replaced
+    assert refused.returncode == 2 and "holds notes.md, which no lab writer wrote" in refused.stderr
+    assert sorted(p.name for p in package.iterdir()) == ["notes.md", "sdipc_lab.json"] and not out.exists()
+    (package / "notes.md").unlink()
+    (package / "unet").mkdir()
+    (package / "unet" / "stale.bin").write_text("from the lab shipped before")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "quality.txt").write_text("my own table")
+    refused = run(new, OUT=str(theirs))  # an OUT this script did not write
+    assert refused.returncode == 2 and "did not write (no source.txt)" in refused.stderr
+    assert (theirs / "quality.txt").read_text() == "my own table" and (package / "unet" / "stale.bin").exists()
     shipped = run(new)
     assert shipped.returncode == 0, shipped.stderr
     assert sorted(str(p.relative_to(package)) for p in package.rglob("*") if p.is_file()) == sorted(
         str(p.relative_to(new)) for p in new.rglob("*") if p.is_file())  # the new lab whole, nothing left over
     assert (package / "unet/w").read_text() == "new/unet/w" and (out / "lab.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if "shipping" in p.name]  # its staging folder removed
     assert run(new).returncode == 0  # the same lab again: the finished step is skipped
     mixed = run(other)
     assert mixed.returncode == 2 and "not " + str(other.resolve()) in mixed.stderr

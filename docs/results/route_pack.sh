@@ -14,21 +14,51 @@
 # stages' .done markers, so the route skips what it holds; restore never overwrites anything runs/ has. The labs
 # are exported ones (U-Net in fp16), as the route itself hands them on, so a restored route trains as the
 # uninterrupted one did. RUNS=DIR works on another folder than runs/ (the tests use it).
+# save replaces only a pack: a folder holding its marker (MARKER, written first into each pack) or shaped like one
+# (fs2/peek4000, and only the run folders a pack holds: the packs in docs/results/labs/ carry no marker); any other
+# folder given as PACK_DIR, or found at PACK_DIR.tmp / PACK_DIR.old, is left alone and the save refused.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs}
+MARKER=route_pack.txt
 usage() { echo "usage: [route variables] bash $0 save|restore PACK_DIR" >&2; exit 2; }
 [ $# = 2 ] || usage
-ACTION=$1 PACK=$2
+ACTION=$1 PACK=${2%/}
+case $ACTION in
+  save|restore) ;;
+  *) echo "$ACTION is not an action of route_pack.sh: give save or restore" >&2; usage;;
+esac
+
+# is_pack DIR: DIR is a pack this script wrote (its marker), or one without the marker (by its shape)
+is_pack() {
+  [ -d "$1" ] && [ ! -L "$1" ] || return 1
+  [ -f "$1/$MARKER" ] && return 0
+  [ -d "$1/fs2/peek4000" ] || return 1
+  local entry
+  for entry in "$1"/* "$1"/.[!.]*; do
+    [ -e "$entry" ] || [ -L "$entry" ] || continue
+    case ${entry##*/} in fs2|clipA|clipB*|clipC*|fs4b*) [ -d "$entry" ] || return 1;; *) return 1;; esac
+  done
+}
 
 if [ "$ACTION" = restore ]; then
   [ -d "$PACK/fs2/peek4000" ] || { echo "$PACK is not a route pack (no fs2/peek4000): nothing restored" >&2; exit 2; }
   mkdir -p "$RUNS"
-  cp -rn "$PACK"/. "$RUNS"/
+  for entry in "$PACK"/* "$PACK"/.[!.]*; do  # the pack's run folders; its marker stays in the pack
+    [ -e "$entry" ] && [ "${entry##*/}" != "$MARKER" ] || continue
+    cp -rn "$entry" "$RUNS"/
+  done
   echo "restored into $RUNS/: $(cd "$PACK" && find . -name '*.done' | sort | tr '\n' ' ')"
   exit 0
 fi
-[ "$ACTION" = save ] || usage
+for folder in "$PACK" "$PACK.tmp" "$PACK.old"; do
+  if { [ -e "$folder" ] || [ -L "$folder" ]; } && ! is_pack "$folder"; then
+    echo "$folder exists and is not a route pack this script wrote (no $MARKER): it is left alone. Give another" \
+         "PACK_DIR, or move $folder away. Nothing was saved." >&2
+    exit 2
+  fi
+done
+[ -d "$(dirname "$PACK")" ] || { echo "$(dirname "$PACK") (where PACK_DIR goes) does not exist" >&2; exit 2; }
 
 TOWER3=${TOWER3_STEPS:-0}
 B=clipB${BTAG:-${TAG:-}} C=clipC${TAG:-} P2=fs4b${TAG:-}
@@ -38,7 +68,9 @@ if [ ! -f "$RUNS/fs2/peek4000/sdipc_lab.json" ] || [ ! -f "$RUNS/$TEXT/clip.done
        "route's variables (TAG, BTAG, TOWER3_STEPS) as you ran it" >&2
   exit 2
 fi
-rm -rf "$PACK.tmp"; mkdir -p "$PACK.tmp/fs2" "$PACK.tmp/clipA" "$PACK.tmp/$B" "$PACK.tmp/$TEXT"
+rm -rf "$PACK.tmp"; mkdir "$PACK.tmp"  # (a pack's leftover, checked above)
+echo "a route pack written by docs/results/route_pack.sh: save replaces this folder whole" > "$PACK.tmp/$MARKER"
+mkdir -p "$PACK.tmp/fs2" "$PACK.tmp/clipA" "$PACK.tmp/$B" "$PACK.tmp/$TEXT"
 cp -r "$RUNS/fs2/peek4000" "$PACK.tmp/fs2/"
 touch "$PACK.tmp/fs2/clip.done" "$PACK.tmp/fs2/phase1.done" "$PACK.tmp/clipA/clip.done" "$PACK.tmp/$B/clip.done"
 cp -r "$RUNS/$TEXT"/{tokenizer,text_encoder,image_encoder} "$PACK.tmp/$TEXT/"

@@ -77,12 +77,45 @@ def zero_shot(lab: Lab, data, space: str = "c", cutoff: float | None = None) -> 
 @torch.no_grad()
 def zero_shot_of(lab: Lab, f_img: torch.Tensor, data, space: str = "c") -> dict:
     """`zero_shot` for given unit image features (N, P) of `data`: any image encoder in the lab's space."""
-    scores = {}
-    for attribute, values in VALUES.items():
+    return {attribute: float(np.mean(hits)) for attribute, hits in zero_shot_hits(lab, f_img, data, space).items()}
+
+
+@torch.no_grad()
+def zero_shot_hits(lab: Lab, f_img: torch.Tensor, data, space: str = "c", attributes=tuple(VALUES)) -> dict:
+    """Per attribute, per image (N,): is the image's unit feature (N, P) closest to its canonical caption with the
+    true value, among the captions that differ from it in that attribute alone? `data`: anything with `attributes`
+    and `things` (world samples, `freehand` drawings)."""
+    hits = {}
+    for attribute in attributes:
+        values = VALUES[attribute]
         texts = [caption_with(s, attribute, v) for s in data for v in values]
         f_txt = text_features(lab, texts, space).view(len(data), len(values), -1)  # (N, V, P or D)
-        scores[attribute] = accuracy(f_img, f_txt, [values.index(s.attributes[attribute]) for s in data])
-    return scores
+        pred = torch.einsum("nd,nvd->nv", f_img.to(f_txt), f_txt).argmax(1).cpu()  # (N,)
+        hits[attribute] = (pred == torch.as_tensor([values.index(s.attributes[attribute]) for s in data])).tolist()
+    return hits
+
+
+def read_drawings(lab: Lab, data, judge, *, seed: int = 0, batch: int = 16) -> list[dict]:
+    """What the lab makes of each image in `data` (world samples or `freehand` drawings, one object each): CLIP's
+    zero-shot reading of its shape and colour ("clip shape", "clip colour": True or False) and the judge's reading
+    of one SD-IPC variation ("sd-ipc shape", "sd-ipc colour", "sd-ipc size"; size None where the truth is in the
+    fair band between the sizes). One dict per image."""
+    images = [s.image for s in data]
+    f_img = image_features(lab, images)  # (N, P), unit
+    clip = zero_shot_hits(lab, f_img, data, attributes=("shape", "colour"))
+    embeds = image_prompt_embeds(lab, images)  # (N, 77, D)
+    generated = []
+    with progress(len(range(0, len(data), batch)), "SD-IPC variations"):
+        for i in range(0, len(data), batch):
+            generated += generate_from_embeds(lab, embeds[i:i + batch], n=1, seed=seed + i)
+    rows = []
+    for k, (s, verdict) in enumerate(zip(data, judge(generated))):
+        size = getattr(s, "size", s.attributes["size"])  # freehand: None in the fair band
+        rows.append({"clip shape": clip["shape"][k], "clip colour": clip["colour"][k],
+                     "sd-ipc shape": verdict["shape"] == s.attributes["shape"],
+                     "sd-ipc colour": verdict["colour"] == s.attributes["colour"],
+                     "sd-ipc size": None if size is None else verdict["size"] == size, "image": generated[k]})
+    return rows
 
 
 def accuracy(f_img: torch.Tensor, f_txt: torch.Tensor, truth) -> float:

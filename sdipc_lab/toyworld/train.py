@@ -3,10 +3,16 @@
     python -m sdipc_lab.toyworld.train all   --out runs/toyworld     # everything, then export
     python -m sdipc_lab.toyworld.train clip  --out runs/toyworld     # one model (clip, vae, unet, judge)
     python -m sdipc_lab.toyworld.train vision --out runs/toyworld    # more image-tower training, text frozen
+    python -m sdipc_lab.toyworld.train vision --variety 0.5 ...      # ... half of it on varied drawings (variety.py)
     python -m sdipc_lab.toyworld.train decoder --out runs/toyworld   # more decoder training, latents unchanged
     python -m sdipc_lab.toyworld.train export --out runs/toyworld    # the lab, into runs/toyworld/lab
     python -m sdipc_lab.toyworld.train export --out runs/toyworld --from-checkpoint  # U-Net still training
     accelerate launch -m sdipc_lab.toyworld.train all ...             # several GPUs, same command
+    accelerate launch --multi_gpu --num_processes 2 -m sdipc_lab.toyworld.train ...   # 2 processes, also on a CPU
+
+With several processes `--batch` is the global batch: each step draws it (images, captions, noise, timesteps) as
+one process would and each process trains on its contiguous share, so N processes train the same weights as one
+(up to float rounding); only the main process writes and prints.
 
 Every stage is seeded, shows a progress bar, writes an atomic checkpoint every few hundred steps and
 resumes from it when run again (`--steps` is the total to reach), and saves its loss curve as a PNG.
@@ -46,13 +52,39 @@ from tqdm.auto import tqdm
 from .. import build
 from ..build import sd_v1_scheduler, word_tokenizer
 from ..convert import image_embeds, pseudo_prompt, token_ids
-from ..lab import Lab, assemble, load_lab, quiet, save_lab, usable_cpus
+from ..lab import Lab, assemble, check_save_target, load_lab, quiet, save_lab, usable_cpus
 from ..latents import from_posterior
 from ..measure import cutoff_sweep, norms, singular_value_quantiles
-from ..training import TrainingStopped, checkpoint_weights, diffusion_loss, fit
+from ..training import (
+    MAX_LR,
+    TrainingStopped,
+    check_batch,
+    checkpoint_weights,
+    diffusion_loss,
+    fit,
+    gathered,
+    new_accelerator,
+    processes,
+    randn_shard,
+    shard,
+)
+from . import variety
 from .evaluate import judge_conditions
 from .judge import JUDGE_FILE, Judge, mask_crops, new_judge_cnn
-from .world import SHAPES, SIZE, TWO_OBJECTS, caption, sample, samples, vocabulary
+from .world import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZE,
+    SIZES,
+    TWO_OBJECTS,
+    all_captions,
+    caption,
+    sample,
+    samples,
+    vocabulary,
+)
 
 LAB_DIR = Path(__file__).parent / "lab"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -78,6 +110,7 @@ class ModelSizes:
     init_unet: bool = False  # start the U-Net from out/unet (--init-from-lab) instead of random
     init_vae: bool = False  # start the VAE from out/vae (--init-from-lab), regrouped to vae_norm_groups
     two_objects: float = TWO_OBJECTS  # share of training images with a second object (the world's by default)
+    hard_negatives: float = 0.0  # weight of the vision stage's attribute loss (ClipTrainer; 0: contrastive alone)
 
 
 MODEL_SIZES = {
@@ -126,6 +159,7 @@ class World:
     backgrounds: list
 
     two_objects: float = TWO_OBJECTS  # the share of samples drawn with a second object
+    varied: int = 0  # how many of the images (the last ones) `variety.sample` drew
 
     def pixels(self, index: torch.Tensor, device) -> torch.Tensor:  # (B, 3, 64, 64) in [-1, 1]
         return self.images[index].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -153,6 +187,29 @@ def render(n: int, split: str = "train", workers: int | None = None, two_objects
     return World(images, [o[1] for o in out], [o[2] for o in out], two_objects)
 
 
+def _draw_varied(i):
+    s = variety.sample(i, "train")
+    return np.asarray(s.image), s.things, s.background
+
+
+def with_variety(world: World, share: float, workers: int | None = None) -> World:
+    """`world` with varied drawings of its objects added (`variety.sample`), a `share` of the result: what the
+    `vision` stage trains the image tower on with `--variety` (the U-Net stages never see them)."""
+    if not 0 <= share < 1:
+        raise ValueError(f"the varied share is between 0 and 1 (1 excluded), got {share}")
+    n = round(len(world.images) * share / (1 - share))
+    if n == 0:
+        return world
+    if n >= 2000 and (workers or multiprocessing.cpu_count()) > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            out = pool.map(_draw_varied, range(n), chunksize=256)
+    else:
+        out = [_draw_varied(i) for i in range(n)]
+    images = torch.cat([world.images, torch.from_numpy(np.stack([o[0] for o in out]))])
+    return World(images, world.things + [o[1] for o in out], world.backgrounds + [o[2] for o in out],
+                 world.two_objects, world.varied + n)
+
+
 def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:  # [-1, 1] -> CLIP's normalisation
     mean = torch.tensor(CLIP_MEAN, device=pixels.device)[:, None, None]
     std = torch.tensor(CLIP_STD, device=pixels.device)[:, None, None]
@@ -172,25 +229,71 @@ def new_clip(s: ModelSizes, tokenizer):
 
 
 class ClipTrainer(torch.nn.Module):
-    """Contrastive loss pooled at the end token and at a random padding position after it."""
+    """Contrastive loss pooled at the end token and at a random padding position after it; with `captions` (the
+    unit C-space embeddings of `world.all_captions()`, (1800, P)) and `hard_negatives` > 0, plus that weight times
+    the attribute loss: each one-object image against its canonical caption with one attribute changed to each
+    other value (the hard negatives a batch of random captions rarely holds: NegCLIP's idea)."""
 
-    def __init__(self, text, vision):
+    def __init__(self, text, vision, captions: torch.Tensor | None = None, hard_negatives: float = 0.0):
         super().__init__()
         self.text, self.vision = text, vision
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.captions, self.hard_negatives = captions, hard_negatives  # a constant, not a parameter: not saved
 
-    def forward(self, input_ids, eos, pad_pos, pixels):
+    def forward(self, input_ids, eos, pad_pos, pixels, variants=None):
+        # with several processes the inputs are this process's share: the loss is the global batch's (`gathered`)
         f_txt = self.text.text_model(input_ids).last_hidden_state  # (B, 77, D)
         rows = torch.arange(len(eos), device=eos.device)
-        f_img_c = F.normalize(self.vision(pixel_values=pixels).image_embeds, dim=-1)  # (B, P)
+        f_img_c = gathered(F.normalize(self.vision(pixel_values=pixels).image_embeds, dim=-1))  # (B, P)
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
-        labels = rows
+        labels = torch.arange(len(f_img_c), device=eos.device)
+        variants = None if variants is None else gathered(variants)
         loss = 0
         for pos in (eos, pad_pos):
-            f_txt_c = F.normalize(self.text.text_projection(f_txt[rows, pos]), dim=-1)  # (B, P)
+            f_txt_c = gathered(F.normalize(self.text.text_projection(f_txt[rows, pos]), dim=-1))  # (B, P)
             logits = scale * f_img_c @ f_txt_c.T
             loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 4
+        if variants is not None and self.hard_negatives:
+            loss = loss + self.hard_negatives * self.attribute_loss(f_img_c, variants, scale)
         return loss
+
+    def attribute_loss(self, f_img_c, variants, scale):
+        """Cross-entropy over each attribute's values: `variants` (B, A, V + 1) holds, per image and attribute,
+        the caption index of every value (-1 past the attribute's values) and, last, the true value's position;
+        rows of images with two objects are all -1 and left out."""
+        index, truth = variants[..., :-1], variants[..., -1]  # (B, A, V), (B, A)
+        keep = truth >= 0
+        if not keep.any():
+            return f_img_c.sum() * 0
+        table = self.captions.to(f_img_c)  # (C, P)
+        logits = scale * torch.einsum("bp,bavp->bav", f_img_c, table[index.clamp(min=0)])  # (B, A, V)
+        logits = logits.masked_fill(index < 0, float("-inf"))
+        return F.cross_entropy(logits[keep], truth[keep])
+
+
+def caption_variants(world: World) -> torch.Tensor:
+    """For `ClipTrainer.attribute_loss`: (N, A, V + 1) caption indices into `world.all_captions()` of each image's
+    canonical caption with each attribute (`world.ATTRIBUTES`) set to each of its values, -1 past them, and the
+    true value's position last; all -1 for images with two objects."""
+    values = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS),
+              "background": tuple(BACKGROUNDS)}
+    names = list(values)  # the order of all_captions(): shape, colour, size, position, background
+    width = max(map(len, values.values()))
+    out = torch.full((len(world.things), len(names), width + 1), -1, dtype=torch.long)
+    for i, (things, background) in enumerate(zip(world.things, world.backgrounds)):
+        if len(things) != 1:
+            continue
+        t = things[0]
+        truth = [values[n].index(v) for n, v in zip(names, (t.shape, t.colour, t.size, t.position, background))]
+        for a, name in enumerate(names):
+            for v in range(len(values[name])):
+                digits = truth[:a] + [v] + truth[a + 1:]
+                index = 0
+                for n, d in zip(names, digits):
+                    index = index * len(values[n]) + d
+                out[i, a, v] = index
+            out[i, a, -1] = truth[a]
+    return out
 
 
 def new_vae(s: ModelSizes):
@@ -217,9 +320,11 @@ class VaeTrainer(torch.nn.Module):
         super().__init__()
         self.vae, self.kl_weight, self.outlier_weight = vae, kl_weight, outlier_weight
 
-    def forward(self, x):  # x (B, 3, 64, 64) in [-1, 1]
+    def forward(self, x, part=(0, 1)):  # x (B, 3, 64, 64) in [-1, 1]; part: see training.diffusion_loss
         posterior = self.vae.encode(x).latent_dist
-        recon = self.vae.decode(posterior.sample()).sample
+        z = posterior.mean + posterior.std * randn_shard(posterior.mean.shape, part, device=x.device,
+                                                         dtype=posterior.mean.dtype)  # posterior.sample(), sharded
+        recon = self.vae.decode(z).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + self.kl_weight * posterior.kl().mean()
         if self.outlier_weight:
             loss = loss + self.outlier_weight * F.relu(posterior.mean.abs() - 3).pow(2).mean()
@@ -239,7 +344,10 @@ def toy_scheduler():
 # ---------------------------------------------------------------------------------- the loop
 
 def batch_index(n: int, batch: int, step: int, seed: int, accelerator) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + accelerator.process_index)
+    """The step's global batch of image indices (batch,), the same in every process: each process trains on its
+    share of it (`shard(index, processes(accelerator))`). A batch the processes cannot share evenly is refused."""
+    check_batch(batch, accelerator)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 101)
     return torch.randint(0, n, (batch,), generator=g)
 
 
@@ -249,14 +357,19 @@ def tokenize(tokenizer, texts: list[str], device):  # ids (B, 77), end-token pos
 
 
 def contrastive_batch(world: World, tokenizer, batch: int, step: int, seed: int, accelerator, name: str,
-                      offset: int = 0):
+                      offset: int = 0, with_index: bool = False):
     """One CLIP batch: token ids (B, 77), end-token positions (B,), a random padding position after each
-    end token (B,), and CLIP-normalised pixels (B, 3, 64, 64). `offset` picks another stream of images."""
+    end token (B,), and CLIP-normalised pixels (B, 3, 64, 64); with `with_index`, the images' indices (B,) too.
+    `offset` picks another stream of images. With several processes, B is this process's share of the global
+    `batch`, drawn (captions and padding positions too) as one process draws it."""
     index = batch_index(len(world.images), batch, step, seed + offset, accelerator)
     rng = random.Random(f"{name}:{seed}:{step}")
     ids, eos = tokenize(tokenizer, world.captions(index, rng), accelerator.device)
     pad = eos + (torch.rand(len(eos), device=eos.device) * (77 - eos)).long().clamp(max=76 - eos)
-    return ids, eos, pad, clip_normalize(world.pixels(index, accelerator.device))
+    part = processes(accelerator)
+    index, ids, eos, pad = (shard(x, part) for x in (index, ids, eos, pad))
+    batch_ = (ids, eos, pad, clip_normalize(world.pixels(index, accelerator.device)))
+    return (*batch_, index) if with_index else batch_
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -272,11 +385,15 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
               "judge": ()}
     fields["vision"], fields["decoder"] = fields["clip"], fields["vae"]
     sizes = {k: getattr(s, k) for k in fields[stage]}
+    if stage == "vision" and s.hard_negatives:  # recorded only when used: earlier runs keep their signature
+        sizes["hard_negatives"] = s.hard_negatives
     inputs = {part: hashlib.sha256(b"".join(f.read_bytes() for f in sorted((out / part).glob("*.safetensors"))))
               .hexdigest()[:16] for part in reads}  # transformers' model.safetensors, diffusers' diffusion_pytorch_...
     images = None if world is None else len(world.images)
     if world is not None and world.two_objects != TWO_OBJECTS:  # the world's own share: the signature it always had
         images = f"{images} ({world.two_objects:g} with two objects)"
+    if world is not None and world.varied:
+        images = f"{images} ({world.varied} varied)"
     return dict(stage=stage, sizes=sizes, batch=budget[1], lr=budget[2], seed=seed, images=images, inputs=inputs)
 
 
@@ -285,6 +402,7 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
 
 def train_clip(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, **limits):
     steps, batch, lr = budget
+    check_batch(batch, accelerator)
     tokenizer = new_tokenizer()
     torch.manual_seed(seed)
     text, vision = new_clip(s, tokenizer)
@@ -295,16 +413,19 @@ def train_clip(world: World, s: ModelSizes, budget, out: Path, accelerator, seed
 
     trainer = fit("clip", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, **limits,
         signature=signature("clip", s, budget, seed, world, out, ()))
-    tokenizer.save_pretrained(out / "tokenizer")
-    trainer.text.save_pretrained(out / "text_encoder")
-    trainer.vision.save_pretrained(out / "image_encoder")
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(out / "tokenizer")
+        trainer.text.save_pretrained(out / "text_encoder")
+        trainer.vision.save_pretrained(out / "image_encoder")
+    accelerator.wait_for_everyone()
     return trainer
 
 
 def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, **limits):
     """Train CLIP's image tower further against the frozen text tower ("locked text"): the text states the
     U-Net is conditioned on stay bit-identical, so the U-Net stays valid, while the image embeddings (what
-    SD-IPC converts) line up better with the captions. Needs `clip` first; overwrites out/image_encoder."""
+    SD-IPC converts) line up better with the captions. With `s.hard_negatives`, the attribute loss of
+    `ClipTrainer` too. Needs `clip` first; overwrites out/image_encoder."""
     from transformers import (
         CLIPTextModelWithProjection,
         CLIPTokenizer,
@@ -312,19 +433,31 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
     )
 
     steps, batch, lr = budget
+    check_batch(batch, accelerator)
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder", dtype=torch.float32).requires_grad_(False)
     vision = CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder", dtype=torch.float32)
     text_before = {k: v.clone() for k, v in text.state_dict().items()}
-    trainer = ClipTrainer(text, vision)
+    captions = variants = None
+    if s.hard_negatives:
+        with torch.no_grad():
+            ids, eos = tokenize(tokenizer, all_captions(), "cpu")
+            f_eos = text.text_model(ids).last_hidden_state[torch.arange(len(eos)), eos]  # (C, D)
+            captions = F.normalize(text.text_projection(f_eos), dim=-1)  # (C, P)
+        variants = caption_variants(world)  # (N, A, V + 1)
+    trainer = ClipTrainer(text, vision, captions, s.hard_negatives)
 
     def loss_fn(module, step):
-        return module(*contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "vision", offset=5))
+        *inputs, index = contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "vision", offset=5,
+                                           with_index=True)
+        return module(*inputs, None if variants is None else variants[index].to(accelerator.device))
 
     trainer = fit("vision", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, **limits,
         signature=signature("vision", s, budget, seed, world, out, ("text_encoder",)))
     assert all(torch.equal(v, text_before[k]) for k, v in trainer.text.state_dict().items()), "the text tower moved"
-    trainer.vision.save_pretrained(out / "image_encoder")
+    if accelerator.is_main_process:
+        trainer.vision.save_pretrained(out / "image_encoder")
+    accelerator.wait_for_everyone()
     return trainer
 
 
@@ -334,6 +467,8 @@ def train_vae(world: World, s: ModelSizes, budget, out: Path, accelerator, seed:
     from diffusers import AutoencoderKL
 
     steps, batch, lr = budget
+    check_batch(batch, accelerator)
+    part = processes(accelerator)
     torch.manual_seed(seed + 1)
     if s.init_vae:
         vae = regrouped(AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32),
@@ -343,8 +478,8 @@ def train_vae(world: World, s: ModelSizes, budget, out: Path, accelerator, seed:
     trainer = VaeTrainer(vae)
 
     def loss_fn(module, step):
-        index = batch_index(len(world.images), batch, step, seed + 1, accelerator)
-        return module(world.pixels(index, accelerator.device))
+        index = shard(batch_index(len(world.images), batch, step, seed + 1, accelerator), part)
+        return module(world.pixels(index, accelerator.device), part=part)
 
     vae = fit("vae", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, **limits,
         signature=signature("vae", s, budget, seed, world, out, ())).vae
@@ -353,8 +488,10 @@ def train_vae(world: World, s: ModelSizes, budget, out: Path, accelerator, seed:
         x = world.pixels(torch.arange(min(2048, len(world.images))), accelerator.device)
         z = torch.cat([vae.encode(chunk).latent_dist.sample() for chunk in x.split(256)])
     vae.register_to_config(scaling_factor=float(1 / z.std()))
-    print(f"vae: scaling_factor {vae.config.scaling_factor:.4f} (latent std {z.std():.3f})")
-    vae.save_pretrained(out / "vae")
+    accelerator.print(f"vae: scaling_factor {vae.config.scaling_factor:.4f} (latent std {z.std():.3f})")
+    if accelerator.is_main_process:
+        vae.save_pretrained(out / "vae")
+    accelerator.wait_for_everyone()
     return vae
 
 
@@ -368,9 +505,11 @@ class DecoderTrainer(torch.nn.Module):
         if vae.quant_conv is not None:
             vae.quant_conv.requires_grad_(False)
 
-    def forward(self, x):
+    def forward(self, x, part=(0, 1)):  # part: see training.diffusion_loss
         with torch.no_grad():
-            z = self.vae.encode(x).latent_dist.sample()
+            posterior = self.vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * randn_shard(posterior.mean.shape, part, device=x.device,
+                                                             dtype=posterior.mean.dtype)  # posterior.sample(), sharded
         recon = self.vae.decode(z).sample
         return F.l1_loss(recon, x) + F.mse_loss(recon, x)
 
@@ -381,40 +520,69 @@ def train_decoder(world: World, s: ModelSizes, budget, out: Path, accelerator, s
     from diffusers import AutoencoderKL
 
     steps, batch, lr = budget
+    check_batch(batch, accelerator)
+    part = processes(accelerator)
     vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(accelerator.device)
     encoder_before = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
     trainer = DecoderTrainer(vae)
 
     def loss_fn(module, step):
-        index = batch_index(len(world.images), batch, step, seed + 4, accelerator)
-        return module(world.pixels(index, accelerator.device))
+        index = shard(batch_index(len(world.images), batch, step, seed + 4, accelerator), part)
+        return module(world.pixels(index, accelerator.device), part=part)
 
     vae = fit("decoder", trainer, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, **limits,
         signature=signature("decoder", s, budget, seed, world, out, ())).vae
     assert all(torch.equal(v, encoder_before[k]) for k, v in vae.encoder.state_dict().items()), "the encoder moved"
-    vae.save_pretrained(out / "vae")  # same config, same scaling_factor: only the decoder changed
+    if accelerator.is_main_process:
+        vae.save_pretrained(out / "vae")  # same config, same scaling_factor: only the decoder changed
+    accelerator.wait_for_everyone()
     return vae
 
 
-def caption_states(world: World, tokenizer, text, device, *, wordings: int, seed: int, batch: int = 64):
+def caption_states(world: World, tokenizer, text, device, *, wordings: int, seed: int, batch: int = 64,
+                   accelerator=None):
     """The frozen text tower's states for `wordings` captions of every image, computed once: (N, K, 77, D) fp16,
     plus the empty caption's states (77, D) for caption dropout. While the U-Net trains the text tower is
-    frozen, so this replaces one text-encoder forward per step with a lookup."""
+    frozen, so this replaces one text-encoder forward per step with a lookup. With several processes
+    (`accelerator`) each encodes every N-th chunk of `batch` captions and they exchange them: the chunks one
+    process would encode, so the same states."""
     rng = random.Random(f"captions:{seed}")
     n = len(world.images)
     texts = [c for k in range(wordings) for c in world.captions(torch.arange(n), rng)]  # wording-major
+    index, count = processes(accelerator)
+    starts = list(range(0, len(texts), batch))
     states = []
     with torch.no_grad():
-        for i in tqdm(range(0, len(texts), batch), desc="caption states (once)", leave=False):
+        for i in tqdm(starts[index::count], desc="caption states (once)", leave=False, disable=index > 0):
             ids, _ = tokenize(tokenizer, texts[i:i + batch], device)
             states.append(text.text_model(ids).last_hidden_state.half())
         empty = text.text_model(tokenize(tokenizer, [""], device)[0]).last_hidden_state[0]
+    if count > 1:
+        states = _exchanged(states, starts, len(texts), batch, count, (77, empty.shape[-1]), device)
     return torch.cat(states).view(wordings, n, 77, -1).transpose(0, 1), empty
 
 
-def cached_caption_states(out: Path, world: World, tokenizer, text, device, *, wordings: int, seed: int):
+def _exchanged(mine: list, starts: list, total: int, batch: int, count: int, shape: tuple, device) -> list:
+    """Every process's chunks (process p holds chunks p, p + count, ...), gathered into the list of all chunks in
+    order: padded to equal sizes for the exchange, trimmed after it."""
+    import torch.distributed as dist
+
+    rows = -(-len(starts) // count)
+    local = torch.zeros((rows, batch, *shape), dtype=torch.float16, device=device)
+    for k, chunk in enumerate(mine):
+        local[k, :len(chunk)] = chunk
+    parts = [torch.empty_like(local) for _ in range(count)]
+    dist.all_gather(parts, local)
+    chunks = [parts[j % count][j // count] for j in range(len(starts))]
+    chunks[-1] = chunks[-1][:total - starts[-1]]
+    return chunks
+
+
+def cached_caption_states(out: Path, world: World, tokenizer, text, device, *, wordings: int, seed: int,
+                          accelerator=None):
     """`caption_states`, kept in `out/caption_states.safetensors` so that a resumed U-Net stage reads them back
-    instead of recomputing them; recomputed whenever the text tower, the images or the wordings differ."""
+    instead of recomputing them; recomputed whenever the text tower, the images or the wordings differ. With
+    several processes they share the computing and the main process writes the file."""
     import hashlib
 
     from safetensors.torch import load_file, save_file
@@ -430,10 +598,13 @@ def cached_caption_states(out: Path, world: World, tokenizer, text, device, *, w
         if same:
             saved = load_file(str(path))
             return saved["states"], saved["empty"].to(device)
-    states, empty = caption_states(world, tokenizer, text, device, wordings=wordings, seed=seed)
-    tmp = path.with_suffix(".tmp")
-    save_file({"states": states.contiguous().cpu(), "empty": empty.contiguous().cpu()}, str(tmp), metadata={"key": key})
-    os.replace(tmp, path)
+    states, empty = caption_states(world, tokenizer, text, device, wordings=wordings, seed=seed,
+                                   accelerator=accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        tmp = path.with_suffix(".tmp")
+        save_file({"states": states.contiguous().cpu(), "empty": empty.contiguous().cpu()}, str(tmp),
+                  metadata={"key": key})
+        os.replace(tmp, path)
     return states, empty
 
 
@@ -446,6 +617,8 @@ def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     steps, batch, lr = budget
+    check_batch(batch, accelerator)
+    part = processes(accelerator)
     device = accelerator.device
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder", dtype=torch.float32).to(device).eval().requires_grad_(False)
@@ -455,26 +628,32 @@ def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed
                   for i in tqdm(range(0, len(world.images), 512), desc="VAE posteriors (once)",
                                 leave=False)]
         posterior = torch.cat(params)  # (N, 8, 16, 16): mean and log-variance
-    states, empty = cached_caption_states(out, world, tokenizer, text, device, wordings=s.wordings, seed=seed)
+    states, empty = cached_caption_states(out, world, tokenizer, text, device, wordings=s.wordings, seed=seed,
+                                          accelerator=accelerator)
     scheduler = toy_scheduler()
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32) if s.init_unet else new_unet(s, text.config.hidden_size)
 
-    def loss_fn(module, step):
+    def loss_fn(module, step):  # the global batch, its wordings, dropout and noise drawn alike in every process
         index = batch_index(len(world.images), batch, step, seed + 2, accelerator)
         g = torch.Generator().manual_seed(seed * 7919 + step)
         wording = torch.randint(0, s.wordings, (batch,), generator=g)
-        f_txt = states[index, wording].to(device).float()  # (B, 77, D): all 77 states, as SD
         dropped = torch.rand(batch, generator=g) < 0.1  # 10 % caption dropout, for guidance
+        index, wording, dropped = shard(index, part), shard(wording, part), shard(dropped, part)
+        f_txt = states[index, wording].to(device).float()  # (B, 77, D): all 77 states, as SD
         f_txt[dropped.to(device)] = empty
         with torch.no_grad():
-            z0 = from_posterior(posterior[index.to(device)], vae.config.scaling_factor)
-        return diffusion_loss(module, scheduler, z0, f_txt, snr_gamma=s.snr_gamma)
+            moments = posterior[index.to(device)]
+            noise = randn_shard(moments.chunk(2, dim=1)[0], part)  # as from_posterior's own draw
+            z0 = from_posterior(moments, vae.config.scaling_factor, noise=noise)
+        return diffusion_loss(module, scheduler, z0, f_txt, snr_gamma=s.snr_gamma, part=part)
 
     unet = fit("unet", unet, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, **limits,
                ema_decay=0.999 if steps > 1000 else None,
                signature=signature("unet", s, budget, seed, world, out, ("text_encoder", "vae")))
-    unet.save_pretrained(out / "unet")
+    if accelerator.is_main_process:
+        unet.save_pretrained(out / "unet")
+    accelerator.wait_for_everyone()
     return unet
 
 
@@ -483,6 +662,8 @@ def train_judge(s: ModelSizes, budget, out: Path, accelerator, seed: int, **limi
     from safetensors.torch import save_file
 
     steps, batch, lr = budget
+    check_batch(batch, accelerator)
+    part = processes(accelerator)
     n = max(batch * 8, 4000 if steps > 100 else batch * 2)
     world = render(n, "train")
     shapes = torch.tensor([SHAPES.index(t[0].shape) for t in world.things])
@@ -491,14 +672,17 @@ def train_judge(s: ModelSizes, budget, out: Path, accelerator, seed: int, **limi
     cnn = new_judge_cnn(len(SHAPES))
 
     def loss_fn(module, step):
-        index = batch_index(n, batch, step, seed + 3, accelerator)
+        index = shard(batch_index(n, batch, step, seed + 3, accelerator), part)
         x = masks[index].to(accelerator.device)
-        x = (x + 0.15 * torch.randn_like(x)).clamp(0, 1)  # robustness to generated images' noise
+        noise = randn_shard(x, part)  # the global batch's, sharded
+        x = (x + 0.15 * noise).clamp(0, 1)  # robustness to generated images' noise
         return F.cross_entropy(module(x), shapes[index].to(accelerator.device))
 
     cnn = fit("judge", cnn, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator, **limits,
         signature=signature("judge", s, budget, seed, None, out, ()))
-    save_file({k: v.contiguous().cpu() for k, v in cnn.state_dict().items()}, str(out / "judge.safetensors"))
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous().cpu() for k, v in cnn.state_dict().items()}, str(out / "judge.safetensors"))
+    accelerator.wait_for_everyone()
     return cnn
 
 
@@ -566,14 +750,23 @@ def load_parts(out: Path, unet=None) -> dict:
 SAMPLER = dict(scheduler="ddim", steps=10, guidance_scale=2.0, guidance_rescale=0.0)
 
 
-def export(out: Path, lab_dir: Path | None = None, unet=None, **sampler) -> Path:
+def export(out: Path, lab_dir: Path | None = None, unet=None, *, into_package: bool = False, **sampler) -> Path:
     """Assemble the trained parts into a lab folder (fp16 weights, default `out/lab`), with its measured constants
     and its sampler settings (`SAMPLER`, overridden by `sampler`: as chosen by bench/sampler_sweep.py).
     `unet` stands in for the run's finished U-Net (`unet_from_checkpoint`: a look at a run still training).
-    An existing lab there is replaced whole (written beside it, then swapped); any other folder is refused."""
+    An existing lab there is replaced whole (written beside it, then swapped); any other folder, or a lab folder
+    holding files a lab writer did not write, is refused. The package's own lab (and judge) is written only with
+    `into_package=True` (`--lab-dir toy`), whatever path names it."""
     import shutil
 
     lab_dir = Path(lab_dir) if lab_dir is not None else out / "lab"
+    if lab_dir.expanduser().resolve() == LAB_DIR.resolve() and not into_package:
+        raise SystemExit(f"export: {lab_dir} is the lab shipped in the package; it is only replaced when asked by "
+                         "name (--lab-dir toy). Name another --lab-dir.")
+    try:  # before the minutes of measuring: a folder save_lab would refuse at the end
+        check_save_target(lab_dir, into_package=into_package)
+    except ValueError as error:
+        raise SystemExit(f"export: {error}") from None
 
     parts = load_parts(out, unet)
     unknown = set(sampler) - set(SAMPLER)
@@ -596,10 +789,10 @@ def export(out: Path, lab_dir: Path | None = None, unet=None, **sampler) -> Path
         half = assemble(dict(parts), constants, source="toy", device="cpu", dtype=torch.float16)
     try:
         save_lab(half, lab_dir, extra={"constants_measured.json": json.dumps({**constants, **measured}, indent=2) + "\n"},
-                 into_package=lab_dir == LAB_DIR)
+                 into_package=into_package)
     except ValueError as error:
         raise SystemExit(f"export: {error}") from None
-    if (out / "judge.safetensors").exists() and lab_dir == LAB_DIR:
+    if (out / "judge.safetensors").exists() and into_package:
         shutil.copy(out / "judge.safetensors", JUDGE_FILE)
     load_lab(lab_dir, device="cpu")  # it must load
     size = sum(f.stat().st_size for f in lab_dir.rglob("*.safetensors"))
@@ -654,8 +847,6 @@ def init_from_lab(out: Path, lab_dir: Path, skip=()) -> list[str]:
 
 
 def main(argv=None) -> None:
-    from accelerate import Accelerator
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", help=f"all, export, or one or more of {','.join(STAGES)} (comma-separated)")
     parser.add_argument("--out", type=Path, default=Path("runs/toyworld"))
@@ -677,6 +868,13 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-norm-groups", type=int, help="override the size's VAE GroupNorm groups, e.g. 4")
     parser.add_argument("--two-objects", type=float, metavar="SHARE",
                         help=f"share of training images with a second object (default {TWO_OBJECTS}, the world's)")
+    parser.add_argument("--variety", type=float, metavar="SHARE",
+                        help="vision: a SHARE of the image tower's training images drawn with the variety of users' "
+                             "images (continuous sizes, rotations, styles, shades, backgrounds, JPEG; "
+                             "sdipc_lab.toyworld.variety), e.g. 0.5")
+    parser.add_argument("--hard-negatives", type=float, metavar="WEIGHT",
+                        help="vision: add the attribute loss at this weight (each image against its caption with one "
+                             "attribute changed; ClipTrainer), e.g. 1")
     parser.add_argument("--snr-gamma", type=float, help="min-SNR-gamma weighting of the U-Net loss (e.g. 5)")
     parser.add_argument("--init-from-lab", type=Path, metavar="LAB",
                         help="continue from a lab's weights ('toy': the shipped one) where --out has none")
@@ -693,10 +891,50 @@ def main(argv=None) -> None:
     parser.add_argument("--lab-dir", type=Path, help="where export writes the lab (default: OUT/lab; 'toy' names "
                         "the package's own lab, which is only ever written when asked by that name)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch", "lr", "stop_at", "budget_steps"):
+
+    for name in ("steps", "batch", "stop_at", "budget_steps"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and 0 < args.lr <= MAX_LR):
+        parser.error(f"--lr must be a positive number at most {MAX_LR:g} (0 < lr <= {MAX_LR:g}; AdamW rates are "
+                     f"around 1e-5 to 1e-3), got {args.lr!r}")
+    if not 0 <= args.seed <= 2**63 - 1:
+        parser.error(f"--seed must be a whole number between 0 and 2**63 - 1, got {args.seed}")
+    exports = args.stage in ("all", "export")
+    sampler = {}
+    for item in args.sampler.split(",") if args.sampler else []:
+        key, equals, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not equals or key not in SAMPLER:
+            parser.error(f"--sampler takes NAME=VALUE items separated by commas, NAME one of {', '.join(SAMPLER)}; "
+                         f"got {item!r}")
+        sampler[key] = value
+    try:
+        checked = {"scheduler": sampler.get("scheduler", SAMPLER["scheduler"]),
+                   "steps": int(sampler.get("steps", SAMPLER["steps"])),
+                   "guidance_scale": float(sampler.get("guidance_scale", SAMPLER["guidance_scale"])),
+                   "guidance_rescale": float(sampler.get("guidance_rescale", SAMPLER["guidance_rescale"]))}
+    except ValueError:
+        parser.error(f"--sampler {args.sampler}: steps is a whole number, guidance_scale and guidance_rescale are "
+                     "numbers")
+    for bad, what in ((checked["scheduler"] not in ("ddim", "dpm++"), "scheduler is ddim or dpm++"),
+                      (not 1 <= checked["steps"] <= 1000, "steps is a whole number from 1 to 1000"),
+                      (not (math.isfinite(checked["guidance_scale"]) and checked["guidance_scale"] >= 0),
+                       "guidance_scale is a number >= 0 (1: no guidance)"),
+                      (not 0 <= checked["guidance_rescale"] <= 1, "guidance_rescale is between 0 and 1")):
+        if bad:
+            parser.error(f"--sampler {args.sampler}: {what}; nothing was trained or written")
+    into_package = str(args.lab_dir) == "toy"  # the package's lab only when asked by that name
+    lab_dir = args.out / "lab" if args.lab_dir is None else LAB_DIR if into_package else args.lab_dir
+    if exports:  # the folder export would refuse at the end, refused before any stage trains
+        if lab_dir.expanduser().resolve() == LAB_DIR.resolve() and not into_package:
+            parser.error(f"--lab-dir {lab_dir} is the lab shipped in the package; it is only replaced when asked by "
+                         "name (--lab-dir toy). Name another --lab-dir. Nothing was trained or written.")
+        try:
+            check_save_target(lab_dir, into_package=into_package)
+        except ValueError as error:
+            parser.error(f"--lab-dir: {error} Nothing was trained.")
     for name, what in (("stop_at", "a step of that stage's schedule"), ("budget_steps", "steps of that stage")):
         if getattr(args, name) is not None and (args.stage in ("all", "export") or "," in args.stage):
             parser.error(f"--{name.replace('_', '-')} is for one training stage ({what}), not {args.stage!r}")
@@ -725,14 +963,16 @@ def main(argv=None) -> None:
             parser.error(f"--two-objects is a share between 0 and 1, got {args.two_objects}")
         s = dataclasses.replace(s, two_objects=args.two_objects)
     args.out.mkdir(parents=True, exist_ok=True)
+    accelerator = new_accelerator(mixed_precision=args.mixed_precision)  # several processes: one run, sharded
     if args.init_from_lab:
-        lab_dir = LAB_DIR if str(args.init_from_lab) == "toy" else args.init_from_lab
+        source = LAB_DIR if str(args.init_from_lab) == "toy" else args.init_from_lab
         resized = {"unet"} if args.unet_channels or args.unet_layers or args.unet_heads else set()
         resized |= {"vae", "unet"} if args.vae_channels else set()  # a new latent space needs a new U-Net
-        copied = init_from_lab(args.out, lab_dir, skip=resized)
+        copied = init_from_lab(args.out, source, skip=resized) if accelerator.is_main_process else []
+        accelerator.wait_for_everyone()
         s = dataclasses.replace(s, init_unet="unet" not in resized, init_vae="vae" not in resized)
-        print(f"--init-from-lab {lab_dir}: copied {copied or 'nothing (the run folder has every part)'} into {args.out}")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+        accelerator.print(f"--init-from-lab {source}: copied {copied or 'nothing (the run folder has every part)'} "
+                          f"into {args.out}")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     minutes = _parse_minutes(args.minutes)
@@ -753,8 +993,21 @@ def main(argv=None) -> None:
             if any(child.wait() for child in children):
                 raise SystemExit(f"a stage of {pair} failed; see its output above (resume with the same command)")
         stages = ["judge", "unet"]
+    if args.hard_negatives is not None:
+        if stages != ["vision"]:
+            parser.error("--hard-negatives is for the vision stage alone")
+        if not (math.isfinite(args.hard_negatives) and args.hard_negatives >= 0):
+            parser.error(f"--hard-negatives is a weight >= 0, got {args.hard_negatives}")
+        s = dataclasses.replace(s, hard_negatives=args.hard_negatives)
+    if args.variety is not None:
+        if stages != ["vision"]:
+            parser.error("--variety is for the vision stage alone (the other stages train on the world's images)")
+        if not 0 <= args.variety < 1:
+            parser.error(f"--variety is a share between 0 and 1 (1 excluded), got {args.variety}")
     world = (render(s.train_images, "train", two_objects=s.two_objects)
              if set(stages) - {"judge", "export"} else None)  # the judge draws its own
+    if args.variety:
+        world = with_variety(world, args.variety)
     for stage in stages:
         _check_needs(stage, args.out, args.from_checkpoint)
         if stage == "export":
@@ -770,12 +1023,10 @@ def main(argv=None) -> None:
                 globals()[f"train_{stage}"](world, s, budget, args.out, accelerator, args.seed, **limits)
         except TrainingStopped as stopped:  # Ctrl-C or SIGTERM: checkpointed, say so without a traceback
             raise SystemExit(str(stopped)) from None
-        print(f"{stage}: {time.time() - start:.0f} s on {accelerator.device}")
-    if args.stage in ("all", "export") and accelerator.is_main_process:
-        lab_dir = args.out / "lab" if args.lab_dir is None else LAB_DIR if str(args.lab_dir) == "toy" else args.lab_dir
-        sampler = dict(item.split("=", 1) for item in args.sampler.split(",")) if args.sampler else {}
+        accelerator.print(f"{stage}: {time.time() - start:.0f} s on {accelerator.device}")
+    if exports and accelerator.is_main_process:
         unet = unet_from_checkpoint(args.out, s) if args.from_checkpoint else None
-        export(args.out, lab_dir, unet, **sampler)
+        export(args.out, lab_dir, unet, into_package=into_package, **sampler)
 
 
 def _check_needs(stage: str, out: Path, from_checkpoint: bool = False) -> None:

@@ -144,6 +144,12 @@ def _thing(rng: random.Random, split: str, position: str, size: str | None) -> T
             return Thing(shape, colour, size or rng.choice(list(SIZES)), position)
 
 
+def nearest(value, table: dict) -> str:
+    """The name in `table` (name -> RGB, or (x, y)) nearest to `value`: which colour word a shade is, which
+    background word a backdrop, which position word a place."""
+    return min(table, key=lambda name: sum((a - b) ** 2 for a, b in zip(value, table[name])))
+
+
 def _close(a, b) -> bool:
     return sum((x - y) ** 2 for x, y in zip(a, b)) < 60**2
 

@@ -1,0 +1,190 @@
+"""Images the world's renderer did not make: the varied training drawings (`variety`), the bench's drawings by other
+code (`freehand`), and what the lab reads of them (`read_drawings`, `shape_by_size`)."""
+
+import numpy as np
+import pytest
+import torch
+
+import sdipc_lab as S
+from sdipc_lab.toyworld import COLOURS, HELD_OUT, SHAPES, Sample, freehand, samples, variety
+from sdipc_lab.toyworld.evaluate import read_drawings
+from sdipc_lab.toyworld.judge import LARGE_EXTENT, Judge
+from sdipc_lab.toyworld.world import POSITIONS
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float32)
+
+
+def test_variety_is_deterministic_varied_and_never_draws_held_out_pairs():
+    a, b = variety.sample(3), variety.sample(3)
+    assert a.caption == b.caption and np.array_equal(pixels(a.image), pixels(b.image))
+    assert a.image.size == (64, 64) and a.image.mode == "RGB"
+    data = [variety.sample(i) for i in range(120)]
+    things = [s.things[0] for s in data]
+    assert not {(t.shape, t.colour) for t in things} & set(HELD_OUT)
+    assert all((t.shape, t.colour) in HELD_OUT for s in (variety.sample(i, "heldout") for i in range(20))
+               for t in s.things)
+    assert {t.size for t in things} == {"small", "large"} and {t.position for t in things} == set(POSITIONS)
+    assert {t.shape for t in things} == set(SHAPES)
+    with pytest.raises(ValueError, match="split"):
+        variety.sample(0, "test")
+
+
+def test_variety_size_word_follows_the_drawn_extent():
+    """Drawn without corruption, the object's extent decides the word: large from the judge's threshold on."""
+    import random
+
+    for i in range(40):
+        rng = random.Random(f"extent:{i}")
+        mask, centre, extent = variety.object_mask(rng.choice(SHAPES), rng.choice(variety.STYLES), rng)
+        ys, xs = np.nonzero(np.asarray(mask) > 127)
+        assert extent == max(np.ptp(ys), np.ptp(xs)) + 1
+        assert 0.6 * variety.EXTENT[0] <= extent <= 64  # rotation and aspect move it from the drawn width
+        assert 0 <= centre[0] < 64 and 0 <= centre[1] < 64
+    assert LARGE_EXTENT == 25  # the words' boundary: between the world's small (17-20 px) and large (29-34 px)
+
+
+def test_variety_shades_stay_nearest_to_their_colour_word():
+    import random
+
+    rng = random.Random(0)
+    for colour in COLOURS:
+        for _ in range(30):
+            assert variety.nearest(variety.shade(colour, rng), COLOURS) == colour
+
+
+def test_freehand_drawings_are_deterministic_and_the_parts_disjoint():
+    a, b = freehand.drawing(7), freehand.drawing(7)
+    assert np.array_equal(pixels(a.image), pixels(b.image)) and a.shape == b.shape and a.width == b.width
+    dev = {(d.shape, d.colour, round(d.width, 6)) for d in freehand.drawings(30, "dev")}
+    held = {(d.shape, d.colour, round(d.width, 6)) for d in freehand.drawings(30, "heldout")}
+    assert not dev & held
+    with pytest.raises(ValueError, match="part"):
+        freehand.drawing(0, "test")
+    with pytest.raises(ValueError, match="kind"):
+        freehand.drawing(0, kind="crayon")
+
+
+@pytest.mark.parametrize("kind", freehand.KINDS)
+def test_freehand_truth_matches_the_pixels(kind):
+    """The object's measured width is the `width` it claims (a pen's outline: its centre line), and its shade is
+    nearest to its colour word."""
+    for i in range(6):
+        d = freehand.drawing(i, kind=kind, format="256 px")
+        assert d.image.size == (256, 256) and d.image.mode == "RGB"
+        on = np.linalg.norm(pixels(d.image) - np.array(d.rgb, np.float32), axis=-1) < 40
+        ys, xs = np.nonzero(on)
+        measured = (max(np.ptp(ys), np.ptp(xs)) + 1) / 256
+        stroke = 0.09 if kind in ("outline", "hand-drawn") else 0.03  # a pen line adds its width, and wobbles
+        assert abs(measured - d.width) < stroke, (kind, i, measured, d.width)
+        assert variety.nearest(d.rgb, COLOURS) == d.colour
+        assert freehand.WIDTH[0] <= d.width <= freehand.WIDTH[1]
+
+
+def test_freehand_formats_and_size_truth():
+    sizes = {f: freehand.drawing(0, format=f).image.size for f in freehand.FORMATS}
+    assert sizes == {"64 px": (64, 64), "32 px": (32, 32), "256 px": (256, 256), "640x480": (640, 480),
+                     "JPEG": (256, 256)}
+    assert freehand.drawing(1, width=0.2).size == "small" and freehand.drawing(1, width=0.7).size == "large"
+    assert freehand.drawing(1, width=0.4).size is None  # the fair band: either word is right
+    assert [freehand.bucket(w) for w in (0.15, 0.3, 0.5, 0.8)] == ["15-25 %", "25-40 %", "40-60 %", "60-80 %"]
+
+
+def test_with_variety_adds_the_share_and_changes_the_signature():
+    from sdipc_lab.toyworld import train as T
+
+    world = T.render(12, "train")
+    mixed = T.with_variety(world, 0.5)
+    assert len(mixed.images) == 24 and mixed.varied == 12 and len(mixed.things) == 24
+    assert torch.equal(mixed.images[:12], world.images)
+    assert T.with_variety(world, 0.0) is world
+    s = T.MODEL_SIZES["test"]
+    budget = (6, 8, 1e-3)
+    assert (T.signature("vision", s, budget, 0, world, T.Path("."))["images"]
+            != T.signature("vision", s, budget, 0, mixed, T.Path("."))["images"])
+    with pytest.raises(ValueError, match="share"):
+        T.with_variety(world, 1.0)
+
+
+def test_read_drawings_scores_each_image_against_its_truth():
+    lab = S.load_lab("tiny", device="cpu")
+    data = freehand.drawings(3, "dev", format="64 px") + samples(2, "test", two_objects=0)
+    rows = read_drawings(lab, data, Judge(), batch=2)
+    assert len(rows) == 5
+    for row, d in zip(rows, data):
+        assert isinstance(row["clip shape"], bool) and isinstance(row["sd-ipc shape"], bool)
+        verdict = Judge()([row["image"]])[0]
+        assert row["sd-ipc colour"] == (verdict["colour"] == d.attributes["colour"])
+        size = getattr(d, "size", d.attributes["size"])
+        assert (row["sd-ipc size"] is None) == (size is None)
+
+
+def test_shape_by_size_rows_and_no_judge():
+    from sdipc_lab import experiments as E
+
+    lab = S.load_lab("tiny", device="cpu")
+    assert E.shape_by_size(lab, judge=None) == []
+    rows = E.shape_by_size(lab, judge=Judge(), n=6, n_world=4)
+    assert {r["images"] for r in rows} == {"world's renderings", "other drawings"}
+    assert sum(r["N"] for r in rows if r["images"] == "other drawings") == 6
+    assert sum(r["N"] for r in rows if r["images"] == "world's renderings") == 4
+    assert all(0 <= r["SD-IPC shape"] <= 1 and 0 <= r["CLIP shape"] <= 1 for r in rows)
+    world_widths = {r["width %"] for r in rows if r["images"] == "world's renderings"}
+    assert world_widths <= {32, 50}  # the world's two sizes fall in the 25-40 and 40-60 % buckets
+
+
+def test_caption_variants_index_the_canonical_captions():
+    from sdipc_lab.toyworld import all_captions, caption
+    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld.evaluate import VALUES, caption_with
+
+    world = T.with_variety(T.render(30, "train"), 0.5)
+    variants = T.caption_variants(world)  # (N, A, V + 1)
+    captions = all_captions()
+    checked = 0
+    for i, things in enumerate(world.things):
+        if len(things) != 1:
+            assert (variants[i] == -1).all()
+            continue
+        sample = Sample(None, "", things, world.backgrounds[i])
+        for a, (attribute, values) in enumerate(VALUES.items()):
+            assert captions[variants[i, a, variants[i, a, -1]]] == caption(things, world.backgrounds[i])
+            for v, value in enumerate(values):
+                assert captions[variants[i, a, v]] == caption_with(sample, attribute, value)
+            assert (variants[i, a, len(values):-1] == -1).all()
+        checked += 1
+    assert checked > 20
+
+
+def test_attribute_loss_is_the_cross_entropy_over_each_attribute():
+    from sdipc_lab.toyworld import train as T
+
+    torch.manual_seed(0)
+    captions = torch.nn.functional.normalize(torch.randn(1800, 8), dim=-1)
+    trainer = T.ClipTrainer(None, None, captions, hard_negatives=1.0)
+    world = T.render(6, "train", two_objects=0)
+    variants = T.caption_variants(world)
+    f = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    got = trainer.attribute_loss(f, variants, torch.tensor(10.0))
+    losses = []
+    for i in range(6):
+        for a in range(5):
+            index = variants[i, a, :-1]
+            index = index[index >= 0]
+            logits = 10.0 * captions[index] @ f[i]
+            losses.append(torch.nn.functional.cross_entropy(logits[None], variants[i, a, -1:]))
+    assert torch.allclose(got, torch.stack(losses).mean(), atol=1e-5)
+    assert trainer.attribute_loss(f, torch.full_like(variants, -1), torch.tensor(10.0)).item() == 0
+
+
+@pytest.mark.parametrize("option, bad, why", [("--variety", "1.5", "between 0 and 1"), ("--hard-negatives", "-1", ">= 0")])
+def test_vision_options_are_refused_elsewhere_and_out_of_range(tmp_path, capsys, option, bad, why):
+    from sdipc_lab.toyworld import train as T
+
+    with pytest.raises(SystemExit):
+        T.main(["clip", "--size", "test", "--out", str(tmp_path), option, "0.5"])
+    assert "vision stage alone" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.main(["vision", "--size", "test", "--out", str(tmp_path), option, bad])
+    assert why in capsys.readouterr().err
