@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+pytest_plugins = ["tests.notebook_checks"]  # what nbval runs is checked for what a reader sees, too
+
 MAX_WORKERS = 4  # each worker holds a lab or two and, for tests/test_hub_cache.py, SD v1.4's random weights
 
 

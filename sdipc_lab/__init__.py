@@ -6,6 +6,8 @@
 """
 
 from .convert import (
+                      PADDING_RULES,
+                      PUBLIC_CODE,
                       InverseProjection,
                       blend,
                       convert,
@@ -38,7 +40,7 @@ from .measure import nearest_texts
 from .plots import pipeline_diagram, show_images
 
 __all__ = [
-    "InverseProjection", "KNOWN_SOURCES", "Lab", "WeightsNotFoundError", "as_rgb_images", "assemble", "blend",
+    "InverseProjection", "KNOWN_SOURCES", "PADDING_RULES", "PUBLIC_CODE", "Lab", "WeightsNotFoundError", "as_rgb_images", "assemble", "blend",
     "candidate_texts", "convert", "download", "edit", "example_edit", "edit_prompt_embeds", "encode_text", "eos_prompt_embeds", "generate", "image_embeds",
     "image_prompt_embeds", "inverse_projection", "judge_for", "knows_world", "limit_threads", "load_lab", "nearest_texts", "pick_device", "pipeline_diagram",
     "photos", "pseudo_prompt", "references", "sample", "save_lab", "show_images",

@@ -8,6 +8,9 @@ Symbols (paper Sec. 3.1), with D the text width (T-space) and P the projection w
     f_cnvrt  = ||f_txt_c|| / ||f_img_c|| W_t^+ f_img_c  (B, D)   Eq. 6, the converted embedding
     prompt   = [f_txt[sos], f_cnvrt x 76]            (B, 77, D) Eq. 7, the pseudo-prompt
     edit     = [f_txt[:t], (f_cnvrt + alpha f_txt[t]) x (77 - t)]   Eq. 8, t = the end token's position
+
+"The public code" below means the third-party reimplementations of SD-IPC that the workbook compares with
+(the authors published no code); what they hard-code is listed once, in `PUBLIC_CODE`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,19 @@ from .images import as_rgb_images
 from .lab import Lab
 
 NORM_SPACES = ("c", "t")
+PADDING_RULES = ("end", "own")  # Eq. 8's f_txt[t] at every padding position, or each position's own f_txt[i]
+
+# What the public third-party reimplementations of SD-IPC hard-code, where they differ from the paper (the
+# authors' repository holds no code). Each difference is a keyword of this package, the paper's value first.
+PUBLIC_CODE = {
+    "W_t^+": "torch.linalg.pinv(W_t, atol=0.3): the paper's cutoff (footnote 6), the same here",
+    "norm": "the T-space result rescaled to 27.5 (norm_space='t'); the paper scales the C-space input (Eq. 6)",
+    "alpha": "0.6 (edit(alpha=0.6)); the paper's 0.9 (Sec. 4.1)",
+    "padding": "each padding position's own text state f_txt[i], i >= t (edit(padding='own')); Eq. 8 repeats "
+               "the end token's f_txt[t] (padding='end')",
+    "sampler": "a stock StableDiffusionPipeline, guidance 7.5, 50 steps, its own empty-prompt embedding as the "
+               "unconditional branch: the same here on SD v1.4",
+}
 
 
 class InverseProjection:
@@ -216,16 +232,21 @@ def eos_prompt_embeds(lab: Lab, texts: str | Sequence[str]) -> torch.Tensor:
     return torch.cat([f_txt[:, :1], f_eos[:, None].expand(B, lab.max_length - 1, D)], dim=1)
 
 
-def edit_prompt_embeds(lab: Lab, images, text: str | Sequence[str], *, alpha: float = 0.9,
+def edit_prompt_embeds(lab: Lab, images, text: str | Sequence[str], *, alpha: float = 0.9, padding: str = "end",
                        cutoff: float | None = None, norm: float | None = None, norm_space: str = "c",
                        weights: Sequence[float] | None = None) -> torch.Tensor:
     """Eq. 8: [f_sos, f_w1..f_w(t-1), f_comb x (77 - t)] (B, 77, D), f_comb = f_cnvrt + alpha f_txt[t].
 
     t is the end token's position in `text` (from the tokenizer's attention mask). One text for all
     images, or one text per image. alpha = 0.9 is the paper's (Sec. 4.1); the public code uses 0.6.
+    padding="end" is Eq. 8 (the end state f_txt[t] added at every position from t on); padding="own" is the
+    public code's (`PUBLIC_CODE`): position i >= t gets f_cnvrt + alpha f_txt[i], its own padding state.
     """
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number (0.9 in the paper), got {alpha!r}")
+    if padding not in PADDING_RULES:
+        raise ValueError(f"padding must be 'end' (Eq. 8: the end token's state at every padding position) or "
+                         f"'own' (the public code: each position's own state), got {padding!r}")
     alpha = float(alpha)
     if not (isinstance(text, str) or (isinstance(text, Sequence) and text and all(isinstance(t, str) for t in text))):
         raise ValueError(f"text must be the edit text (a str, e.g. 'a blue disk'), or one per image, got {text!r}")
@@ -236,7 +257,8 @@ def edit_prompt_embeds(lab: Lab, images, text: str | Sequence[str], *, alpha: fl
         raise ValueError(f"got {len(texts)} edit texts for {B} prompts; give one text, or one per image")
     f_txt, eos = encode_text(lab, texts)  # (B, 77, D), (B,)
     f_txt = f_txt.to(pseudo.dtype)
-    f_comb = pseudo[:, 1] + alpha * at_end(f_txt, eos)  # (B, D)
+    added = at_end(f_txt, eos)[:, None] if padding == "end" else f_txt  # (B, 1, D) or (B, 77, D)
+    f_comb = pseudo[:, 1:2] + alpha * added  # (B, 1, D) or (B, 77, D)
     positions = torch.arange(lab.max_length, device=f_txt.device)[None, :, None]  # (1, 77, 1)
-    return torch.where(positions >= eos[:, None, None], f_comb[:, None], f_txt)  # (B, 77, D)
+    return torch.where(positions >= eos[:, None, None], f_comb, f_txt)  # (B, 77, D)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .attention import AttentionStore, installed, token_mask
+from .bars import bar
 from .convert import convert, image_embeds
 from .datasets import zero_shot
 from .finetune import Concepts, custom_diffusion, finetune
@@ -19,9 +19,9 @@ from .generate import edit, generate, progress, sample, vary
 from .lab import Lab
 from .latent_clip import reno
 from .measure import cutoff_sweep, norm_distributions  # noqa: F401 (norm_distributions: notebook 03 calls it here)
-from .metrics import clip_fid, clip_i, clip_score, clip_t
+from .metrics import CLIPSCORE_WEIGHT, clip_fid, clip_i, clip_score, clip_t
 from .toyworld import concept_samples, freehand, samples
-from .toyworld.evaluate import prompt_conditions, read_drawings
+from .toyworld.evaluate import prompt_conditions, read_drawings, stray_summary
 from .toyworld.judge import agreement
 
 MASKING_CONDITIONS = {
@@ -60,7 +60,10 @@ def pixel_change(images, references) -> float:
 
 def masking_experiment(lab: Lab, data, *, seeds=(0,), judge=None, steps=None) -> tuple[list[dict], dict]:
     """Sec. 3.1 / Fig. 2: generate each caption with word tokens masked (after or before the softmax),
-    or with the end and padding tokens masked (control). Returns table rows and the images by condition."""
+    or with the end and padding tokens masked (control). Returns table rows and the images by condition.
+    With a judge, "second object drawn" is the share of images with a second object (`stray_summary`): what a
+    two-object caption should give every time and a one-object caption never; the judge's attribute columns
+    (which read the largest object) only for one-object captions."""
     captions = [s.caption for s in data]
     images = {name: [] for name in MASKING_CONDITIONS}
     with progress(len(seeds) * len(MASKING_CONDITIONS), "masking"):
@@ -78,7 +81,9 @@ def masking_experiment(lab: Lab, data, *, seeds=(0,), judge=None, steps=None) ->
         row = {"condition": name, "pixel change vs full": pixel_change(imgs, full),
                "CLIP-I vs full": float(clip_i(lab, imgs, full).mean())}
         if judge is not None:
-            row.update({f"judge {k}": v for k, v in agreement(judge(imgs), truths).items()})
+            if all(len(s.things) == 1 for s in data):
+                row.update({f"judge {k}": v for k, v in agreement(judge(imgs), truths).items()})
+            row["second object drawn"] = stray_summary(imgs)["second object"]
         rows.append(row)
     return rows, images
 
@@ -105,8 +110,8 @@ def cutoff_experiment(lab: Lab, data, cutoffs) -> list[dict]:
 
 
 def norm_experiment(lab: Lab, data, scales=(0.25, 0.5, 1.0, 2.0, 4.0), *, judge=None, seed=0, steps=None) -> list[dict]:
-    """Eq. 6: variations with the paper's convention ("c") and the public code's ("t"), and with the norm
-    scaled by each factor: the converted vector's T-space norm and what the judge finds."""
+    """Eq. 6: variations with the paper's convention ("c") and the public code's ("t", `convert.PUBLIC_CODE`), and
+    with the norm scaled by each factor: the converted vector's T-space norm and what the judge finds."""
     images = [s.image for s in data]
     truths = [s.attributes for s in data]
     f_img_c = image_embeds(lab, images)
@@ -146,6 +151,36 @@ def variation_table(lab: Lab, data, *, judge=None, seed=0, steps=None) -> tuple[
     return rows, images
 
 
+def metric_readings(lab: Lab, data, images: dict, *, judge=None, seed: int = 0) -> list[dict]:
+    """What the variation table's FID and CLIP-score can and cannot see, measured on its own images (`images`
+    from `variation_table`). FID compares two *sets*: SD-IPC's images against the references in their order and
+    in a shuffled order (the same number: it never pairs an image with its reference, so the shuffled baseline,
+    the same prompts drawn with other noise, scores like SD-IPC by construction). CLIP-score against the true
+    caption, per image: the caption's images and SD-IPC's, these split by the judge's shape verdict (with a
+    judge), which shows where SD-IPC's deficit comes from. One row per reading: "reading", "value", "N"."""
+    refs = [s.image for s in data]
+    captions = [s.caption for s in data]
+    order = np.random.default_rng(seed).permutation(len(refs))
+    ipc = images["SD-IPC (vary)"]
+    rows = [{"reading": "FID of SD-IPC, references in order", "value": clip_fid(lab, ipc, refs), "N": len(refs)},
+            {"reading": "FID of SD-IPC, references shuffled", "value": clip_fid(lab, ipc, [refs[i] for i in order]),
+             "N": len(refs)},
+            {"reading": "FID of the shuffled baseline", "value": clip_fid(lab, images["shuffled reference (baseline)"], refs),
+             "N": len(refs)}]
+    score = lambda ims: CLIPSCORE_WEIGHT * np.maximum(clip_t(lab, ims, captions), 0)  # noqa: E731  (N,) per image
+    rows.append({"reading": "CLIP-score, the true caption's images", "value": float(score(images["true caption"]).mean()),
+                 "N": len(refs)})
+    ipc_scores = score(ipc)
+    rows.append({"reading": "CLIP-score, SD-IPC's images", "value": float(ipc_scores.mean()), "N": len(refs)})
+    if judge is not None:
+        right = np.array([v["shape"] == s.attributes["shape"] for v, s in zip(judge(ipc), data)])
+        for name, keep in (("right", right), ("wrong", ~right)):
+            if keep.any():
+                rows.append({"reading": f"CLIP-score, SD-IPC's images with the {name} shape",
+                             "value": float(ipc_scores[keep].mean()), "N": int(keep.sum())})
+    return rows
+
+
 def shape_by_size(lab: Lab, *, judge, n: int = 96, n_world: int = 48, part: str = "dev", seed: int = 0) -> list[dict]:
     """SD-IPC's and CLIP's shape accuracy against the object's width, on the world's own test renderings and on
     `n` drawings made by other code (`toyworld.freehand`, its `part`): does the lab read shapes, or the world's
@@ -178,16 +213,18 @@ def _width(image) -> float:
 
 
 def alpha_experiment(lab: Lab, data, edit_text: str, alphas, *, target: dict | None = None, judge=None, seed=0,
-                     steps=None) -> tuple[list[dict], dict]:
+                     steps=None, padding: str = "end") -> tuple[list[dict], dict]:
     """Eq. 8 / App. C.1: for each alpha, CLIP-I to the reference, CLIP-T to the edit text, and (with a
-    judge and a `target` like {"colour": "blue"}) how often the edit shows, and the rest of the reference."""
+    judge and a `target` like {"colour": "blue"}) how often the edit shows, and the rest of the reference.
+    `padding`: Eq. 8's rule ("end") or the public code's ("own"), as in `edit`; each row names it."""
     refs = [s.image for s in data]
     rows, images = [], {}
-    with progress(len(alphas), "alpha"):
+    with progress(len(alphas), f"alpha ({padding} padding)"):
         for alpha in alphas:
-            images[alpha] = edit(lab, refs, edit_text, alpha=alpha, n=1, seed=seed, steps=steps)  # one per reference
+            images[alpha] = edit(lab, refs, edit_text, alpha=alpha, padding=padding, n=1, seed=seed,
+                                 steps=steps)  # one per reference
     for alpha, out in images.items():
-        row = {"alpha": alpha, "CLIP-I (reference)": float(clip_i(lab, out, refs).mean()),
+        row = {"padding": padding, "alpha": alpha, "CLIP-I (reference)": float(clip_i(lab, out, refs).mean()),
                "CLIP-T (edit text)": float(clip_t(lab, out, edit_text).mean())}
         if judge is not None and target:
             verdicts = judge(out)
@@ -237,10 +274,54 @@ def finetune_comparison(lab: Lab, test_concepts, finetuned, *, n_refs: int | Non
     return rows
 
 
+def domain_finetune(lab: Lab, *, kind: str = "outline", n_train: int = 100, n_test: int = 48, steps: int = 120,
+                    n_tokens: int = 1, out, judge=None, seed: int = 0) -> tuple[list[dict], object]:
+    """SD-IPC-FT where the paper uses it: a domain the lab reads poorly, ~100 images of it. The domain is one
+    `kind` of `toyworld.freehand` drawing (at 64 px, its "dev" part); FT pairs each drawing with world renderings
+    of its (shape, colour) as x_target (`finetune(targets=...)`, their captions for the regulariser). Rows:
+    SD-IPC and SD-IPC-FT on `n_test` unseen drawings of the domain and on the world's test split ("shape",
+    "colour": the judge's agreement on one variation each), and a linear probe on the image tower's embeddings
+    (trained on the training drawings, tested on the unseen ones: its accuracy in the same columns): whether
+    the tower carries the domain's shape at all, which FT's prompts can re-weight but not create. Returns
+    (rows, the FineTuned)."""
+    from sklearn.linear_model import LogisticRegression
+
+    train = freehand.drawings(n_train, "dev", kind=kind, format="64 px")
+    test = freehand.drawings(n_test, "dev", start=10_000, kind=kind, format="64 px")
+    domain, goals, captions = {}, {}, {}
+    for d in train:
+        domain.setdefault(f"{d.colour} {d.shape}", []).append(d.image)
+    for name in domain:
+        colour, shape = name.split()
+        drawn = concept_samples(shape, colour, 4)
+        goals[name], captions[name] = [x.image for x in drawn], [x.caption for x in drawn]
+    ft = finetune(lab, Concepts(domain), mode="ft", steps=steps, out=out, targets=Concepts(goals), captions=captions,
+                  n_tokens=n_tokens, seed=seed)
+    world = samples(n_test, "test", two_objects=0)
+    sets = {f"{kind} drawings (unseen)": ([d.image for d in test], [{"shape": d.shape, "colour": d.colour} for d in test]),
+            "world test": ([s.image for s in world], [s.attributes for s in world])}
+    rows = []
+    with progress(2 * len(sets), "SD-IPC and SD-IPC-FT"):
+        for method, applied_ft in (("SD-IPC", None), ("SD-IPC-FT", ft)):
+            for name, (images, truths) in sets.items():
+                row = {"method": method, "images": name}
+                if judge is not None:
+                    found = agreement(judge(vary(lab, images, n=1, seed=seed, finetuned=applied_ft)), truths,
+                                      ("shape", "colour"))
+                    row.update(found)
+                rows.append(row)
+    x_train, x_test = (image_embeds(lab, [d.image for d in ds]).float().cpu().numpy() for ds in (train, test))  # (N, P)
+    probe = {"method": "linear probe on the image embedding", "images": f"{kind} drawings (unseen)"}
+    for attribute in ("shape", "colour"):
+        fitted = LogisticRegression(max_iter=2000).fit(x_train, [getattr(d, attribute) for d in train])
+        probe[attribute] = float(fitted.score(x_test, [getattr(d, attribute) for d in test]))
+    return rows + [probe], ft
+
+
 def fidelity_curve(lab: Lab, concept, train_images, iterations, *, out, judge=None, class_word: str | None = None,
                    train_captions=None, n_eval: int = 8, seed=0, steps=None, batch: int = 4, lr=None,
                    methods=("SD-IPC-CT", "Custom Diffusion")) -> list[dict]:
-    """Sec. 4.3 analogue (CT in 30 iterations vs Custom Diffusion in 250): fidelity to a concept learnt from
+    """Sec. 3.3 analogue (CT in 30 iterations vs Custom Diffusion in 250): fidelity to a concept learnt from
     `train_images` after each number of iterations, for SD-IPC-CT (variations of the training images) and Custom Diffusion (text with the new token).
     Each method is one run, resumed from its checkpoint in `out` up to each count in turn.
 
@@ -311,7 +392,7 @@ def reno_experiment(lab: Lab, towers: dict, data, *, judge, iterations: int = 15
     rows, results = [], {}
     for name, kwargs in conditions.items():
         results[name] = [reno(lab, s.caption, towers=towers, iterations=iterations, seed=seed + i, **kwargs)
-                         for i, s in enumerate(tqdm(data, desc=name))]
+                         for i, s in enumerate(bar(data, desc=name))]
         verdicts = [judge([r.first for r in results[name]]), judge([r.image for r in results[name]])]
         rows.append({"condition": name, **_reno_row(results[name], data, verdicts)})
     return rows, results
@@ -330,7 +411,7 @@ def avoidance_experiment(lab: Lab, towers: dict, data, *, judge, iterations: int
     for name, avoid in (("toward the caption without its colour", False), ("... and away from the colour", True)):
         results[name] = [reno(lab, s.caption, reward=reward, towers=towers, iterations=iterations, seed=seed + i,
                               target=without_colour(s), avoid=s.caption if avoid else None)
-                         for i, s in enumerate(tqdm(data, desc=name))]
+                         for i, s in enumerate(bar(data, desc=name))]
         verdicts = [judge([r.first for r in results[name]]), judge([r.image for r in results[name]])]
         found = [float(np.mean([v["colour"] == c for v, c in zip(vs, avoided)])) for vs in verdicts]
         row = {"reward": name, "avoided colour before": found[0], "avoided colour after": found[1]}

@@ -137,34 +137,46 @@ def latents_of(lab: Lab, images) -> torch.Tensor:
 def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.PathLike = "runs/finetune",
              steps: int | None = None, lr: float | None = None, batch: int = 4, ab: bool | None = None,
              captions: dict | None = None, n_tokens: int = 8, train_prompts: bool = True, train_kv: bool = True,
-             seed: int = 0, minutes: float | None = None, accelerator=None) -> FineTuned:
+             targets: Concepts | None = None, seed: int = 0, minutes: float | None = None,
+             accelerator=None) -> FineTuned:
     """Train SD-IPC-FT (`mode="ft"`) or SD-IPC-CT (`mode="ct"`) on `concepts`; resumable from `out`.
 
     `ab=True` (default when every concept has >= 2 images in FT) picks x_target among the other images of
     x_ref's concept. `captions` ({concept: text}, or {concept: [one text per image]}) feeds the text-to-image
     regulariser of FT, in the lab's own language (the teaching lab's captions name size, position and
     background: per-image captions); without it the regulariser is off. `lr` defaults to the lab's `finetune_lr[mode]` (the paper's for SD v1.4, measured
-    for the teaching lab). Returns the trained parts, also saved to `out/finetuned.safetensors`.
+    for the teaching lab). `targets` (FT only): x_target is drawn from `targets.images[concept]` instead, and the
+    regulariser's (caption, image) pairs come from the targets (`captions` then names the targets' images): a
+    domain's images as references, the pictures the lab draws of the same concepts as targets — adapting the
+    converter to a domain it reads poorly. Returns the trained parts, also saved to `out/finetuned.safetensors`.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be 'ft' (SD-IPC-FT) or 'ct' (SD-IPC-CT), got {mode!r}")
     batch, seed, n_tokens = _counts(batch=batch, seed=seed, n_tokens=n_tokens)
     if not concepts.images or not all(concepts.images.values()):
         raise ValueError(f"every concept needs images; got {({c: len(v) for c, v in concepts.images.items()})}")
+    if targets is not None:
+        if mode != "ft":
+            raise ValueError("targets pair a domain's images with other images of their concepts: an FT option "
+                             f"(mode='ft'), not {mode!r}")
+        missing = sorted(set(concepts.images) - {c for c, v in targets.images.items() if v})
+        if missing:
+            raise ValueError(f"targets have no images for concepts {missing}: give every concept at least one target")
     recipe = MODES[mode]
     steps = recipe["steps"] if steps is None else steps
     lr = lab.finetune_lr[mode] if lr is None else lr
     check_positive(steps=steps, lr=lr)  # before the run folder is claimed
     counts = {c: len(v) for c, v in concepts.images.items()}
     if ab is None:
-        ab = mode == "ft" and min(counts.values()) >= 2
-    if ab and min(counts.values()) < 2:
+        ab = mode == "ft" and (targets is not None or min(counts.values()) >= 2)
+    if ab and targets is None and min(counts.values()) < 2:
         raise ValueError(f"A/B training needs at least 2 images per concept; got {counts}. Add images or pass ab=False.")
     out = Path(out)
     accelerator = accelerator or new_accelerator()
     check_batch(batch, accelerator)
     if accelerator.is_main_process:
-        claim_run_folder(out, mode, {"concepts": {c: digest(v) for c, v in concepts.images.items()}},
+        claim_run_folder(out, mode, {"concepts": {c: digest(v) for c, v in concepts.images.items()},
+                                     **({"targets": {c: digest(v) for c, v in targets.images.items()}} if targets else {})},
                          f"concepts {sorted(concepts.images)}")
     accelerator.wait_for_everyone()
     torch.manual_seed(seed)
@@ -179,16 +191,18 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
         for p in part.parameters():
             p.requires_grad_(True)
     flat = concepts.flat
-    latents = latents_of(lab, [im for _, im in flat])  # (N, 4, h, w)
     pixels = lab.feature_extractor(images=[im for _, im in flat], return_tensors="pt").pixel_values.to(lab.device, lab.dtype)
+    goals = targets or concepts  # where x_target (and the regulariser's images) come from
+    goal_flat = goals.flat
+    latents = latents_of(lab, [im for _, im in goal_flat])  # (M, 4, h, w)
     text_weight = recipe["text_weight"] if captions else 0.0
     text_states = None
     if text_weight:
-        missing = set(concepts.images) - set(captions)
+        missing = set(goals.images) - set(captions)
         if missing:
             raise ValueError(f"captions are missing for concepts {sorted(missing)}")
         texts = []
-        for c, ims in concepts.images.items():
+        for c, ims in goals.images.items():
             per_image = [captions[c]] * len(ims) if isinstance(captions[c], str) else list(captions[c])
             if len(per_image) != len(ims):
                 raise ValueError(f"concept {c!r} has {len(ims)} images but {len(per_image)} captions; give one "
@@ -196,25 +210,30 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
             texts += per_image
         f_txt, _ = encode_text(lab, texts)
         text_states = f_txt.to(lab.dtype)
-    by_concept = {}
-    for i, (c, _) in enumerate(flat):
-        by_concept.setdefault(c, []).append(i)
+    by_concept = {}  # concept -> indices into goal_flat
+    for j, (c, _) in enumerate(goal_flat):
+        by_concept.setdefault(c, []).append(j)
 
     def loss_fn(m, step):  # the global batch of the step, drawn alike by every process; this process's share of it
         rng = random.Random(f"ft:{seed}:{step}")
         ref = [rng.randrange(len(flat)) for _ in range(batch)]
-        target = [rng.choice([j for j in by_concept[flat[i][0]] if j != i]) if ab else i for i in ref]
+        if targets is not None:
+            target = [rng.choice(by_concept[flat[i][0]]) for i in ref]
+        else:
+            target = [rng.choice([j for j in by_concept[flat[i][0]] if j != i]) if ab else i for i in ref]
         idx = torch.tensor(shard(ref, module.part), device=lab.device)
         tgt = torch.tensor(shard(target, module.part), device=lab.device)
         if text_states is None:
             return m(pixels[idx], latents[tgt])
-        return m(pixels[idx], latents[tgt], text_states[idx], latents[idx])
+        own = idx if targets is None else tgt  # the regulariser's (caption, image) pairs
+        return m(pixels[idx], latents[tgt], text_states[own], latents[own])
 
     lab.image_encoder.train(ft.prompts is not None)  # prompt dropout on
     with applied(lab, ft), limit_threads(lab.threads):
         signature = dict(mode=mode, lr=lr, batch=batch, ab=bool(ab), seed=seed, n_tokens=n_tokens,
                          train_prompts=train_prompts, train_kv=train_kv, lab=fingerprint(lab),
                          concepts={c: digest(v) for c, v in concepts.images.items()},
+                         **({"targets": {c: digest(v) for c, v in targets.images.items()}} if targets else {}),
                          captions=captions if text_weight else None)
         fit(f"sdipc-{mode}", module, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator,
             minutes=minutes, schedule=recipe["schedule"], weight_decay=0.0, every=max(10, steps // 10),
@@ -222,7 +241,8 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
     lab.image_encoder.eval()
     for part in [*(ft.kv.values()), *([ft.prompts] if ft.prompts is not None else [])]:
         part.requires_grad_(False).eval()
-    ft.info.update(mode=mode, steps=steps, lr=lr, ab=bool(ab), concepts=counts)
+    ft.info.update(mode=mode, steps=steps, lr=lr, ab=bool(ab), concepts=counts,
+                   **({"targets": {c: len(v) for c, v in targets.images.items()}} if targets else {}))
     if accelerator.is_main_process:
         save_finetuned(ft, out / "finetuned.safetensors")
     accelerator.wait_for_everyone()

@@ -15,9 +15,10 @@ import numbers
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .adapters import applied
+from .bars import TextLine, in_notebook
 from .convert import edit_prompt_embeds, encode_text, image_prompt_embeds
 from .images import as_rgb_images
 from .lab import Lab, limit_threads
@@ -45,14 +46,23 @@ _overall = contextvars.ContextVar("sdipc_lab_overall_bar", default=None)
 def progress(total: int, desc: str):
     """One progress bar over many generation calls: each `sample` (so each vary / edit / generate) inside the
     block ticks it once. The pipeline's own per-call bar is off (`assemble`): a notebook shows one bar per
-    experiment, not one per call, and no closed bar widgets are left in its outputs."""
-    bar = tqdm(total=total, desc=desc, disable=total == 0)
+    experiment, not one per call. In a notebook the bar is a line of plain text that removes itself when the
+    block ends (an empty output is left, shown as nothing) and stays, where it stopped, if the block fails:
+    nothing is saved that needs the kernel to be drawn (`TextLine`)."""
+    line = TextLine() if total and in_notebook() else None
+    # miniters=1: tqdm's monitor thread never redraws the bar from outside the kernel's thread
+    where = dict(file=line, miniters=1) if line is not None else {}
+    bar = tqdm(total=total, desc=desc, disable=total == 0, **where)
     token = _overall.set(bar)
+    failed = True
     try:
         yield bar
+        failed = False
     finally:
         _overall.reset(token)
         bar.close()
+        if line is not None and line.handle is not None and not failed:
+            line.show("")  # the finished bar removes itself; an interrupted one stays where it stopped
 
 
 SETTINGS = ("steps", "guidance_scale", "guidance_rescale", "height", "width")  # a call's sampler settings
@@ -116,14 +126,15 @@ def vary(lab: Lab, images, *, n: int = 4, seed: int = 0, negative_images=None, w
         return sample(lab, prompt, negative_prompt_embeds=negative, n=n, seed=seed, **settings)
 
 
-def edit(lab: Lab, image, text: str, *, alpha: float = 0.9, n: int = 4, seed: int = 0, negative_images=None,
-         cutoff: float | None = None, norm: float | None = None, norm_space: str = "c", finetuned=None,
-         **settings) -> list:
+def edit(lab: Lab, image, text: str, *, alpha: float = 0.9, padding: str = "end", n: int = 4, seed: int = 0,
+         negative_images=None, cutoff: float | None = None, norm: float | None = None, norm_space: str = "c",
+         finetuned=None, **settings) -> list:
     """SD-IPC editing (Eq. 8): `n` images of the reference image changed by `text`, strength `alpha`.
+    `padding`: "end" (Eq. 8) or "own" (the public code's), as in `edit_prompt_embeds`.
     `settings`: the sampler's (`sample`)."""
     convert_kwargs = dict(cutoff=cutoff, norm=norm, norm_space=norm_space)
     with applied(lab, finetuned):
-        prompt = edit_prompt_embeds(lab, image, text, alpha=alpha, **convert_kwargs)  # (B, 77, D)
+        prompt = edit_prompt_embeds(lab, image, text, alpha=alpha, padding=padding, **convert_kwargs)  # (B, 77, D)
         negative = _negative(lab, negative_images, convert_kwargs)
         return sample(lab, prompt, negative_prompt_embeds=negative, n=n, seed=seed, **settings)
 

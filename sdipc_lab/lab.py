@@ -47,7 +47,7 @@ HUB_SOURCES = {
 # Learning rates of sdipc_lab.finetune for SD v1.4: the paper's SD-IPC-FT / -CT (Sec. 4.1) and diffusers'
 # Custom Diffusion example. A lab of another scale carries its own, measured (bench/finetune.py --lr-sweep).
 PAPER_FINETUNE_LR = {"ft": 1e-5, "ct": 5e-6, "custom-diffusion": 1e-5}
-# The paper's constants for CLIP ViT-L/14 (footnote 6, Eq. 6) and the public code's T-space norm.
+# The paper's constants for CLIP ViT-L/14 (footnote 6, Eq. 6) and the public code's T-space norm (convert.PUBLIC_CODE).
 HUB_CONSTANTS = dict(cutoff=0.3, norm=27.0, norm_t=27.5, steps=50, guidance_scale=7.5, finetune_lr=PAPER_FINETUNE_LR)
 TOY_FOLDER = Path(__file__).parent / "toyworld" / "lab"
 KNOWN_SOURCES = ("toy", "tiny", *HUB_SOURCES, "auto")

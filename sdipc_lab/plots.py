@@ -66,32 +66,34 @@ def table(rows: Sequence[dict], digits: int = 3) -> Table:
 VERDICTS = ("reproduced", "not reproduced here", "opposite here", "information", "not measured here")
 
 
-def verdict(effect: float | None, margin: float = 0.0, *, opposite: bool = True) -> str:
+def verdict(effect: float | None, margin: float = 0.0, *, opposite: bool = True, ties: bool = False) -> str:
     """A claim's verdict from its measured effect, signed so that positive is the paper's direction: "reproduced"
     above `margin`, "opposite here" below -`margin`, "not reproduced here" between; None is "information";
     NaN is "not measured here" (a column this lab has no measure for: the toy judge's, on SD; see
     `datasets.measured`).
     `opposite=False` for claims of the kind "within a tolerance", which have no opposite: a miss is "not
-    reproduced here"."""
+    reproduced here". `ties=True` for claims of the kind "A matches B", which a tie satisfies: "reproduced"
+    from -`margin` up, "opposite here" below it."""
     if effect is None:
         return "information"
     if math.isnan(effect):
         return "not measured here"
     if not math.isfinite(effect):
         raise ValueError(f"a claim's effect must be a finite number, got {effect}")
-    if effect > margin:
+    if effect > margin or (ties and effect >= -margin):
         return "reproduced"
     return "opposite here" if effect < -margin and opposite else "not reproduced here"
 
 
 def claims(rows: Sequence[dict]) -> Table:
     """A claims table: each row's "claim", "paper" and "measured here", and a "verdict" computed by `verdict`
-    from its "effect", "margin" and "opposite" (never typed by hand)."""
+    from its "effect", "margin", "opposite" and "ties" (never typed by hand)."""
     out = []
     for row in rows:
         row = dict(row)
-        effect, margin, opposite = row.pop("effect", None), row.pop("margin", 0.0), row.pop("opposite", True)
-        out.append({**row, "verdict": verdict(effect, margin, opposite=opposite)})
+        effect, margin = row.pop("effect", None), row.pop("margin", 0.0)
+        opposite, ties = row.pop("opposite", True), row.pop("ties", False)
+        out.append({**row, "verdict": verdict(effect, margin, opposite=opposite, ties=ties)})
     return Table(out)
 
 
@@ -230,9 +232,13 @@ def pipeline_diagram():
     for left, right in (("image", "tower_i"), ("tower_i", "W_i"), ("W_i", "inverse"), ("inverse", "prompt"),
                         ("text", "tower_t"), ("tower_t", "states"), ("states", "W_t")):
         arrow((boxes[left][0] + w, boxes[left][1] + h / 2), (boxes[right][0], boxes[right][1] + h / 2))
-    arrow((5.9 + w, 2.1 + h / 2), (7.75, 2.0), "prompt_embeds")
-    arrow((3.0 + w, 0.35 + 0.9 * h), (7.75, 1.45), "")
-    ax.text(6.0, 0.85, "text prompt_embeds\n(SD's usual path)", fontsize=7, color="#333333")
+    arrow((5.9 + w, 2.1 + h / 2), (7.75, 2.0))
+    ax.text(7.3, 2.55, "pseudo-prompt as prompt_embeds", fontsize=7, color="#333333")
+    # SD's usual path: the T-space states themselves, routed beneath W_t (which only CLIP's training uses)
+    x0, low, x_unet = 3.0 + w / 2, 0.12, 7.75 + 0.9
+    ax.plot([x0, x0, x_unet], [0.35, low, low], color="#333333", lw=1)
+    arrow((x_unet, low), (x_unet, 1.2))
+    ax.text(5.9, low + 0.06, "text states as prompt_embeds (SD's usual path)", fontsize=7, color="#333333")
     ax.add_patch(FancyArrowPatch((3.0 + w / 2, 2.1), (4.45 + w / 2, 0.35 + h), arrowstyle="<|-|>", ls="--",
                                  mutation_scale=9, color="#990000"))
     ax.text(4.6, 1.5, "contrastive training:\n$f^c_{img} \\approx f^c_{txt}$ (C-space)", ha="left", fontsize=7,

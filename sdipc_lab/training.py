@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+
+from .bars import bar as progress_bar
 
 
 def new_accelerator(**kwargs):
@@ -435,7 +436,7 @@ def _fit(name, module, loss_fn, *, steps, lr, out, accelerator, minutes, budget_
     if ema is not None:
         ema.to(accelerator.device)
     start = saved_at = time.time()
-    bar = tqdm(total=steps, initial=step, desc=name, disable=not accelerator.is_main_process)
+    bar = progress_bar(total=steps, initial=step, desc=name, disable=not accelerator.is_main_process)
     module.train()
 
     def save():

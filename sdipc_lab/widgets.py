@@ -1,9 +1,24 @@
-"""Interactive panels for the notebooks (ipywidgets): move a knob, watch the images change."""
+"""Interactive panels for the notebooks (ipywidgets): move a knob, watch the images change.
+
+A panel is three outputs of its cell: the controls (a widget), a one-line note and the figure. The figure is a
+plain image output, replaced in place on each redraw (`display_id`), so a saved notebook keeps the last figure as
+an image/png that any viewer shows, with or without a kernel. A widget lives only as long as its kernel: reopened
+after the Jupyter server restarted, JupyterLab finds no model for the controls. The note, "run this cell to get
+them back", is hidden while the controls are live and shown in their place once they are gone (the renderer's own
+"Error displaying widget: model not found" line for them is hidden then; jupyterlab_widgets 3 draws it whatever
+else the output holds, docs/results/jupyterlab_panels.md).
+
+A knob moved while a figure is being drawn waits in the kernel's queue; redraws are debounced, so a burst of
+moves draws once, for the controls' values when the burst ends, and the figure's title names those values.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import itertools
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import matplotlib.pyplot as plt
 
@@ -14,26 +29,115 @@ from .plots import show_images
 
 
 SIZE = 1.6  # inches per image, as show_images draws them
+DPI = 100  # the figure's pixels per inch: its size in pixels is fixed, so a redraw never moves the page
+DEBOUNCE = 0.25  # seconds a panel waits after the last move before it draws
+NOTE = "Interactive controls: run this cell to get them back."
+_ids = itertools.count()
 
 
-def _show(images, title: str) -> None:
-    show_images(images, suptitle=title, size=SIZE)
-    plt.show()
+def _show(images, title: str) -> bytes:
+    """One row of images under `title`, as PNG bytes of a fixed size (SIZE inches per image at DPI; tight_layout
+    keeps the title and labels inside it), the title also in the PNG's metadata (what a figure shows can be read
+    back: bench/jupyterlab_panels.py). The figure is closed: nothing is left for the inline backend to show."""
+    fig = show_images(images, suptitle=title, size=SIZE)
+    try:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=DPI, metadata={"Title": title})
+        return buffer.getvalue()
+    finally:
+        plt.close(fig)
 
 
-def _panel(show, **controls):
-    """The controls above one output area that keeps its height while it redraws (the page does not jump when
-    a knob moves) and labels that are never cut off. `show(**values)` draws one figure. Displays the panel
-    (end the cell with `;`, as with `ipywidgets.interact`) and returns it."""
+def _note_html(panel_class: str) -> str:
+    """The note shown where the controls were once they are gone. CSS on JupyterLab's output classes: while the
+    output before it holds the live panel, the note is hidden; while that output holds no widget view (its model
+    was not found), its error line is hidden and the note stands in its place."""
+    child, note = ".jp-OutputArea-child", f"{panel_class}-note"
+    return (f'<div class="{note}">{NOTE}</div><style>'
+            f"{child}:has(.{panel_class}) + {child} .{note} {{display: none}} "
+            f"{child}:has(+ {child} .{note}) .jupyter-widgets:not(:has(*)) {{display: none}}</style>")
+
+
+class _Redraw:
+    """Draws a panel's figure for its controls' current values, at most once per burst of moves.
+
+    ipywidgets callbacks run in the kernel's one thread, one message at a time: while a figure is drawn, later
+    moves wait in the queue, and each one, once handled, would draw in turn -- the figure lagging the slider by
+    a whole queue. Instead a move (re)starts a timer on the kernel's event loop; when it fires, the figure is
+    drawn for the controls' values at that moment, so moves that arrived meanwhile coalesce into one draw of
+    the latest value, and a value already shown is not drawn again. Without a running event loop (a script, a
+    test) it draws at once."""
+
+    def __init__(self, draw: Callable[..., bytes], controls: dict, status, delay: float = DEBOUNCE):
+        self.draw, self.controls, self.status, self.delay = draw, controls, status, delay
+        self.handle = None  # the figure's display (IPython.display.DisplayHandle), None outside IPython
+        self.shown = None  # the values the figure shows
+        self._timer = None
+
+    def values(self) -> dict:
+        return {name: control.value for name, control in self.controls.items()}
+
+    def request(self, change=None) -> None:
+        """A control moved: draw after `delay` seconds without another move (at once without an event loop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.now()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self.status.value = "drawing..."
+        self._timer = loop.call_later(self.delay, self.now)
+
+    def now(self, *, quiet: bool = True) -> None:
+        """Draw the figure for the controls' values now, unless it shows them already. An error is shown in the
+        status line (`quiet`: a callback's traceback would go to the server's log, unseen) or raised."""
+        from IPython.display import Image, display
+
+        self._timer = None
+        values = self.values()
+        if values == self.shown:
+            self.status.value = ""
+            return
+        self.status.value = "drawing..."
+        try:
+            image = Image(self.draw(**values), format="png")
+        except Exception as error:
+            if not quiet:
+                raise
+            self.status.value = f"could not draw {values}: {type(error).__name__}: {error}"[:300]
+            return
+        self.shown = values
+        if self.handle is None:
+            self.handle = display(image, display_id=True)
+        else:
+            self.handle.update(image)
+        self.status.value = ""
+
+
+def _panel(draw: Callable[..., bytes], **controls):
+    """Displays the controls, the note for a reopened notebook and the figure `draw(**values)` (PNG bytes) for
+    the controls' values; redraws (debounced, `_Redraw`) when a control moves. Labels are never cut off.
+    Returns the controls' box (end the cell with `;`, as with `ipywidgets.interact`)."""
     import ipywidgets as w
     from IPython.display import display
 
     for control in controls.values():
         control.style.description_width = "initial"
-    out = w.interactive_output(show, controls)
-    out.layout.min_height = f"{int(100 * (SIZE + 0.4)) + 30}px"  # one row of images and a title, at 100 dpi
-    panel = w.VBox([w.HBox(list(controls.values()), layout=w.Layout(flex_flow="row wrap")), out])
-    display(panel)
+        if hasattr(control, "continuous_update"):  # a dragged slider sends its value once, where it is let go
+            control.continuous_update = False
+    status = w.Label(value="", layout=w.Layout(min_width="10ch"))
+    panel = w.VBox([w.HBox([*controls.values(), status], layout=w.Layout(flex_flow="row wrap"))])
+    panel_class = f"sdipc-lab-panel-{next(_ids)}"
+    panel.add_class(panel_class)
+    panel.redraw = redraw = _Redraw(draw, controls, status)
+    for control in controls.values():
+        control.observe(redraw.request, names="value")
+    # text/plain empty: a viewer without the widget renderer (or an untrusted notebook) shows the note alone
+    display({"text/plain": "", **{k: v for k, v in panel._repr_mimebundle_().items() if k != "text/plain"}},
+            raw=True)
+    display({"text/html": _note_html(panel_class), "text/plain": NOTE}, raw=True)
+    redraw.now(quiet=False)  # the first figure, in the cell's run: an error is the cell's
     return panel
 
 
@@ -67,13 +171,15 @@ def cutoff_slider(lab: Lab, image, cutoffs: Sequence[float] | None = None, *, n:
 
 
 def norm_slider(lab: Lab, image, *, n: int = 4, seed: int = 0):
-    """Variations of `image` with the norm of Eq. 6 scaled by a factor, in either convention."""
+    """Variations of `image` with the norm of Eq. 6 scaled by a factor, in the paper's convention or the public
+    code's (`convert.PUBLIC_CODE`)."""
     import ipywidgets as w
 
     def show(scale, convention):
         base = lab.norm if convention == "c" else lab.norm_t
-        _show(vary(lab, image, n=n, seed=seed, norm=base * scale, norm_space=convention),
-              f"norm = {scale:g} x {base:.3g} ({'paper, C-space' if convention == 'c' else 'public code, T-space'})")
+        name = "paper, C-space" if convention == "c" else "public code, T-space"
+        return _show(vary(lab, image, n=n, seed=seed, norm=base * scale, norm_space=convention),
+                     f"norm = {scale:g} x {base:.3g} ({name})")
 
     return _panel(show, scale=w.FloatLogSlider(value=1.0, base=2, min=-3, max=3, step=0.5, description="scale"),
                   convention=w.ToggleButtons(options=[("paper (C)", "c"), ("public (T)", "t")], description="norm"))
@@ -89,7 +195,8 @@ def edit_panel(lab: Lab, references: dict, *, n: int = 4):
     references = {str(name): _one_image(image, f"references[{name!r}]")[0] for name, image in references.items()}
     def show(reference, text, alpha, seed):
         image = references[reference]
-        _show([image, *edit(lab, image, text, alpha=alpha, n=n, seed=seed)], f"'{text}', alpha {alpha:.2f}")
+        return _show([image, *edit(lab, image, text, alpha=alpha, n=n, seed=seed)],
+                     f"'{text}', alpha {alpha:.2f}, seed {seed}")
 
     longest = max(map(len, references), default=10)
     return _panel(show, reference=w.Dropdown(options=list(references), description="reference",

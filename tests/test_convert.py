@@ -122,6 +122,22 @@ def test_edit_layout(lab, refs, text):
         torch.testing.assert_close(edited[b, t:], comb.expand(77 - t, -1))
 
 
+def test_edit_public_padding_rule_adds_each_position_own_state(lab, refs):
+    alpha, text = 0.6, "a red star"
+    own = S.edit_prompt_embeds(lab, refs[:2], text, alpha=alpha, padding="own")  # (2, 77, D)
+    end = S.edit_prompt_embeds(lab, refs[:2], text, alpha=alpha, padding="end")
+    f_txt, eos = S.encode_text(lab, text)
+    t = int(eos[0])
+    f_cnvrt = S.image_prompt_embeds(lab, refs[:2])[:, 1]  # (2, D)
+    for b in range(2):
+        torch.testing.assert_close(own[b, :t], f_txt[0, :t])
+        torch.testing.assert_close(own[b, t:], f_cnvrt[b] + alpha * f_txt[0, t:])  # position i: its own f_txt[i]
+    torch.testing.assert_close(own[:, : t + 1], end[:, : t + 1])  # the two rules agree up to the end token
+    assert (own[:, t + 1:] - end[:, t + 1:]).abs().max() > 1e-3  # and differ after it, as padding states do
+    with pytest.raises(ValueError, match="padding must be 'end'"):
+        S.edit_prompt_embeds(lab, refs[0], text, padding="eos")
+
+
 def test_edit_bad_alpha_and_long_text(lab, refs):
     for alpha in (float("nan"), float("inf"), "0.9", None):
         with pytest.raises(ValueError, match="alpha"):

@@ -90,6 +90,21 @@ def test_ft_mode_with_ab_and_text_regulariser(fresh_lab, tmp_path):
     assert ft.info["ab"] and ft.info["mode"] == "ft"
 
 
+def test_ft_with_targets_denoises_the_targets_from_the_domain_images(fresh_lab, tmp_path, monkeypatch):
+    domain = FT.Concepts({"a": [sample(i, "test").image for i in (0, 1)], "b": [sample(2, "test").image]})
+    goals = FT.Concepts({"a": [sample(10, "test").image], "b": [sample(11, "test").image, sample(12, "test").image]})
+    encoded, calls = FT.latents_of, []
+    monkeypatch.setattr(FT, "latents_of", lambda lab, images: calls.append(list(images)) or encoded(lab, images))
+    ft = FT.finetune(fresh_lab, domain, mode="ft", steps=2, batch=2, out=tmp_path / "ft", targets=goals,
+                     captions={"a": "a red disk", "b": ["a blue box", "a green star"]})  # one per target image
+    assert calls == [[im for _, im in goals.flat]]  # only the targets are denoised: x_target and the regulariser
+    assert ft.info["targets"] == {"a": 1, "b": 2} and ft.info["ab"]
+    with pytest.raises(ValueError, match="no images for concepts \\['b'\\]"):
+        FT.finetune(fresh_lab, domain, mode="ft", steps=1, out=tmp_path / "x", targets=FT.Concepts({"a": goals.images["a"]}))
+    with pytest.raises(ValueError, match="an FT option"):
+        FT.finetune(fresh_lab, domain, mode="ct", steps=1, out=tmp_path / "y", targets=goals)
+
+
 def test_file_round_trip_and_wrong_base(fresh_lab, full_lab, tmp_path):
     ft = FT.new_finetuned(fresh_lab, n_tokens=2)
     with torch.no_grad():
@@ -233,3 +248,16 @@ def test_finetune_comparison_refuses_a_count_of_references_that_is_not_one_or_mo
 
     with pytest.raises(ValueError, match="n_refs"):
         E.finetune_comparison(fresh_lab, [("star", "red")], FT.new_finetuned(fresh_lab, n_tokens=2), n_refs=n_refs)
+
+
+def test_domain_finetune_rows_compare_before_after_on_the_domain_and_the_world(fresh_lab, tmp_path):
+    from sdipc_lab import experiments as E
+    from sdipc_lab.toyworld.judge import Judge
+
+    rows, ft = E.domain_finetune(fresh_lab, kind="pil", n_train=12, n_test=4, steps=1, out=tmp_path / "ft",
+                                 judge=Judge())
+    assert [(r["method"], r["images"]) for r in rows] == [
+        ("SD-IPC", "pil drawings (unseen)"), ("SD-IPC", "world test"), ("SD-IPC-FT", "pil drawings (unseen)"),
+        ("SD-IPC-FT", "world test"), ("linear probe on the image embedding", "pil drawings (unseen)")]
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("shape", "colour"))
+    assert ft.info["targets"] and ft.info["mode"] == "ft"  # the world's renderings of each concept as x_target

@@ -60,6 +60,10 @@ def test_verdicts_follow_the_measured_effect():
     assert plots.verdict(0.05, 0.1) == "not reproduced here"
     assert plots.verdict(-0.3, 0.1) == "opposite here"
     assert plots.verdict(None) == "information"
+    # "A matches B": a tie is the claim, not a miss
+    assert plots.verdict(-0.03, 0.05, ties=True) == "reproduced"
+    assert plots.verdict(-0.03, 0.05) == "not reproduced here"
+    assert plots.verdict(-0.3, 0.05, ties=True) == "opposite here"
     assert plots.verdict(-0.3, 0.1, opposite=False) == "not reproduced here"  # a missed tolerance has no opposite
     assert plots.verdict(float("nan")) == "not measured here"  # a column this lab has no measure for (SD: the judge)
     with pytest.raises(ValueError, match="finite"):

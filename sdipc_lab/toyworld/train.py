@@ -21,7 +21,7 @@ clock (interrupted, it resumes on that clock); `--budget-steps N` is such a budg
 every machine; `--stop-at STEP` stops one stage at a step of its `--steps` schedule.
 `--size test` trains tiny models for a few steps: what the unit tests run.
 
-Design choices, each answering a finding of the pilot (shared notes, toyworld_pilot.md):
+Design choices, each answering a finding of a pilot study of this world (tiny models, a few CPU-hours):
 - The text tower is trained at the full 77 positions, and its contrastive loss is taken both at the
   end token and at a random padding position after it, so the padding states carry the caption the
   way SD v1's do. The U-Net never sees pseudo-prompts or anything else derived from SD-IPC.

@@ -1,4 +1,5 @@
-"""What nbval runs is also checked for what a reader sees, not only that it executes:
+"""What nbval runs is also checked for what a reader sees, not only that it executes (a pytest plugin the
+repository's conftest.py loads, kept out of the notebooks folder students open):
 
 - a cell that draws (`show_images`, `plot_*`, `pipeline_diagram`, pyplot) produces an image;
 - no output holds "Error displaying widget" (a widget view left behind without its model);
