@@ -182,6 +182,12 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
 
 
+def checkpoint_losses(path: Path) -> list[float]:
+    """The losses a checkpoint records, one per logged step of its run: the run's curve, readable later."""
+    metadata, _ = _read_checkpoint(Path(path))
+    return json.loads(metadata["losses"])
+
+
 def checkpoint_signature(path: Path) -> dict | None:
     """The signature a checkpoint was written with (None for checkpoints from before signatures)."""
     with safe_open(str(path), framework="pt") as f:
