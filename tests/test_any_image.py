@@ -188,3 +188,24 @@ def test_vision_options_are_refused_elsewhere_and_out_of_range(tmp_path, capsys,
     with pytest.raises(SystemExit):
         T.main(["vision", "--size", "test", "--out", str(tmp_path), option, bad])
     assert why in capsys.readouterr().err
+
+
+def test_fresh_vision_trains_a_new_tower_of_the_patch_size_and_keeps_the_text_tower(tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionConfig
+
+    from sdipc_lab.toyworld import train as T
+
+    T.main(["clip", "--size", "test", "--steps", "2", "--out", str(tmp_path)])
+    text_before = load_file(tmp_path / "text_encoder" / "model.safetensors")
+    assert CLIPVisionConfig.from_pretrained(tmp_path / "image_encoder").patch_size == 16  # the test size's
+    T.main(["vision", "--size", "test", "--steps", "2", "--out", str(tmp_path), "--fresh-vision", "8"])
+    assert CLIPVisionConfig.from_pretrained(tmp_path / "image_encoder").patch_size == 8
+    text_after = load_file(tmp_path / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(v, text_after[k]) for k, v in text_before.items())
+    with pytest.raises(SystemExit):
+        T.main(["vision", "--size", "test", "--out", str(tmp_path), "--fresh-vision", "7"])
+    assert "divides the 64-px image" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.main(["clip", "--size", "test", "--out", str(tmp_path), "--fresh-vision", "8"])
+    assert "vision stage alone" in capsys.readouterr().err

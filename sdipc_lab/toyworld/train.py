@@ -111,6 +111,8 @@ class ModelSizes:
     init_vae: bool = False  # start the VAE from out/vae (--init-from-lab), regrouped to vae_norm_groups
     two_objects: float = TWO_OBJECTS  # share of training images with a second object (the world's by default)
     hard_negatives: float = 0.0  # weight of the vision stage's attribute loss (ClipTrainer; 0: contrastive alone)
+    fresh_vision_patch: int = 0  # the vision stage starts a new image tower of this patch size (0: continues the
+                                 # one in out/image_encoder)
 
 
 MODEL_SIZES = {
@@ -387,6 +389,8 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
     sizes = {k: getattr(s, k) for k in fields[stage]}
     if stage == "vision" and s.hard_negatives:  # recorded only when used: earlier runs keep their signature
         sizes["hard_negatives"] = s.hard_negatives
+    if stage == "vision" and s.fresh_vision_patch:
+        sizes["fresh_vision_patch"] = s.fresh_vision_patch
     inputs = {part: hashlib.sha256(b"".join(f.read_bytes() for f in sorted((out / part).glob("*.safetensors"))))
               .hexdigest()[:16] for part in reads}  # transformers' model.safetensors, diffusers' diffusion_pytorch_...
     images = None if world is None else len(world.images)
@@ -425,7 +429,7 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
     """Train CLIP's image tower further against the frozen text tower ("locked text"): the text states the
     U-Net is conditioned on stay bit-identical, so the U-Net stays valid, while the image embeddings (what
     SD-IPC converts) line up better with the captions. With `s.hard_negatives`, the attribute loss of
-    `ClipTrainer` too. Needs `clip` first; overwrites out/image_encoder."""
+    `ClipTrainer` too; with `s.fresh_vision_patch`, a new image tower of that patch size instead of out/image_encoder. Needs `clip` first; overwrites out/image_encoder."""
     from transformers import (
         CLIPTextModelWithProjection,
         CLIPTokenizer,
@@ -436,7 +440,11 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
     check_batch(batch, accelerator)
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder", dtype=torch.float32).requires_grad_(False)
-    vision = CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder", dtype=torch.float32)
+    if s.fresh_vision_patch:  # a new tower (its config saved with it): nothing of the old one's shortcuts
+        torch.manual_seed(seed)
+        vision = build.new_image_encoder(s.width, s.vision_layers, s.heads, s.width, SIZE, s.fresh_vision_patch).float()
+    else:
+        vision = CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder", dtype=torch.float32)
     text_before = {k: v.clone() for k, v in text.state_dict().items()}
     captions = variants = None
     if s.hard_negatives:
@@ -875,6 +883,9 @@ def main(argv=None) -> None:
     parser.add_argument("--hard-negatives", type=float, metavar="WEIGHT",
                         help="vision: add the attribute loss at this weight (each image against its caption with one "
                              "attribute changed; ClipTrainer), e.g. 1")
+    parser.add_argument("--fresh-vision", type=int, metavar="PATCH",
+                        help="vision: train a new image tower with this patch size (e.g. 4) against the frozen text "
+                             "tower, instead of continuing the one in OUT/image_encoder")
     parser.add_argument("--snr-gamma", type=float, help="min-SNR-gamma weighting of the U-Net loss (e.g. 5)")
     parser.add_argument("--init-from-lab", type=Path, metavar="LAB",
                         help="continue from a lab's weights ('toy': the shipped one) where --out has none")
@@ -999,6 +1010,13 @@ def main(argv=None) -> None:
         if not (math.isfinite(args.hard_negatives) and args.hard_negatives >= 0):
             parser.error(f"--hard-negatives is a weight >= 0, got {args.hard_negatives}")
         s = dataclasses.replace(s, hard_negatives=args.hard_negatives)
+    if args.fresh_vision is not None:
+        if stages != ["vision"]:
+            parser.error("--fresh-vision is for the vision stage alone")
+        if args.fresh_vision < 1 or SIZE % args.fresh_vision:
+            parser.error(f"--fresh-vision is a patch size that divides the {SIZE}-px image (e.g. 4, 8), "
+                         f"got {args.fresh_vision}")
+        s = dataclasses.replace(s, fresh_vision_patch=args.fresh_vision)
     if args.variety is not None:
         if stages != ["vision"]:
             parser.error("--variety is for the vision stage alone (the other stages train on the world's images)")
