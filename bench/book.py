@@ -1,4 +1,5 @@
-"""The notebooks as a static website, executed, then opened in a real headless browser and checked.
+"""The workbook as a static website — the notebooks, executed, and the guides — opened in a real headless
+browser and checked.
 
     pip install -e '.[book]'            # mkdocs + mkdocs-jupyter (and Chromium from your OS for the check)
     python bench/book.py                # execute, build site/, check every page; prints a table
@@ -6,7 +7,8 @@
     python bench/book.py --check-only   # check an existing site/ (refused, saying so, when there is none)
 
 Each notebook is executed on the default (teaching) lab with nbconvert into `build/book/`, then mkdocs with
-mkdocs-jupyter renders them beside an index page into `site/` (open `site/index.html`). The check loads
+mkdocs-jupyter renders them, with the guides (`docs/guide/`, `docs/public_code.md`) and an index linking
+both, into `site/` (open `site/index.html`), in the repository's layout so their links work. The check loads
 every page in headless Chromium (`chromium --headless --dump-dom`, JavaScript run) and counts, per page, the
 figures drawn and any error text a reader would see: "Error displaying widget", a Python traceback, an
 "Error" output. Screenshots of each page's top go to `build/book/screenshots/` to look at.
@@ -88,21 +90,47 @@ def first_heading(notebook: Path) -> str:
     return notebook.stem
 
 
+GUIDES = ROOT / "docs" / "guide"
+PAGES = [*sorted(GUIDES.glob("*.md")), ROOT / "docs" / "public_code.md"]  # the guides, beside the notebooks
+
+
+def first_title(page: Path) -> str:
+    match = re.search(r"^#\s+(.+)$", page.read_text(), re.M)
+    return match.group(1).strip().strip('"') if match else page.stem
+
+
 def build(executed: list[Path]) -> None:
+    """The site's sources keep the repository's layout (notebooks/, docs/guide/, docs/), so the links between
+    notebooks and guides work unchanged; the images a guide shows are copied beside it."""
     src = BUILD / "src"
     shutil.rmtree(src, ignore_errors=True)
-    src.mkdir(parents=True)
-    intro = ("Each page is a notebook run top to bottom on the teaching-scale lab (`load_lab(\"toy\")`) on a CPU. "
-             "Sliders and panels need a live kernel: open the notebook in JupyterLab to move them. Formulas are "
-             "typeset by MathJax, fetched when the page is read online.")
-    nav, lines = [{"Home": "index.md"}], ["# sdipc_lab — the notebooks, executed", "", intro, ""]
+    (src / "notebooks").mkdir(parents=True)
+    intro = ("Each notebook page is a notebook run top to bottom on the teaching-scale lab (`load_lab(\"toy\")`) on "
+             "a CPU. Sliders and panels need a live kernel: open the notebook in JupyterLab to move them. The guides "
+             "are the repository's `docs/guide/` pages.")
+    notebooks, guides = [], []
+    lines = ["# sdipc_lab — the workbook", "", intro, "", "## Notebooks", ""]
     for nb in executed:
-        shutil.copy(nb, src / nb.name)
-        title = first_heading(nb)
-        nav.append({title: nb.name})
-        lines.append(f"- [{title}]({nb.name})")
+        shutil.copy(nb, src / "notebooks" / nb.name)
+        notebooks.append({first_heading(nb): f"notebooks/{nb.name}"})
+        lines.append(f"- [{first_heading(nb)}](notebooks/{nb.name})")
+    lines += ["", "## Guides", ""]
+    for page in PAGES:
+        where = src / page.relative_to(ROOT)
+        where.parent.mkdir(parents=True, exist_ok=True)
+        text = page.read_text()
+        shutil.copy(page, where)
+        for image in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text):  # the images it shows, at the same place
+            found = (page.parent / image).resolve()
+            if found.is_file() and ROOT in found.parents:
+                (src / found.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(found, src / found.relative_to(ROOT))
+        name = str(page.relative_to(ROOT))
+        guides.append({first_title(page): name})
+        lines.append(f"- [{first_title(page)}]({name})")
     (src / "index.md").write_text("\n".join(lines) + "\n")
-    config = {"site_name": "sdipc_lab notebooks", "docs_dir": str(src), "site_dir": str(SITE),
+    nav = [{"Home": "index.md"}, {"Notebooks": notebooks}, {"Guides": guides}]
+    config = {"site_name": "sdipc_lab", "docs_dir": str(src), "site_dir": str(SITE),
               "use_directory_urls": False, "theme": {"name": "material"}, "nav": nav,
               "plugins": [{"mkdocs-jupyter": {"execute": False, "include_source": True, "ignore_h1_titles": True}}]}
     (BUILD / "mkdocs.yml").write_text(json.dumps(config, indent=1))  # JSON is YAML
@@ -134,8 +162,9 @@ def check(pages: list[Path]) -> list[list]:
         text = html.unescape(re.sub(r"<[^>]+>", " ", dom))
         figures = len(re.findall(r'<img[^>]+src="data:image/(?:png|jpeg|svg)', dom))
         errors = [e for e in ERRORS if e in text]
-        rows.append([page.name, len(dom) // 1000, figures, ", ".join(errors) or "none",
-                     "ok" if dom and not errors and (figures or page.stem == "index") else "CHECK"])
+        needs_figures = page.parent.name == "notebooks"  # a guide or the index may have none
+        rows.append([str(page.relative_to(SITE)), len(dom) // 1000, figures, ", ".join(errors) or "none",
+                     "ok" if dom and not errors and (figures or not needs_figures) else "CHECK"])
     return rows
 
 
@@ -170,12 +199,13 @@ def main() -> None:
         if missing:
             raise SystemExit(f"not executed yet: {missing}; run without --no-execute")
         build(executed)
-    pages = [SITE / "index.html", *(SITE / (nb.stem + ".html") for nb in notebooks)]
+    pages = [SITE / "index.html", *(SITE / "notebooks" / (nb.stem + ".html") for nb in notebooks),
+             *(SITE / page.relative_to(ROOT).with_suffix(".html") for page in PAGES)]
     rows = check([p for p in pages if p.exists()])
-    rows += [[p.name, 0, 0, "the page is missing", "MISSING"] for p in pages if not p.exists()]
+    rows += [[str(p.relative_to(SITE)), 0, 0, "the page is missing", "MISSING"] for p in pages if not p.exists()]
     for row in rows:
-        row.insert(1, f"{timing[row[0].replace('.html', '.ipynb')]:.0f}" if row[0].replace(".html", ".ipynb") in timing
-                   else "-")
+        name = Path(row[0]).name.replace(".html", ".ipynb")
+        row.insert(1, f"{timing[name]:.0f}" if name in timing else "-")
     print(f"site: {SITE / 'index.html'}; screenshots: {BUILD / 'screenshots'}\n")
     print(table(["page", "executed in s", "DOM kB", "figures", "error text", "verdict"], rows))
     if any(row[-1] != "ok" for row in rows):

@@ -1,5 +1,5 @@
-"""The teaching lab's contact sheets, for the README: every (shape, colour) pair from its caption, and SD-IPC
-variations of 12 random test references (`sdipc_lab.toyworld.evaluate.contact_sheet`).
+"""The teaching lab's contact sheets, for its guide (docs/guide/teaching_lab.md): every (shape, colour) pair
+from its caption, and SD-IPC variations of 12 random test references (`sdipc_lab.toyworld.evaluate.contact_sheet`).
 
     python bench/contact_sheet.py [--source toy] [--seed 0] [--out docs/toyworld]
 """

@@ -148,7 +148,7 @@ BUDGETS = {
 }
 
 # Learning rates for sdipc_lab.finetune on the teaching lab, written into its constants by `export`: CT and
-# Custom Diffusion chosen by `python bench/finetune.py --lr-sweep` (README); FT's is the recipe's, not swept.
+# Custom Diffusion chosen by `python bench/finetune.py --lr-sweep` (docs/guide/finetuning.md); FT's is the recipe's, not swept.
 FINETUNE_LR = {"ft": 1e-4, "ct": 1e-3, "custom-diffusion": 3e-5}
 
 

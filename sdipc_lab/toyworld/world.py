@@ -169,7 +169,7 @@ def caption(things: tuple[Thing, ...], background: str, rng: random.Random | Non
 
 
 def draw(things, background: str, seed: int = 0, size: int = SIZE) -> Image.Image:
-    """Render objects on a softly textured background (never flat: see the README on noise schedules)."""
+    """Render objects on a softly textured background (never flat: see docs/guide/teaching_lab.md on noise schedules)."""
     rng = np.random.default_rng(seed)
     base = np.array(BACKGROUNDS[background], dtype=np.float32)
     yy = np.linspace(-1, 1, size, dtype=np.float32)[:, None, None]
