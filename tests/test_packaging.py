@@ -162,3 +162,19 @@ def test_every_import_points_down_the_stack():
             hidden.append(f"{module}:{line} imports {target or 'sdipc_lab'} inside a function")
     assert not up, "imports that point up or sideways: " + "; ".join(up)
     assert not hidden, "package imports belong at the top of the file: " + "; ".join(hidden)
+
+
+def test_bootstrap_checks_the_python_version_and_picks_the_cpu_build_where_there_is_no_gpu():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bootstrap", ROOT / "bootstrap.py")
+    bootstrap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bootstrap)
+    assert bootstrap.version_problem((3, 11)) is None and bootstrap.version_problem((3, 12)) is None
+    message = bootstrap.version_problem((3, 13))
+    assert "3.11 or 3.12" in message and "this is Python 3.13" in message and "python3.12 bootstrap.py" in message
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == ">=3.11,<3.13"  # the versions bootstrap.py names
+    assert f'"{bootstrap.TORCH}"' in (ROOT / "pyproject.toml").read_text()  # the same pin
+    assert bootstrap.wants_cpu_torch("Linux", has_nvidia=False)
+    assert not bootstrap.wants_cpu_torch("Linux", has_nvidia=True) and not bootstrap.wants_cpu_torch("Darwin", False)
