@@ -91,7 +91,9 @@ def first_heading(notebook: Path) -> str:
 
 
 GUIDES = ROOT / "docs" / "guide"
-PAGES = [*sorted(GUIDES.glob("*.md")), ROOT / "docs" / "public_code.md"]  # the guides, beside the notebooks
+ORDER = ("installing", "loading", "conventions", "teaching_lab", "finetuning", "latent_clip", "guarantees")  # reading order
+PAGES = [*sorted(GUIDES.glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem)),
+         ROOT / "docs" / "public_code.md"]  # the guides, beside the notebooks
 
 
 def first_title(page: Path) -> str:
