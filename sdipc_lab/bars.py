@@ -52,6 +52,8 @@ def in_notebook() -> bool:
 def bar(iterable=None, **kwargs) -> tqdm:
     """tqdm, as one plain-text line in a notebook (`TextLine`) and tqdm's own bar elsewhere; `kwargs`: tqdm's."""
     if in_notebook() and "file" not in kwargs:
+        kwargs = {"file": TextLine(), **kwargs}
+    if isinstance(kwargs.get("file"), TextLine):
         # miniters=1: tqdm's monitor thread never redraws the bar from outside the kernel's thread
-        kwargs = {"file": TextLine(), "miniters": 1, **kwargs}
+        kwargs = {"miniters": 1, **kwargs}
     return tqdm(iterable, **kwargs)

@@ -15,10 +15,9 @@ import numbers
 from collections.abc import Sequence
 
 import torch
-from tqdm import tqdm
 
 from .adapters import applied
-from .bars import TextLine, in_notebook
+from .bars import TextLine, in_notebook, bar as progress_bar
 from .convert import edit_prompt_embeds, encode_text, image_prompt_embeds
 from .images import as_rgb_images
 from .lab import Lab, limit_threads
@@ -49,10 +48,8 @@ def progress(total: int, desc: str):
     experiment, not one per call. In a notebook the bar is a line of plain text that removes itself when the
     block ends (an empty output is left, shown as nothing) and stays, where it stopped, if the block fails:
     nothing is saved that needs the kernel to be drawn (`TextLine`)."""
-    line = TextLine() if total and in_notebook() else None
-    # miniters=1: tqdm's monitor thread never redraws the bar from outside the kernel's thread
-    where = dict(file=line, miniters=1) if line is not None else {}
-    bar = tqdm(total=total, desc=desc, disable=total == 0, **where)
+    line = TextLine() if total and in_notebook() else None  # kept, to blank it when the block ends
+    bar = progress_bar(total=total, desc=desc, disable=total == 0, **({"file": line} if line is not None else {}))
     token = _overall.set(bar)
     failed = True
     try:
