@@ -14,7 +14,7 @@ MAX_WORKERS = 4  # each worker holds a lab or two and, for tests/test_hub_cache.
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    from sdipc_lab.lab import usable_cpus
+    from sdipc_lab.cpus import usable_cpus
 
     return min(usable_cpus(), MAX_WORKERS)
 
@@ -25,7 +25,7 @@ def pytest_configure(config) -> None:
         return
     import torch
 
-    from sdipc_lab.lab import usable_cpus
+    from sdipc_lab.cpus import usable_cpus
 
     threads = max(1, usable_cpus() // int(workers))
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # a limit someone set stays if it is tighter

@@ -1,7 +1,7 @@
 """The workbook as a static website — the notebooks, executed, and the guides — opened in a real headless
 browser and checked.
 
-    pip install -e '.[book]'            # mkdocs + mkdocs-jupyter (and Chromium from your OS for the check)
+    pip install -e '.[book]'            # mkdocs, mkdocs-jupyter, MathJax (and Chromium from your OS for the check)
     python bench/book.py                # execute, build site/, check every page; prints a table
     python bench/book.py --no-execute   # build from notebooks already executed into build/book/
     python bench/book.py --check-only   # check an existing site/ (refused, saying so, when there is none)
@@ -10,8 +10,16 @@ Each notebook is executed on the default (teaching) lab with nbconvert into `bui
 mkdocs-jupyter renders them, with the guides (`docs/guide/`, `docs/public_code.md`) and an index linking
 both, into `site/` (open `site/index.html`), in the repository's layout so their links work. The check loads
 every page in headless Chromium (`chromium --headless --dump-dom`, JavaScript run) and counts, per page, the
-figures drawn and any error text a reader would see: "Error displaying widget", a Python traceback, an
-"Error" output. Screenshots of each page's top go to `build/book/screenshots/` to look at.
+figures drawn, the formulas typeset and any TeX left raw, and any error text a reader would see: "Error displaying
+widget", a Python traceback, an "Error" output. Screenshots of each page's top go to `build/book/screenshots/` to
+look at. The table also goes to docs/results/book.md, replaced on each run and headed by the command, the date and
+the machine.
+
+Formulas (TeX in the notebooks' Markdown cells, `$...$` and `$$...$$`, and in the guides) are typeset in the
+browser by MathJax 2.7 from the jupyter-server-mathjax package of the `book` extra, copied into the site at build
+time (`site/assets/mathjax/`, with the STIX web fonts it ships): no page loads anything from the network for them, so
+the book reads the same on a machine with none. The check proves it: Chromium runs with every host name unresolvable,
+and a page with TeX left raw, a TeX error, or math loaded from a CDN fails.
 
 Slider and panel cells appear with their code but are not run: a static page has no kernel to move them (open
 the notebook in JupyterLab for that), and nbconvert's client stalls on them now and then (jupyter/nbclient#312:
@@ -26,11 +34,14 @@ import html
 import importlib.util
 import json
 import os
+import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -40,13 +51,38 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 BUILD = ROOT / "build" / "book"
 SITE = ROOT / "site"
+RESULTS = ROOT / "docs" / "results" / "book.md"
 ERRORS = ("Error displaying widget", "Traceback (most recent call last)", "model not found", "NameError",
           "ModuleNotFoundError")
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--host-resolver-rules=MAP * ~NOTFOUND"]  # no host name resolves: a page needing a CDN shows it
+
+# What a reader sees of the formulas, in the DOM after MathJax ran. Raw TeX is looked for in the visible text only:
+# not in code, preformatted outputs, scripts (MathJax keeps each formula's source in a <script type="math/tex">) or
+# MathML (the copy MathJax adds for screen readers).
+HIDDEN = re.compile(r"<(script|style|pre|code|textarea|title|math|noscript)\b.*?</\1\s*>", re.S | re.I)
+RAW_TEX = re.compile(r"\$\$.+?\$\$|(?<![\\$])\$(?=\S)[^$]{1,400}?(?<=[^\s\\])\$|\\\(|\\\[|\\begin\{", re.S)
+TYPESET = re.compile(r'id="MathJax-Element-\d+-Frame"')  # one per formula MathJax drew
+# MathJax's marks on TeX it could not read: the box around a syntax error, an unknown command drawn in red
+TEX_ERROR = re.compile(r'class="(?:merror|noError)"|<mtext mathcolor="red">\\')
+CDN_MATH = re.compile(r'(?:src|href)="(?:https?:)?//[^"]*(?:mathjax|katex)', re.I)
+
+# MathJax 2.7 as the jupyter-server-mathjax package ships it: the combined TeX config (HTML-CSS output in Chromium,
+# the browser's own MathML in Firefox) and STIX web fonts only, which config/offline.js (written by build) selects.
+MATHJAX_CONFIG = "TeX-AMS-MML_HTMLorMML-full,Safe,offline"
+MATHJAX_OFFLINE = """MathJax.Hub.Config({
+  tex2jax: {inlineMath: [["$", "$"], ["\\\\(", "\\\\)"]], displayMath: [["$$", "$$"], ["\\\\[", "\\\\]"]],
+            processEscapes: true, processEnvironments: true},
+  "HTML-CSS": {availableFonts: [], preferredFont: null, webFont: "STIX-Web", imageFont: null},
+  messageStyle: "none"
+});
+MathJax.Ajax.loadComplete("[MathJax]/config/offline.js");
+"""
 
 
-BOOK_MODULES = {"mkdocs": "mkdocs", "mkdocs_jupyter": "mkdocs-jupyter", "material": "mkdocs-material"}
+BOOK_MODULES = {"mkdocs": "mkdocs", "mkdocs_jupyter": "mkdocs-jupyter", "material": "mkdocs-material",
+                "jupyter_server_mathjax": "jupyter-server-mathjax"}
 
 
 def missing_book_packages() -> list[str]:
@@ -101,12 +137,25 @@ def first_title(page: Path) -> str:
     return match.group(1).strip().strip('"') if match else page.stem
 
 
+def mathjax_files() -> Path:
+    """MathJax's static files, as installed by the jupyter-server-mathjax package (found, not imported: importing it
+    would load a Jupyter server)."""
+    spec = importlib.util.find_spec("jupyter_server_mathjax")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
 def build(executed: list[Path]) -> None:
     """The site's sources keep the repository's layout (notebooks/, docs/guide/, docs/), so the links between
-    notebooks and guides work unchanged; the images a guide shows are copied beside it."""
+    notebooks and guides work unchanged; the images a guide shows are copied beside it, and MathJax into
+    assets/mathjax/. Every page loads that copy: the notebooks through mkdocs-jupyter's own MathJax tag (they all
+    sit in notebooks/, hence the ../), every page through extra_javascript (MathJax.js does nothing when loaded a
+    second time); the guides' TeX is kept whole for it by the arithmatex Markdown extension."""
     src = BUILD / "src"
     shutil.rmtree(src, ignore_errors=True)
     (src / "notebooks").mkdir(parents=True)
+    shutil.copytree(mathjax_files(), src / "assets" / "mathjax")
+    (src / "assets" / "mathjax" / "config" / "offline.js").write_text(MATHJAX_OFFLINE)
+    mathjax = f"assets/mathjax/MathJax.js?config={MATHJAX_CONFIG}"
     intro = ("Each notebook page is a notebook run top to bottom on the teaching-scale lab (`load_lab(\"toy\")`) on "
              "a CPU. Sliders and panels need a live kernel: open the notebook in JupyterLab to move them. The guides "
              "are the repository's `docs/guide/` pages.")
@@ -133,8 +182,10 @@ def build(executed: list[Path]) -> None:
     (src / "index.md").write_text("\n".join(lines) + "\n")
     nav = [{"Home": "index.md"}, {"Notebooks": notebooks}, {"Guides": guides}]
     config = {"site_name": "sdipc_lab", "docs_dir": str(src), "site_dir": str(SITE),
-              "use_directory_urls": False, "theme": {"name": "material"}, "nav": nav,
-              "plugins": [{"mkdocs-jupyter": {"execute": False, "include_source": True, "ignore_h1_titles": True}}]}
+              "use_directory_urls": False, "theme": {"name": "material", "font": False}, "nav": nav,
+              "markdown_extensions": [{"pymdownx.arithmatex": {"generic": True}}], "extra_javascript": [mathjax],
+              "plugins": [{"mkdocs-jupyter": {"execute": False, "include_source": True, "ignore_h1_titles": True,
+                                              "custom_mathjax_url": f"../{mathjax}"}}]}
     (BUILD / "mkdocs.yml").write_text(json.dumps(config, indent=1))  # JSON is YAML
     built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--quiet", "-f", str(BUILD / "mkdocs.yml")],
                            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, cwd=BUILD,  # its .cache/ goes there too
@@ -163,11 +214,33 @@ def check(pages: list[Path]) -> list[list]:
                         url], capture_output=True, timeout=120)
         text = html.unescape(re.sub(r"<[^>]+>", " ", dom))
         figures = len(re.findall(r'<img[^>]+src="data:image/(?:png|jpeg|svg)', dom))
+        formulas = len(TYPESET.findall(dom)) or len(re.findall(r"<math\b", dom))  # MathJax's, else the browser's
+        raw = RAW_TEX.findall(html.unescape(re.sub(r"<[^>]+>", " ", HIDDEN.sub(" ", dom))))
         errors = [e for e in ERRORS if e in text]
+        errors += [f"raw TeX: {' '.join(raw[0].split())[:40]}"] if raw else []
+        errors += ["a TeX error"] if TEX_ERROR.search(dom) else []
+        errors += ["math from a CDN"] if CDN_MATH.search(dom) else []
         needs_figures = page.parent.name == "notebooks"  # a guide or the index may have none
-        rows.append([str(page.relative_to(SITE)), len(dom) // 1000, figures, ", ".join(errors) or "none",
-                     "ok" if dom and not errors and (figures or not needs_figures) else "CHECK"])
+        rows.append([str(page.relative_to(SITE)), len(dom) // 1000, figures, formulas, len(raw),
+                     ", ".join(errors) or "none", "ok" if dom and not errors and (figures or not needs_figures)
+                     else "CHECK"])
     return rows
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    return (f"{platform.node()}: {names[0] if names else platform.processor()}, {os.cpu_count()} CPUs, load average "
+            f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} at the start; {platform.platform()}")
+
+
+def command() -> str:
+    """This run's command line as typed from the repository's root, with the thread setting the notebooks ran under."""
+    python = Path(sys.executable)
+    python = str(python.relative_to(ROOT)) if python.is_relative_to(ROOT) else python.name
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    return f"{threads}{python} {shlex.join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])}"
 
 
 def main() -> None:
@@ -191,6 +264,7 @@ def main() -> None:
     if args.only:
         notebooks = [nb for nb in notebooks if nb.name.startswith(tuple(args.only))]
     executed, timing = [BUILD / "executed" / nb.name for nb in notebooks], {}
+    started, where = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), machine()
     if not args.check_only:
         if not args.no_execute:
             for nb, out in zip(notebooks, executed):
@@ -204,12 +278,26 @@ def main() -> None:
     pages = [SITE / "index.html", *(SITE / "notebooks" / (nb.stem + ".html") for nb in notebooks),
              *(SITE / page.relative_to(ROOT).with_suffix(".html") for page in PAGES)]
     rows = check([p for p in pages if p.exists()])
-    rows += [[str(p.relative_to(SITE)), 0, 0, "the page is missing", "MISSING"] for p in pages if not p.exists()]
+    rows += [[str(p.relative_to(SITE)), 0, 0, 0, 0, "the page is missing", "MISSING"] for p in pages if not p.exists()]
     for row in rows:
         name = Path(row[0]).name.replace(".html", ".ipynb")
         row.insert(1, f"{timing[name]:.0f}" if name in timing else "-")
+    report = table(["page", "executed in s", "DOM kB", "figures", "formulas", "raw TeX", "error text", "verdict"], rows)
     print(f"site: {SITE / 'index.html'}; screenshots: {BUILD / 'screenshots'}\n")
-    print(table(["page", "executed in s", "DOM kB", "figures", "error text", "verdict"], rows))
+    print(report)
+    every = len(sorted(NOTEBOOKS.glob("[0-9]*.ipynb")))
+    scope = (f"{len(notebooks)} of the {every} notebooks ({', '.join(nb.stem for nb in notebooks)}: `--only`)"
+             if len(notebooks) < every else f"all {every} notebooks")
+    how = ("the site as it was built before (`--check-only`)" if args.check_only else
+           "notebooks executed before (`--no-execute`)" if args.no_execute else
+           "each notebook executed by nbconvert (slider and panel cells shown, not run)")
+    RESULTS.write_text(
+        f"# The workbook as a website, checked in headless Chromium (`{command()}`, {started})\n\n"
+        f"Machine: {where}.\n\nPages: the index, {scope} and the {len(PAGES)} guides; {how}. Chromium runs with no "
+        "host name resolvable, so nothing comes from the network. Formulas: the ones MathJax typeset (from the copy in "
+        "site/assets/mathjax/); raw TeX: `$...$`, `\\(` or `\\[` left in the text a reader sees. Screenshots: "
+        f"build/book/screenshots/.\n\n{report}\n")
+    print(f"\nwrote {RESULTS.relative_to(ROOT)}", file=sys.stderr)
     if any(row[-1] != "ok" for row in rows):
         raise SystemExit(1)
 

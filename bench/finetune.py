@@ -293,7 +293,7 @@ def main() -> None:
     print(f"\n## Speed and memory on {os.cpu_count()} CPU cores ({args.source} lab, batch 4)\n")
     print(table(["method", "seconds / iteration (steady)", "set-up + saving (s)", "RSS of the loaded lab (MB)",
                  "peak RSS while training (MB)", "training's extra (MB)"], speed))
-    print("\nGPU (random SD v1.4 / ViT-L/14-sized models): not measured, no GPU was lent to this session.")
+    print("\nGPU (random SD v1.4 / ViT-L/14-sized models): not measured: this machine has no GPU.")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@
 Each point is LABEL=CPU_HOURS=FILE: CPU-hours as wall-clock hours of the 2-core machine since the run began
 (CLIP, VAE and U-Net, stages side by side counted once). A LABEL "ROUTE: label" names the route (the run
 and its ancestors) a point belongs to: points of one route are joined by a line, routes are not joined to
-each other (a marker each), e.g. "from scratch: step 3,128=2.4=a.json" "shipped: vis_d=13=b.json".
+each other (a marker each), e.g. "from scratch: step 3,128=2.4=a.json" "shipped: lab=8.8=b.json".
 Prints one table per split and draws shape and size along the chain caption -> [sos, EOS x 76] -> oracle ->
-SD-IPC, with issue 11's targets.
+SD-IPC, with the lab's quality targets (the `target` column of bench/toyworld_quality.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from common import table  # noqa: E402
 CHAIN = {"true caption": "caption", "[sos, true EOS x 76]": "[sos, EOS x 76]",
          "SD-IPC on the caption's embedding (oracle)": "oracle", "SD-IPC (vary)": "SD-IPC"}
 TARGETS = {("test", "true caption"): 90, ("test", "SD-IPC (vary)"): 75,
-           ("heldout", "true caption"): 70, ("heldout", "SD-IPC (vary)"): 50}  # shape, issue 11
-BUDGET_HOURS = 10  # issue 11: the route to the shipped lab, at most 10 hours on 2 cores
+           ("heldout", "true caption"): 70, ("heldout", "SD-IPC (vary)"): 50}  # shape targets
+BUDGET_HOURS = 10  # the shipped lab's route must train in at most 10 hours on 2 cores
 
 
 def point(text: str) -> tuple[str, float, dict]:
@@ -78,7 +78,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("judge agreement, shape %")
     budget = f", dashed: the {BUDGET_HOURS}-hour budget" if past_budget else ""
-    fig.suptitle(f"judged shape against the run's CPU-hours (dotted: issue 11's targets{budget})", fontsize="medium")
+    fig.suptitle(f"judged shape against the run's CPU-hours (dotted: the targets{budget})", fontsize="medium")
     if len(routes) > 1:  # one line per (prompt, route): beside the panels, where it hides no point
         fig.set_size_inches(11 + 2.6, 4)
         axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")

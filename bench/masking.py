@@ -2,14 +2,15 @@
 the word tokens are masked (after the softmax, as in the paper, or before it) and when the end and padding tokens
 are (the control), judged by the independent judge, with the pixel change against the full prompt.
 
-    python bench/masking.py runs/fs3c/lab6000          # a lab folder, or "toy"
+    python bench/masking.py runs/toy/lab               # a lab folder, or "toy"
     python bench/masking.py toy --n 64 --seed 1
 
-Used to tell whether a U-Net reads the end token (SD v1.4's habit, the paper's Fig. 2) or the words
-(docs/results/toyworld_v2_progress.md, sittings 15-17).
+It tells whether a U-Net reads the end token (SD v1.4's habit, the paper's Fig. 2) or the words: a U-Net
+trained from the start under a fully trained text tower reads the words, one started under a briefly trained
+tower reads the end token (docs/guide/teaching_lab.md, "Why a route in phases").
 
 With --padding, three more conditions tell whether it reads the padding states, which SD-IPC's pseudo-prompt
-replaces by copies of one state (sitting 29): the caption with its padding states replaced by copies of its end
+replaces by copies of one state: the caption with its padding states replaced by copies of its end
 state; the same with the words masked too (after the softmax); and [sos, EOS x 76] (the oracle's layout).
 
     python bench/masking.py toy --n 96 --padding

@@ -5,7 +5,7 @@
 `--set NAME=VALUE` appends to each notebook's `parameters` cell, as papermill does: the same series on
 another lab (`SOURCE="sd-v1-4"` on a GPU; `SOURCE="tiny"` checks that nothing depends on the toy lab).
 
-Target (issue 4): notebooks 01-05 together in <= 10 minutes on 2 CPU cores.
+Target: notebooks 01-05 together in <= 10 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations

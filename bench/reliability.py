@@ -241,7 +241,7 @@ def run_case(c: Case, lab) -> Outcome:
     lost += package_changes(before, package_state())
     proc = result if isinstance(result, subprocess.CompletedProcess) else None
     cls, message = classify(c.expect, lost=lost, hung=hung, error=error, proc=proc, stderr=printed.getvalue())
-    message = message.replace(tmp, "TMP")  # the case's temporary folder
+    message = message.replace(tmp, "TMP").replace(str(ROOT), "REPO")  # the case's folder; the checkout
     return Outcome(c.name, c.mistake, c.expect, cls, message, time.time() - start)
 
 
@@ -333,7 +333,7 @@ def _(lab, tmp, watch):
 @case("train export into the package lab by path",
       "toyworld.train export --lab-dir /abs/path/to/sdipc_lab/toyworld/lab")
 def _(lab, tmp, watch):
-    from sdipc_lab.toyworld.train import LAB_DIR
+    from sdipc_lab.toyworld.exporting import LAB_DIR
 
     run = saved_lab(lab, tmp / "run")
     return cli(tmp, *TRAIN, "export", "--size", "test", "--out", run, "--lab-dir", LAB_DIR.resolve())
@@ -500,29 +500,6 @@ def _(lab, tmp, watch):
 
     rows = nearest_texts(lab, S.convert(lab, S.image_embeds(lab, [ref()]))[0], ["a red star", "a blue disk"], k=-1)
     raise Wrong(f"answered {len(rows)} rows for k=-1")
-
-
-@case("ship_lab.sh UNTIL=typo", "UNTIL=lab_ bash docs/results/ship_lab.sh LAB (a misspelt step)")
-def _(lab, tmp, watch):
-    fake = tmp / "exported"
-    for part in ["sdipc_lab.json", "unet/w", "text_encoder/w", "image_encoder/w", "tokenizer/t", "vae/w",
-                 "scheduler/c"]:
-        (fake / part).parent.mkdir(parents=True, exist_ok=True)
-        (fake / part).write_text(part)
-    env = {"OUT": str(tmp / "ship"), "PACKAGE_LAB": str(tmp / "package_lab"), "UNTIL": "lab_",
-           "PYTHON": "false"}  # a step that got as far as Python fails at once
-    return cli(tmp, "bash", ROOT / "docs" / "results" / "ship_lab.sh", fake, env=env, timeout=60)
-
-
-@case("route_pack.sh save over a user folder", "bash docs/results/route_pack.sh save DIR, DIR the user's folder")
-def _(lab, tmp, watch):
-    runs = tmp / "runs"
-    for name in ["fs2/peek4000/sdipc_lab.json", "clipB/clip.done"]:
-        (runs / name).parent.mkdir(parents=True, exist_ok=True)
-        (runs / name).write_text(name)
-    watch.user_file(tmp / "mine" / "thesis.txt")
-    return cli(tmp, "bash", ROOT / "docs" / "results" / "route_pack.sh", "save", tmp / "mine",
-               env={"RUNS": str(runs), "TAG": "", "BTAG": "", "TOWER3_STEPS": "0"}, timeout=60)
 
 
 @case("book.py --check-only without a site", "python bench/book.py --check-only, no site built")

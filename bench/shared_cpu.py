@@ -78,7 +78,7 @@ def main() -> None:
         rows.append([name, used, median, max(seconds), median / alone])
         print(f"  {name}: {median:.2f} s", file=sys.stderr)
     print(f"{os.cpu_count()} CPUs on the machine; this process may use {S.usable_cpus()} "
-          f"(affinity {len(os.sched_getaffinity(0))}, cgroup quota {S.lab.cgroup_cpu_quota() or 'none'}); "
+          f"(affinity {len(os.sched_getaffinity(0))}, cgroup quota {S.cpus.cgroup_cpu_quota() or 'none'}); "
           f"S.edit(n=4) on the toy lab, {args.repeats} timed calls per kernel\n")
     print(table(["case", "threads per kernel", "median s per edit", "slowest s", "x alone"], rows))
 

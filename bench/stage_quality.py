@@ -2,7 +2,7 @@
 reconstruction of the VAE judged by the independent judge, beside the shipped lab's (100 test images); and how
 much of the captions' end-token variance the SD-IPC round trip W_t^+ W_t would drop at the 5th / 10th / 20th
 percentile of W_t's singular values (`measure.dropped_variance`): a text tower that keeps caption information there
-makes a U-Net whose oracle row falls short of its end-token row (toyworld_v2_progress.md, sitting 17).
+makes a U-Net that learns to read them, and whose oracle row then falls short of its end-token row.
 
     python bench/stage_quality.py runs/toy          # a run folder with tokenizer/, text_encoder/, image_encoder/, vae/
 
@@ -26,7 +26,7 @@ from sdipc_lab.measure import dropped_variance, singular_value_quantiles  # noqa
 from sdipc_lab.toyworld import samples  # noqa: E402
 from sdipc_lab.toyworld.evaluate import psnr, reconstruct, retrieval, zero_shot  # noqa: E402
 from sdipc_lab.toyworld.judge import Judge, agreement  # noqa: E402
-from sdipc_lab.toyworld.train import load_parts  # noqa: E402
+from sdipc_lab.toyworld.exporting import load_parts  # noqa: E402
 
 
 def run_lab(out: Path, shipped: S.Lab) -> S.Lab:

@@ -5,7 +5,8 @@
     python bench/toyworld_quality.py --source LAB --curve --json p.json # caption -> EOS -> oracle -> SD-IPC, both splits
     python bench/toyworld_quality.py --cutoffs 0 lab 0.5 [--split heldout]  # what the cutoff does to the oracle, SD-IPC
 
-Targets are issue 11's. The judge (analytic pixels + a shape CNN) is independent of the CLIP studied.
+The `target` column holds the lab's quality targets. The judge (analytic pixels + a shape CNN) is independent
+of the CLIP studied.
 "stray %" is the share of background pixels away from the object that differ from the background
 (`judge.stray_pixels`): streaks, blotches and halos; drawn images are the reference. "in blobs" is the part of it
 in regions of 30 pixels or more, with the share of images that have one (`judge.stray_parts`): in the images
@@ -75,10 +76,10 @@ def _cutoff(text: str):
 
 
 def cutoff_table(lab, judge, cutoffs: list[float], args, start: float) -> None:
-    """Item 5 of issue 11: how much the round trip W_t^+ W_t loses, and what the cutoff does to it. Rows: the true
+    """How much the round trip W_t^+ W_t loses, and what the cutoff does to it. Rows: the true
     end-token state repeated, then the oracle and SD-IPC at each cutoff; the rank W_t^+ keeps; the cosine between
-    each converted vector and the caption's true end-token state (what labs exported before 2026-12-03 chose their
-    cutoff by; now the judge chooses it, `train.measure_constants`); and the share of the captions' end-token
+    each converted vector and the caption's true end-token state (what `exporting.measure_constants` chooses the
+    cutoff by without a judge; with one, by the judged SD-IPC variations); and the share of the captions' end-token
     variance the round trip drops at that cutoff (`measure.dropped_share`: what the U-Net reads there, SD-IPC
     cannot give back)."""
     from sdipc_lab.convert import at_end, inverse_projection

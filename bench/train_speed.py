@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import random
 import statistics
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import table  # noqa: E402
 
-from sdipc_lab.toyworld import train as T  # noqa: E402
+from sdipc_lab.toyworld import data, models  # noqa: E402
 from sdipc_lab.training import diffusion_loss  # noqa: E402
 
 
@@ -57,34 +58,34 @@ def _timed_steps(parts, params, steps: int, autocast: bool):
     return {name: statistics.median(v[1:]) for name, v in times.items()}  # the first step warms up
 
 
-def clip_parts(s: T.ModelSizes, world, batch: int):
-    tokenizer = T.new_tokenizer()
-    trainer = T.ClipTrainer(*T.new_clip(s, tokenizer))
-    parts = {"data": lambda o: T.contrastive_batch(world, tokenizer, batch, o["step"], 0, _Accel, "clip"),
+def clip_parts(s: models.ModelSizes, world, batch: int):
+    tokenizer = models.new_tokenizer()
+    trainer = models.ClipTrainer(*models.new_clip(s, tokenizer))
+    parts = {"data": lambda o: data.contrastive_batch(world, tokenizer, batch, o["step"], 0, _Accel, "clip"),
              "forward": lambda o: trainer(*o["data"])}
     return parts, list(trainer.parameters())
 
 
-def vae_parts(s: T.ModelSizes, world, batch: int):
-    trainer = T.VaeTrainer(T.new_vae(s))
-    parts = {"data": lambda o: world.pixels(T.batch_index(len(world.images), batch, o["step"], 0, _Accel), "cpu"),
+def vae_parts(s: models.ModelSizes, world, batch: int):
+    trainer = models.VaeTrainer(models.new_vae(s))
+    parts = {"data": lambda o: world.pixels(data.batch_index(len(world.images), batch, o["step"], 0, _Accel), "cpu"),
              "forward": lambda o: trainer(o["data"])}
     return parts, list(trainer.parameters())
 
 
-def unet_parts(s: T.ModelSizes, world, batch: int, text, tokenizer, channels_last: bool, cached: torch.Tensor | None):
-    unet = T.new_unet(s, text.config.hidden_size)
+def unet_parts(s: models.ModelSizes, world, batch: int, text, tokenizer, channels_last: bool, cached: torch.Tensor | None):
+    unet = models.new_unet(s, text.config.hidden_size)
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
-    scheduler = T.toy_scheduler()
+    scheduler = models.toy_scheduler()
     latent = 64 // 2 ** (len(s.vae_channels) - 1)
 
     def data(o):
-        index = T.batch_index(len(world.images), batch, o["step"], 0, _Accel)
+        index = data.batch_index(len(world.images), batch, o["step"], 0, _Accel)
         if cached is not None:
             return index
         rng = random.Random(o["step"])
-        return T.tokenize(tokenizer, world.captions(index, rng), "cpu")[0]
+        return data.tokenize(tokenizer, world.captions(index, rng), "cpu")[0]
 
     def encode(o):
         if cached is not None:
@@ -110,7 +111,7 @@ def parse_unet(text: str) -> dict:  # "64,128,128x2" -> channels and layers per 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="cpu", choices=list(T.MODEL_SIZES))
+    parser.add_argument("--size", default="cpu", choices=list(models.MODEL_SIZES))
     parser.add_argument("--unet", nargs="*", default=None, help="U-Net sizes, channels x layers per block [h heads]")
     parser.add_argument("--vae", nargs="*", default=None, help="VAE channel lists")
     parser.add_argument("--stages", default="clip,vae,unet")
@@ -118,28 +119,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variants", action="store_true", help="also channels_last, bf16 autocast, torch.compile")
     args = parser.parse_args()
-    base = T.MODEL_SIZES[args.size]
-    world = T.render(2048, "train")
-    tokenizer = T.new_tokenizer()
-    text, _ = T.new_clip(base, tokenizer)
+    base = models.MODEL_SIZES[args.size]
+    world = data.render(2048, "train")
+    tokenizer = models.new_tokenizer()
+    text, _ = models.new_clip(base, tokenizer)
     text.eval().requires_grad_(False)
     stages = args.stages.split(",")
-    batches = {name: T.BUDGETS[args.size][name][1] for name in ("clip", "vae", "unet")}
+    batches = {name: models.BUDGETS[args.size][name][1] for name in ("clip", "vae", "unet")}
     configs = []  # (stage, label, sizes, options)
     if "clip" in stages:
         configs.append(("clip", f"width {base.width}, patch {base.patch}", base, {}))
     for vae in (args.vae or [",".join(map(str, base.vae_channels))]) if "vae" in stages else []:
         channels = tuple(int(c) for c in vae.split(","))
-        s = T.dataclasses.replace(base, vae_channels=channels)
+        s = dataclasses.replace(base, vae_channels=channels)
         configs.append(("vae", f"channels {channels}", s, {}))
     for spec in (args.unet or [",".join(map(str, base.unet_channels)) + f"x{base.unet_layers}"]) if "unet" in stages else []:
-        s = T.dataclasses.replace(base, **parse_unet(spec))
+        s = dataclasses.replace(base, **parse_unet(spec))
         configs.append(("unet", f"{spec}", s, {}))
         configs.append(("unet", f"{spec}, cached text states", s, {"cached": True}))
         if args.variants:
             configs.append(("unet", f"{spec}, channels_last", s, {"channels_last": True}))
             configs.append(("unet", f"{spec}, bf16 autocast", s, {"autocast": True}))
-    ids, _ = T.tokenize(tokenizer, world.captions(torch.arange(len(world.images)), random.Random(0)), "cpu")
+    ids, _ = data.tokenize(tokenizer, world.captions(torch.arange(len(world.images)), random.Random(0)), "cpu")
     with torch.no_grad():
         cache = torch.cat([text.text_model(chunk).last_hidden_state.half() for chunk in ids.split(256)])
     rows = []
@@ -168,7 +169,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
             if args.variants and "unet" in stages:
                 spec = (args.unet or [",".join(map(str, base.unet_channels)) + f"x{base.unet_layers}"])[0]
-                s = T.dataclasses.replace(base, **parse_unet(spec))
+                s = dataclasses.replace(base, **parse_unet(spec))
                 parts, unet = unet_parts(s, world, batches["unet"], text, tokenizer, False, cache)
                 params = list(unet.parameters())
                 start = time.perf_counter()

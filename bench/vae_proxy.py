@@ -33,7 +33,9 @@ from sdipc_lab.latents import pixels_of  # noqa: E402
 from sdipc_lab.toyworld import samples  # noqa: E402
 from sdipc_lab.toyworld.evaluate import psnr  # noqa: E402
 from sdipc_lab.toyworld.judge import Judge, agreement, stray_pixels  # noqa: E402
-from sdipc_lab.toyworld.train import LAB_DIR, VaeTrainer, regrouped, render  # noqa: E402
+from sdipc_lab.toyworld.data import render  # noqa: E402
+from sdipc_lab.toyworld.exporting import LAB_DIR  # noqa: E402
+from sdipc_lab.toyworld.models import VaeTrainer, regrouped  # noqa: E402
 
 
 def judged(vae, x: torch.Tensor, truths: list[dict], judge: Judge) -> dict:

@@ -21,21 +21,12 @@ from .convert import (
                       sos_state,
                       text_embeds,
 )
+from .cpus import limit_threads, usable_cpus
 from .datasets import candidate_texts, example_edit, judge_for, knows_world, photos, references
 from .generate import edit, generate, sample, vary
+from .hub import WeightsNotFoundError, download
 from .images import as_rgb_images
-from .lab import (
-                      KNOWN_SOURCES,
-                      Lab,
-                      WeightsNotFoundError,
-                      assemble,
-                      download,
-                      limit_threads,
-                      load_lab,
-                      pick_device,
-                      save_lab,
-                      usable_cpus,
-)
+from .lab import KNOWN_SOURCES, Lab, assemble, load_lab, pick_device, save_lab
 from .measure import nearest_texts
 from .plots import pipeline_diagram, show_images
 

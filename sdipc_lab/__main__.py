@@ -7,7 +7,7 @@ import sys
 import time
 
 from . import edit, example_edit, load_lab, references, show_images, vary
-from .lab import download
+from .hub import download
 
 
 def demo(source: str, out: str, n: int, seed: int, **settings) -> None:

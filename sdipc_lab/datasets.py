@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from .generate import whole_number
-from .lab import HUB_SOURCES, Lab
+from .hub import HUB_SOURCES
+from .lab import Lab
 from .toyworld import all_captions, evaluate, sample, samples
 from .toyworld.judge import Judge
 

@@ -45,12 +45,14 @@ from .adapters import load_finetuned as load_finetuned
 from .adapters import new_finetuned as new_finetuned
 from .adapters import save_finetuned as save_finetuned
 from .convert import encode_text, pseudo_prompt, token_ids
+from .cpus import limit_threads
 from .generate import whole_number
 from .images import as_rgb_images, digest
-from .lab import Lab, limit_threads, load_lab
+from .lab import Lab, load_lab
 from .latents import encode_latents
 from .training import (
     MAX_LR,
+    Budget,
     TrainingStopped,
     check_batch,
     check_positive,
@@ -235,8 +237,8 @@ def finetune(lab: Lab, concepts: Concepts, *, mode: str = "ft", out: str | os.Pa
                          concepts={c: digest(v) for c, v in concepts.images.items()},
                          **({"targets": {c: digest(v) for c, v in targets.images.items()}} if targets else {}),
                          captions=captions if text_weight else None)
-        fit(f"sdipc-{mode}", module, loss_fn, steps=steps, lr=lr, out=out, accelerator=accelerator,
-            minutes=minutes, schedule=recipe["schedule"], weight_decay=0.0, every=max(10, steps // 10),
+        fit(f"sdipc-{mode}", module, loss_fn, budget=Budget(steps, minutes=minutes), lr=lr, out=out,
+            accelerator=accelerator, schedule=recipe["schedule"], weight_decay=0.0, every=max(10, steps // 10),
             signature=signature)
     lab.image_encoder.eval()
     for part in [*(ft.kv.values()), *([ft.prompts] if ft.prompts is not None else [])]:
@@ -386,8 +388,8 @@ def custom_diffusion(lab: Lab, images, *, class_word: str, token: str = "<new1>"
         signature = dict(mode="custom-diffusion", token=token, class_word=class_word, lr=lr, batch=batch, seed=seed,
                          token_lr_scale=token_lr_scale, lab=fingerprint(lab), images=digest(images),
                          captions=captions)
-        fit("custom-diffusion", module, loss_fn, steps=steps, lr=lr, out=Path(out), accelerator=accelerator,
-            minutes=minutes, schedule="constant", weight_decay=0.0, every=max(10, steps // 10),
+        fit("custom-diffusion", module, loss_fn, budget=Budget(steps, minutes=minutes), lr=lr, out=Path(out),
+            accelerator=accelerator, schedule="constant", weight_decay=0.0, every=max(10, steps // 10),
             signature=signature)
     table.requires_grad_(False)
     for proc in ft.kv.values():

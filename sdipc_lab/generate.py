@@ -19,8 +19,9 @@ import torch
 from .adapters import applied
 from .bars import TextLine, in_notebook, bar as progress_bar
 from .convert import edit_prompt_embeds, encode_text, image_prompt_embeds
+from .cpus import limit_threads
 from .images import as_rgb_images
-from .lab import Lab, limit_threads
+from .lab import Lab
 
 
 def whole_number(name: str, value, *, low: int, high: int | None = None) -> int:

@@ -13,14 +13,15 @@ Every source goes through the same `from_pretrained` calls; only *where* each co
 SD v1.x's text encoder *is* the text tower of CLIP ViT-L/14 (same weights, same tokenizer), so
 loading `CLIPTextModelWithProjection` once gives both the pipeline's text encoder
 (`.text_model`) and the text projection `W_t` the converter inverts.
+
+The hub's repositories and `download` are in `hub.py`; loading and checking one component in `components.py`;
+the CPU threads a lab's calls run on in `cpus.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
 import numbers
 import os
 import tempfile
@@ -31,6 +32,9 @@ import torch
 from safetensors import SafetensorError
 
 from .build import random_components
+from .components import CONFIG_FILES, _component_class, _kind_of, _pipeline, check_consistent, check_weights, quiet
+from .cpus import usable_cpus
+from .hub import CLIP_L14, HUB_SOURCES, WeightsNotFoundError, _hub_cache, hub_reachable
 
 LAB_FILE = "sdipc_lab.json"
 COMPONENTS = ("tokenizer", "text_encoder", "image_encoder", "feature_extractor", "unet", "vae", "scheduler")
@@ -39,11 +43,6 @@ CLIP_PARTS = ("tokenizer", "text_encoder", "image_encoder", "feature_extractor")
 CONSTANTS = ("cutoff", "norm", "norm_t", "steps", "guidance_scale", "guidance_rescale", "finetune_lr")
 REQUIRED_CONSTANTS = ("cutoff", "norm", "norm_t")
 
-CLIP_L14 = "openai/clip-vit-large-patch14"
-HUB_SOURCES = {
-    "sd-v1-4": "CompVis/stable-diffusion-v1-4",
-    "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-}
 # Learning rates of sdipc_lab.finetune for SD v1.4: the paper's SD-IPC-FT / -CT (Sec. 4.1) and diffusers'
 # Custom Diffusion example. A lab of another scale carries its own, measured (bench/finetune.py --lr-sweep).
 PAPER_FINETUNE_LR = {"ft": 1e-5, "ct": 5e-6, "custom-diffusion": 1e-5}
@@ -51,10 +50,6 @@ PAPER_FINETUNE_LR = {"ft": 1e-5, "ct": 5e-6, "custom-diffusion": 1e-5}
 HUB_CONSTANTS = dict(cutoff=0.3, norm=27.0, norm_t=27.5, steps=50, guidance_scale=7.5, finetune_lr=PAPER_FINETUNE_LR)
 TOY_FOLDER = Path(__file__).parent / "toyworld" / "lab"
 KNOWN_SOURCES = ("toy", "tiny", *HUB_SOURCES, "auto")
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Model weights are not on this machine (and the hub was not, or could not be, asked)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -150,21 +145,6 @@ class Lab:
                 f"device={self.device}, dtype={self.dtype}, {self.constants})")
 
 
-def _kind_of(component) -> str | None:
-    """Which of the lab's model components `component` can stand in for, by what the lab calls on it: the VAE's
-    encode/decode, the U-Net's cross-attention, the text and image towers' projections (W_t, W_i)."""
-    config = getattr(component, "config", None)
-    if hasattr(component, "encode") and hasattr(component, "decode") and hasattr(config, "latent_channels"):
-        return "vae"
-    if hasattr(config, "cross_attention_dim") and not hasattr(component, "decode"):
-        return "unet"
-    if hasattr(component, "text_projection"):
-        return "text_encoder"
-    if hasattr(component, "visual_projection"):
-        return "image_encoder"
-    return None
-
-
 def pick_device() -> torch.device:
     """CUDA, then Apple MPS, then CPU."""
     if torch.cuda.is_available():
@@ -230,55 +210,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def usable_cpus(root: str | os.PathLike = "/") -> int:
-    """How many CPUs this process may really use: its CPU affinity (taskset, Slurm, `docker --cpuset-cpus`), capped
-    by its cgroup's CPU quota (`docker --cpus`, Kubernetes and JupyterHub CPU limits), rounded up; at least 1.
-
-    torch's default thread count follows the affinity but not the quota: a kernel limited to 2 CPUs on a 64-core
-    server would run 64 threads that take turns on 2 CPUs. `root` is for tests (a fake /proc and /sys)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows: no affinity API
-        cpus = os.cpu_count() or 1
-    quota = cgroup_cpu_quota(Path(root))
-    return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
-
-
-def cgroup_cpu_quota(root: Path = Path("/")) -> float | None:
-    """CPUs allowed by this process's cgroups (v2 `cpu.max`, v1 `cpu.cfs_quota_us / cpu.cfs_period_us`), its own
-    and its parents' up to the mount: the tightest, or None when nothing limits it (or this is not Linux)."""
-    try:
-        lines = (root / "proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    quotas = []
-    for line in lines:  # "hierarchy-id:controllers:path"; v2 has no controllers
-        _, controllers, path = line.split(":", 2)
-        if controllers and "cpu" not in controllers.split(","):
-            continue
-        mount = root / "sys/fs/cgroup" / ("" if not controllers else controllers)
-        if controllers and not mount.is_dir():
-            mount = root / "sys/fs/cgroup/cpu"
-        folder = mount / path.lstrip("/")
-        for place in (folder, *folder.parents):
-            quotas.append(_quota_in(place, v2=not controllers))
-            if place == mount:
-                break
-    quotas = [q for q in quotas if q]
-    return min(quotas) if quotas else None
-
-
-def _quota_in(folder: Path, *, v2: bool) -> float | None:
-    try:
-        if v2:
-            quota, period = (folder / "cpu.max").read_text().split()[:2]  # "max 100000" or "150000 100000"
-        else:
-            quota, period = ((folder / f"cpu.cfs_{k}_us").read_text().strip() for k in ("quota", "period"))
-        return None if quota in ("max", "-1") else int(quota) / int(period)
-    except (OSError, ValueError):
-        return None
-
-
 def whole(name: str, value) -> int:
     """`value` as an int if it is a whole number >= 1 (NumPy integers too), else a ValueError naming `name` (None
     keeps the lab's own)."""
@@ -286,20 +217,6 @@ def whole(name: str, value) -> int:
         hint = f"this process may use {usable_cpus()} CPUs" if name == "threads" else "or None for the lab's own"
         raise ValueError(f"{name} must be a whole number >= 1 ({hint}), got {value!r}")
     return int(value)
-
-
-@contextlib.contextmanager
-def limit_threads(threads: int):
-    """Run the block on `threads` CPU threads (torch's intra-op pool), then put back the process's own setting:
-    what a user set with `torch.set_num_threads` outside the lab's calls stays theirs."""
-    before = torch.get_num_threads()
-    if threads != before:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def _device_and_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
@@ -404,57 +321,6 @@ def _forget_origin(config: Path) -> None:
             config.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
-def hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether the Hugging Face hub answers from here (and HF_HUB_OFFLINE is not set): one request, `timeout`
-    seconds at most, instead of the hub client's minutes of retries when there is no network."""
-    import urllib.error
-    import urllib.request
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
-        return True
-    except urllib.error.HTTPError:  # it answered, if not with 200
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def download(source: str) -> None:
-    """Fetch a hub source's weights (safetensors and configs only) into the Hugging Face cache."""
-    from huggingface_hub import constants, snapshot_download
-
-    if source not in HUB_SOURCES:
-        raise ValueError(f"only hub sources can be downloaded: {', '.join(HUB_SOURCES)}")
-    if not hub_reachable():
-        raise WeightsNotFoundError(
-            f"cannot download {CLIP_L14} and {HUB_SOURCES[source]}: {constants.ENDPOINT} cannot be reached from this "
-            "machine (no network, a proxy that needs HTTPS_PROXY, or HF_HUB_OFFLINE=1). Run this where the hub can "
-            f"be reached, then copy the Hugging Face cache ({_hub_cache()}) here or point HF_HUB_CACHE at it.")
-    weights = [f"{part}/diffusion_pytorch_model.safetensors" for part in ("unet", "vae")]
-    configs = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"]
-    for repo, patterns in ((CLIP_L14, ["*.json", "*.txt", "model.safetensors"]), (HUB_SOURCES[source], weights + configs)):
-        try:
-            snapshot_download(repo, allow_patterns=patterns)
-        except Exception as error:  # the hub client's errors vary by version; all mean the same here
-            raise WeightsNotFoundError(
-                f"could not download {repo} into the Hugging Face cache at {_hub_cache()}: {type(error).__name__}: "
-                f"{str(error)[:300]}\nThis needs internet access to huggingface.co (and, for some repositories, "
-                "`huggingface-cli login` after accepting their licence).") from None
-
-
-# ----------------------------------------------------------------------------------------------
-
-def _hub_cache() -> str:
-    """Where the hub client keeps repositories: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
 def _folder_places(folder: Path) -> dict:
     return {part: (str(folder / part), None) for part in COMPONENTS}
 
@@ -475,54 +341,6 @@ def _read_constants(folder: Path) -> dict:
         raise ValueError(f"{folder / LAB_FILE} has keys a lab does not know: {sorted(unknown)}; a lab's constants "
                          f"are {', '.join(CONSTANTS)}")
     return constants
-
-
-def _component_class(part: str, where: str, subfolder: str | None, local_only: bool):
-    import diffusers
-    import transformers
-
-    fixed = {
-        "tokenizer": transformers.CLIPTokenizer,
-        "text_encoder": transformers.CLIPTextModelWithProjection,
-        "image_encoder": transformers.CLIPVisionModelWithProjection,
-        "feature_extractor": transformers.CLIPImageProcessorPil,
-        "unet": diffusers.UNet2DConditionModel,
-        "vae": diffusers.AutoencoderKL,
-    }
-    if part in fixed:
-        return fixed[part]
-    # The scheduler's class is whatever the folder says (SD v1.4 ships PNDM, the toy lab DDIM).
-    config = diffusers.DDIMScheduler.load_config(where, subfolder=subfolder, local_files_only=local_only)
-    name = config.get("_class_name", "")
-    if not name.endswith("Scheduler") or not hasattr(diffusers, name):
-        raise ValueError(f"{where}: scheduler class {name!r} is not a diffusers scheduler")
-    return getattr(diffusers, name)
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence the libraries' load reports and shard bars while a lab is loaded or saved.
-
-    (The CLIP checkpoint holds both towers; loading one reports the other's keys as unexpected.)
-    """
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    t_level, d_level = transformers_logging.get_verbosity(), diffusers_logging.get_verbosity()
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.set_verbosity_error()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():  # the user's own warning filters come back on exit
-            # diffusers passes the hub client an argument it has deprecated, on every hub load: nothing to act on.
-            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
-            yield
-    finally:
-        transformers_logging.set_verbosity(t_level)
-        diffusers_logging.set_verbosity(d_level)
-        if bars:
-            transformers_logging.enable_progress_bar()
 
 
 def _load(places: dict, constants: dict, source: str, device, dtype, *, local_only: bool,
@@ -551,41 +369,6 @@ def _load(places: dict, constants: dict, source: str, device, dtype, *, local_on
             if local is not None and isinstance(parts[part], torch.nn.Module):
                 check_weights(part, parts[part], local)
         return assemble(parts, constants, source=source, device=device, dtype=dtype)
-
-
-# The file each component's folder describes itself with (the tokenizer is checked by its vocabulary).
-CONFIG_FILES = {"text_encoder": "config.json", "image_encoder": "config.json", "unet": "config.json",
-                "vae": "config.json", "scheduler": "scheduler_config.json",
-                "feature_extractor": "preprocessor_config.json"}
-
-
-def check_weights(part: str, model: torch.nn.Module, folder: Path) -> None:
-    """The weights in `folder` (its .safetensors files) must be exactly those its config builds, all finite: the
-    libraries fill a missing tensor with random numbers and load NaNs without a word. A ValueError names the file
-    and the tensors otherwise."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    stored = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            stored.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
-    state = model.state_dict()
-    expected = {key: tuple(value.shape) for key, value in state.items()}
-    problems = []
-    for what, keys in (("missing", sorted(set(expected) - set(stored))),
-                       ("unexpected", sorted(set(stored) - set(expected))),
-                       ("of another shape than the config's",
-                        sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])),
-                       ("not finite (NaN or infinite values)",
-                        sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()))):
-        if keys:
-            problems.append(f"{len(keys)} tensor(s) {what}: {', '.join(keys[:5])}" + (" ..." if len(keys) > 5 else ""))
-    if problems:
-        where = ", ".join(str(f) for f in files) or f"{folder} (no .safetensors file)"
-        raise ValueError(f"the lab's {part} weights in {where} do not match its config.json: " + "; ".join(problems)
-                         + ". The lab would run with random or broken weights there: restore the file, or re-save "
-                         "the lab with sdipc_lab.save_lab.")
 
 
 def _missing(part, where, subfolder, source, local_only, error, unreachable: bool = False) -> Exception:
@@ -623,40 +406,6 @@ def assemble(parts: dict, constants: dict, *, source: str = "", device=None, dty
     own = {k: dict(v) if isinstance(v, dict) else v for k, v in constants.items()}  # never shared
     threads = min(torch.get_num_threads(), usable_cpus())
     return Lab(**parts, pipe=pipe, source=source, device=device, dtype=dtype, threads=threads, **own)
-
-
-def _pipeline(parts: dict):
-    """The stock `StableDiffusionPipeline` over a lab's components (no safety checker: the images are a lab's)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoder"].text_model, tokenizer=parts["tokenizer"],
-        unet=parts["unet"], scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None,
-        image_encoder=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)  # experiments show one bar over many calls (generate.progress)
-    return pipe
-
-
-def check_consistent(parts: dict) -> None:
-    """The tokenizer, the text tower and the U-Net must agree, or results are silently wrong."""
-    tok, text = parts["tokenizer"], parts["text_encoder"].config
-    problems = []
-    if tok.model_max_length != text.max_position_embeddings:
-        problems.append(f"tokenizer pads to {tok.model_max_length} tokens, the text encoder has "
-                        f"{text.max_position_embeddings} positions")
-    if len(tok) > text.vocab_size:
-        problems.append(f"tokenizer has {len(tok)} tokens, the text encoder's vocabulary {text.vocab_size}")
-    # ViT-L/14's config carries the legacy eos_token_id 2, for which transformers pools at the highest id:
-    # right while the end token is the last of the vocabulary. (sdipc_lab finds the end token itself.)
-    legacy = text.eos_token_id == 2 and tok.eos_token_id == max(tok.get_vocab().values())
-    if tok.eos_token_id != text.eos_token_id and not legacy:
-        problems.append(f"eos_token_id: tokenizer {tok.eos_token_id}, text encoder config {text.eos_token_id}")
-    if parts["unet"].config.cross_attention_dim != text.hidden_size:
-        problems.append(f"U-Net cross-attends to width {parts['unet'].config.cross_attention_dim}, "
-                        f"the text encoder is {text.hidden_size} wide")
-    if problems:
-        raise ValueError("the lab's components do not fit together: " + "; ".join(problems))
 
 
 def _load_tiny(device, dtype, name: str = "tiny") -> Lab:

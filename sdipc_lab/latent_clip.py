@@ -26,12 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import text_fingerprint  # towers record the C-space they were trained into
+from .components import quiet
 from .convert import encode_text, image_embeds, text_embeds
-from .lab import Lab, limit_threads, load_lab, quiet
+from .cpus import limit_threads
+from .lab import Lab, load_lab
 from .latents import decode_latents, encode_latents, from_posterior, pixels_of
 from .toyworld.evaluate import zero_shot_of
-from .toyworld.train import render
-from .training import (TrainingStopped, check_batch, fit, gathered, new_accelerator, processes, randn_shard, shard,
+from .toyworld.data import render
+from .training import (Budget, TrainingStopped, check_batch, fit, gathered, new_accelerator, processes, randn_shard, shard,
                        use_local_gpu)
 
 TOWERS_DIR = Path(__file__).parent / "toyworld" / "latent_clip"
@@ -78,7 +80,7 @@ def train_tower(lab: Lab, kind: str, *, world, out: Path, steps: int = 2000, bat
                 posterior: str = "sample", init=None):
     """Contrastive training against the lab's frozen text tower on `world`'s images and captions (resumable): any
     object with `images` (N, H, W, 3) uint8, `pixels(index, device)` and `captions(index, rng)`, such as
-    `toyworld.train.render(n)`. A latent tower reads VAE latents drawn from the posterior (`posterior="sample"`,
+    `toyworld.data.render(n)`. A latent tower reads VAE latents drawn from the posterior (`posterior="sample"`,
     the companion paper's) or its means (`"mean"`); `init`: a tower to go on training (a copy is trained)."""
     if posterior not in ("sample", "mean"):
         raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
@@ -121,8 +123,8 @@ def train_tower(lab: Lab, kind: str, *, world, out: Path, steps: int = 2000, bat
     if posterior != "sample" or init is not None:  # (only then: runs started before these options still resume)
         signature.update(posterior=posterior, init=init is not None)
     with limit_threads(lab.threads):
-        fit(f"{kind}-clip", trainer, loss_fn, steps=steps, lr=lr, out=Path(out), accelerator=accelerator,
-            minutes=minutes, signature=signature)
+        fit(f"{kind}-clip", trainer, loss_fn, budget=Budget(steps, minutes=minutes), lr=lr, out=Path(out),
+            accelerator=accelerator, signature=signature)
     tower.eval().requires_grad_(False)
     tower.config.text_fingerprint = text_fingerprint(lab)  # the C-space it was trained into, checked at load
     if accelerator.is_main_process:

@@ -82,7 +82,7 @@ def dropped_variance(lab: Lab, captions: Sequence[str], cutoffs: Sequence[float]
     round trip W_t^+ W_t discards — the part of f_txt^{t,eos} in the right singular directions of W_t whose singular
     values are <= cutoff. What the U-Net reads there, SD-IPC cannot give it back, so a text tower that keeps
     caption information in W_t's weak directions lowers the oracle row however well the U-Net draws from the
-    caption (docs/results/toyworld_v2_progress.md, sitting 17)."""
+    caption (docs/guide/teaching_lab.md, "Why a route in phases")."""
     f_eos = eos_states(lab, captions).double().cpu()  # (N, D), encoded once for every cutoff
     if len(f_eos) < 2:
         raise ValueError(f"dropped_variance needs at least 2 captions to measure a variance, got {len(f_eos)}")

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .convert import at_end, encode_text, token_ids
-from .lab import Lab, limit_threads
+from .cpus import limit_threads
+from .lab import Lab
 from .toyworld.world import BACKGROUNDS, COLOURS, POSITIONS, SIZES
 
 # Attribute groups with ground truth for the toy world. "words" lives only in the captions.

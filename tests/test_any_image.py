@@ -1,6 +1,8 @@
 """Images the world's renderer did not make: the varied training drawings (`variety`), the bench's drawings by other
 code (`freehand`), and what the lab reads of them (`read_drawings`, `shape_by_size`)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -92,19 +94,19 @@ def test_freehand_formats_and_size_truth():
 
 
 def test_with_variety_adds_the_share_and_changes_the_signature():
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import data, models, stages
 
-    world = T.render(12, "train")
-    mixed = T.with_variety(world, 0.5)
+    world = data.render(12, "train")
+    mixed = data.with_variety(world, 0.5)
     assert len(mixed.images) == 24 and mixed.varied == 12 and len(mixed.things) == 24
     assert torch.equal(mixed.images[:12], world.images)
-    assert T.with_variety(world, 0.0) is world
-    s = T.MODEL_SIZES["test"]
+    assert data.with_variety(world, 0.0) is world
+    s = models.MODEL_SIZES["test"]
     budget = (6, 8, 1e-3)
-    assert (T.signature("vision", s, budget, 0, world, T.Path("."))["images"]
-            != T.signature("vision", s, budget, 0, mixed, T.Path("."))["images"])
+    assert (stages.signature("vision", s, budget, 0, world, Path("."))["images"]
+            != stages.signature("vision", s, budget, 0, mixed, Path("."))["images"])
     with pytest.raises(ValueError, match="share"):
-        T.with_variety(world, 1.0)
+        data.with_variety(world, 1.0)
 
 
 def test_read_drawings_scores_each_image_against_its_truth():
@@ -136,11 +138,11 @@ def test_shape_by_size_rows_and_no_judge():
 
 def test_caption_variants_index_the_canonical_captions():
     from sdipc_lab.toyworld import all_captions, caption
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import data, models
     from sdipc_lab.toyworld.evaluate import VALUES, caption_with
 
-    world = T.with_variety(T.render(30, "train"), 0.5)
-    variants = T.caption_variants(world)  # (N, A, V + 1)
+    world = data.with_variety(data.render(30, "train"), 0.5)
+    variants = models.caption_variants(world)  # (N, A, V + 1)
     captions = all_captions()
     checked = 0
     for i, things in enumerate(world.things):
@@ -158,13 +160,13 @@ def test_caption_variants_index_the_canonical_captions():
 
 
 def test_attribute_loss_is_the_cross_entropy_over_each_attribute():
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import data, models
 
     torch.manual_seed(0)
     captions = torch.nn.functional.normalize(torch.randn(1800, 8), dim=-1)
-    trainer = T.ClipTrainer(None, None, captions, hard_negatives=1.0)
-    world = T.render(6, "train", two_objects=0)
-    variants = T.caption_variants(world)
+    trainer = models.ClipTrainer(None, None, captions, hard_negatives=1.0)
+    world = data.render(6, "train", two_objects=0)
+    variants = models.caption_variants(world)
     f = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     got = trainer.attribute_loss(f, variants, torch.tensor(10.0))
     losses = []

@@ -10,7 +10,7 @@ import torch
 from sdipc_lab import latent_clip as LC
 from sdipc_lab import probing as P
 from sdipc_lab.toyworld import samples
-from sdipc_lab.toyworld.train import render
+from sdipc_lab.toyworld.data import render
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_latent_tower_reads_posterior_samples_or_means(lab, towers, tmp_path):
 
 
 def test_unet_features_follow_the_session_size_and_refuse_steps_outside_the_process(lab, data):
-    """Issue 15.4: a lab loaded with size=... is probed at that size (SD v1.4 at 256 px is ~4x cheaper)."""
+    """A lab loaded with size=... is probed at that size (SD v1.4 at 256 px is ~4x cheaper)."""
     captions = [s.caption for s in data[:2]]
     bigger = dataclasses.replace(lab, size=2 * lab.image_size)
     native = P.unet_features(lab, captions, at_steps=(0,), steps=2)["latent"]

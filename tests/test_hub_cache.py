@@ -119,7 +119,7 @@ WORLD_NOTEBOOKS = ("06_finetuning", "07_probing_semantics")  # the toy world on 
 @pytest.mark.parametrize("name", ["00_quickstart", "01_eos_masking", "02_spectrum_and_cutoff", "03_norm_constant",
                                   "04_variation_and_table1", "05_editing_alpha", *WORLD_NOTEBOOKS])
 def test_notebooks_run_on_sd_with_only_the_parameters_changed(cache, tmp_path, name):
-    """Issue 15.5: SOURCE="sd-v1-4" in the parameters cell, nothing else: the notebook shows SD real photographs
+    """SOURCE="sd-v1-4" in the parameters cell, nothing else: the notebook shows SD real photographs
     (not the toy world's shapes; 06 and 07 keep the world's concepts and attributes) and measures it with CLIP,
     saying which claims it could not measure."""
     import nbformat

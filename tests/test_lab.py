@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sdipc_lab as S
-from sdipc_lab.lab import HUB_SOURCES
+from sdipc_lab.hub import HUB_SOURCES
 
 
 def test_lab_bundle(lab):
@@ -142,16 +142,16 @@ def test_usable_cpus_follow_the_cgroup_quota(tmp_path):
     affinity = len(__import__("os").sched_getaffinity(0))
     v2 = tmp_path / "v2"  # JupyterHub / Kubernetes style: a 0.5-CPU limit two levels up
     fake_cgroups(v2, "0::/user/kernel\n", {"user/cpu.max": "50000 100000\n", "user/kernel/cpu.max": "max 100000\n"})
-    assert S.lab.cgroup_cpu_quota(v2) == 0.5
+    assert S.cpus.cgroup_cpu_quota(v2) == 0.5
     assert S.usable_cpus(v2) == 1
     v1 = tmp_path / "v1"  # docker --cpus=3 on cgroup v1, the container's own cgroup mounted at the root
     fake_cgroups(v1, "4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n",
                  {"cpu,cpuacct/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"})
-    assert S.lab.cgroup_cpu_quota(v1) == 3.0
+    assert S.cpus.cgroup_cpu_quota(v1) == 3.0
     assert S.usable_cpus(v1) == min(affinity, 3)
     free = tmp_path / "free"  # no limit anywhere: the affinity decides
     fake_cgroups(free, "0::/\n", {"cpu.max": "max 100000\n"})
-    assert S.lab.cgroup_cpu_quota(free) is None and S.usable_cpus(free) == affinity
+    assert S.cpus.cgroup_cpu_quota(free) is None and S.usable_cpus(free) == affinity
     assert S.usable_cpus(tmp_path / "not-linux") == affinity  # no /proc: no quota
 
 
@@ -208,7 +208,7 @@ def test_download_offline_says_so_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    assert not S.lab.hub_reachable(timeout=2)
+    assert not S.hub.hub_reachable(timeout=2)
     with pytest.raises(S.WeightsNotFoundError, match="download=True was asked, but the hub cannot be reached"):
         S.load_lab("sd-v1-4", device="cpu", download=True)
     with pytest.raises(S.WeightsNotFoundError, match="openai/clip-vit-large-patch14 and CompVis/stable-diffusion-v1-4"):
@@ -221,7 +221,7 @@ def test_loading_hides_the_hub_clients_deprecation_and_keeps_the_users_filters()
     before = list(warnings.filters)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        with S.lab.quiet():
+        with S.components.quiet():
             warnings.warn("The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`.")
             warnings.warn("something else")  # other warnings still reach the user
     assert [str(w.message) for w in seen] == ["something else"]

@@ -32,7 +32,7 @@ DRIVER = textwrap.dedent('''
     import sdipc_lab as S
     from sdipc_lab import finetune as FT
     from sdipc_lab import latent_clip as LC
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import data, models, train as T
     from sdipc_lab.training import new_accelerator
 
     concept, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -47,7 +47,7 @@ DRIVER = textwrap.dedent('''
     FT.finetune(labs[1], FT.Concepts({"a": images[:2], "b": images[2:]}), mode="ft", steps=3, batch=4,
                 captions={"a": "a red disk", "b": "a blue square"}, n_tokens=4, out=out / "ft", accelerator=accelerator)
     FT.custom_diffusion(labs[2], images, class_word="heart", steps=3, batch=4, out=out / "cd", accelerator=accelerator)
-    LC.train_tower(labs[3], "latent", world=T.render(32, "train"), out=out / "towers", steps=3, batch=8, width=32,
+    LC.train_tower(labs[3], "latent", world=data.render(32, "train"), out=out / "towers", steps=3, batch=8, width=32,
                    layers=1, accelerator=accelerator)
     try:
         FT.finetune(labs[4], concepts, mode="ct", steps=1, batch=3, out=out / "odd", accelerator=accelerator)
@@ -58,9 +58,9 @@ DRIVER = textwrap.dedent('''
     # a time budget: the processes agree on its clock, so they stop at the same step
     T.main(["judge", "--size", "test", "--steps", "100", "--minutes", "0.002", "--out", str(out / "budget")])
     torch.manual_seed(0)
-    tokenizer = T.new_tokenizer()
-    text = T.new_clip(T.MODEL_SIZES["test"], tokenizer)[0]
-    states, _ = T.caption_states(T.render(64), tokenizer, text, "cpu", wordings=3, seed=0, batch=50,
+    tokenizer = models.new_tokenizer()
+    text = models.new_clip(models.MODEL_SIZES["test"], tokenizer)[0]
+    states, _ = data.caption_states(data.render(64), tokenizer, text, "cpu", wordings=3, seed=0, batch=50,
                                  accelerator=accelerator)  # 4 chunks, the last one short: 2 for each process
     if accelerator.is_main_process:
         save_file({"states": states.contiguous()}, str(out / "states.safetensors"))

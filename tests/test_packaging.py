@@ -104,9 +104,11 @@ def test_the_rendered_output_checks_catch_what_a_reader_would_see():
     assert checks.check_rendered("t", [{"data": {"text/markdown": bad}}])[0].startswith("broken Markdown")
 
 
-# The package as a stack: a module imports only from layers below its own (issue 14). Read it bottom-up.
+# The package as a stack: a module imports only from layers below its own. Read it bottom-up.
 LAYERS = [
     {"bars"},                                                     # progress bars a saved notebook shows as text
+    {"cpus", "hub", "components", "checkpoints"},                 # nothing of the package: CPU threads, the hub,
+                                                                  # one component at a time, training checkpoints
     {"images", "plots", "training", "build", "toyworld.world"},  # nothing of the package but the bars
     {"lab", "toyworld", "toyworld.freehand"},                     # load_lab(); the world's public names; drawings
                                                                   # by other code than the world's
@@ -114,11 +116,15 @@ LAYERS = [
     {"latents", "attention", "metrics", "measure", "toyworld.judge"},
     {"adapters", "toyworld.variety"},                             # what fine-tuning trains, and `applied`; the
                                                                   # image tower's varied drawings (the judge's sizes)
-    {"generate"},                                                 # vary / edit / generate
-    {"finetune", "probing", "toyworld.evaluate"},
-    {"toyworld.train"},                                           # export judges the cutoff (toyworld.evaluate)
+    {"generate", "toyworld.data"},                                # vary / edit / generate; the stages' data
+    {"finetune", "probing", "toyworld.evaluate", "toyworld.models"},
+    {"toyworld.stages", "toyworld.exporting"},                    # export judges the cutoff (toyworld.evaluate)
+    {"toyworld.recipe"},                                          # a route of steps, as data
+    {"toyworld.train"},                                           # the command line
     {"latent_clip", "datasets"},                                  # what each lab is shown: the world or photos
     {"experiments", "widgets", ""},                               # "" is the package's __init__
+    {"exercises_kit"},                                            # Exercise, the registry, checks of an answer's form
+    {"exercises_converter", "exercises_variation_editing", "exercises_training"},  # each notebook's exercises
     {"exercises"},                                                # self-checking exercises: check / hint / solution
     {"__main__"},
 ]
@@ -178,3 +184,10 @@ def test_bootstrap_checks_the_python_version_and_picks_the_cpu_build_where_there
     assert f'"{bootstrap.TORCH}"' in (ROOT / "pyproject.toml").read_text()  # the same pin
     assert bootstrap.wants_cpu_torch("Linux", has_nvidia=False)
     assert not bootstrap.wants_cpu_torch("Linux", has_nvidia=True) and not bootstrap.wants_cpu_torch("Darwin", False)
+
+
+def test_every_module_is_at_most_450_lines():
+    """Rooms with one job: a module past 450 lines is doing two (split it along its seam)."""
+    long = {str(path.relative_to(ROOT)): n for path in sorted((ROOT / "sdipc_lab").rglob("*.py"))
+            if (n := len(path.read_text().splitlines())) > 450}
+    assert not long, f"modules over 450 lines: {long}"

@@ -1,4 +1,4 @@
-"""Nothing a user made is lost or silently wrong: outputs, resumes, refusals (issue 13). All on tiny models."""
+"""Nothing a user made is lost or silently wrong: outputs, resumes, refusals. All on tiny models."""
 
 import os
 import signal
@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 import sdipc_lab as S
 from sdipc_lab import training
-from sdipc_lab.training import NonFiniteLoss, TrainingStopped, checkpoint_budget, checkpoint_step, fit
+from sdipc_lab.checkpoints import checkpoint_budget, checkpoint_step
+from sdipc_lab.training import Budget, NonFiniteLoss, TrainingStopped, fit
 from sdipc_lab.toyworld.judge import JUDGE_FILE
 
 
@@ -30,7 +31,7 @@ class Noisy(torch.nn.Module):
 def _fit(out, steps, lr=0.05, **kwargs):
     torch.manual_seed(0)
     model = Noisy()
-    return fit("toy", model, lambda m, step: m(step), steps=steps, lr=lr, out=out, every=3, **kwargs), model
+    return fit("toy", model, lambda m, step: m(step), budget=steps, lr=lr, out=out, every=3, **kwargs), model
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
@@ -43,7 +44,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
 
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        fit("toy", Noisy(), interrupted, steps=12, lr=0.05, out=tmp_path / "pieces", every=3)
+        fit("toy", Noisy(), interrupted, budget=12, lr=0.05, out=tmp_path / "pieces", every=3)
     assert not (tmp_path / "pieces" / "toy.lock").exists()  # the lock goes with the process's run
     torch.manual_seed(123)  # whatever the new process's generator holds
     resumed, _ = _fit(tmp_path / "pieces", 12)
@@ -65,7 +66,7 @@ def test_a_stop_request_checkpoints_the_step_under_way_and_resumes_as_if_never_s
 
     torch.manual_seed(0)
     with pytest.raises(TrainingStopped, match="stopped at step 8 of 12 as asked.*same command again"):
-        fit("toy", Noisy(), stopped, steps=12, lr=0.05, out=tmp_path / "pieces", every=5)
+        fit("toy", Noisy(), stopped, budget=12, lr=0.05, out=tmp_path / "pieces", every=5)
     with safe_open(str(tmp_path / "pieces" / "toy.ckpt.safetensors"), framework="pt") as f:
         assert int(f.metadata()["step"]) == 8  # not the every-5 checkpoint of step 5
     assert signal.getsignal(signum) is handler
@@ -97,8 +98,8 @@ def test_an_interrupted_time_budget_is_finished_not_restarted(tmp_path, monkeypa
         return m(step)
 
     def run(out, stop_at=None):
-        return fit("toy", Noisy(), lambda m, step: ticking(m, step, stop_at), steps=1000, lr=0.05, out=out,
-                   every=3, minutes=10 / 60)  # a 10-second budget: 10 steps of this clock
+        return fit("toy", Noisy(), lambda m, step: ticking(m, step, stop_at), budget=Budget(1000, minutes=10 / 60),
+                   lr=0.05, out=out, every=3)  # a 10-second budget: 10 steps of this clock
 
     torch.manual_seed(0)
     whole = run(tmp_path / "whole")
@@ -130,7 +131,7 @@ def test_a_step_budget_is_a_time_budget_counted_in_steps(tmp_path, monkeypatch, 
             if step == stop_at:
                 os.kill(os.getpid(), signal.SIGTERM)
             return m(step)
-        return fit("toy", Noisy(), ticking, steps=1000, lr=0.05, out=out, every=3, **budget)
+        return fit("toy", Noisy(), ticking, budget=Budget(1000, **budget), lr=0.05, out=out, every=3)
 
     torch.manual_seed(0)
     run(tmp_path / "minutes", minutes=10 / 60)
@@ -160,7 +161,8 @@ def test_stop_at_checkpoints_a_step_of_the_schedule_and_the_rest_follows_it(tmp_
     result is the uninterrupted run bit for bit."""
     whole, _ = _fit(tmp_path / "whole", 12)
     torch.manual_seed(0)
-    fit("toy", Noisy(), lambda m, step: m(step), steps=12, lr=0.05, out=tmp_path / "pieces", every=5, stop_at=7)
+    fit("toy", Noisy(), lambda m, step: m(step), budget=Budget(12, stop_at=7), lr=0.05,
+        out=tmp_path / "pieces", every=5)
     assert checkpoint_step(tmp_path / "pieces" / "toy.ckpt.safetensors") == 7
     assert "stopped at step 7 of 12 (stop_at)" in capsys.readouterr().out
     torch.manual_seed(123)
@@ -170,7 +172,7 @@ def test_stop_at_checkpoints_a_step_of_the_schedule_and_the_rest_follows_it(tmp_
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLoss, match="loss became nan at step 7.*step 6 is kept.*--lr"):
-        fit("toy", Noisy(), lambda m, step: m(step) * (float("nan") if step >= 7 else 1.0), steps=12, lr=0.05,
+        fit("toy", Noisy(), lambda m, step: m(step) * (float("nan") if step >= 7 else 1.0), budget=12, lr=0.05,
             out=tmp_path, every=3)
     with safe_open(str(tmp_path / "toy.ckpt.safetensors"), framework="pt") as f:
         assert int(f.metadata()["step"]) == 6 and torch.isfinite(f.get_tensor("model.w")).all()
@@ -178,10 +180,10 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_a_checkpoint_of_another_run_is_refused_and_left_intact(tmp_path):
     torch.manual_seed(0)
-    fit("toy", Noisy(), lambda m, step: m(step), steps=6, lr=0.05, out=tmp_path, signature={"concept": "red star"})
+    fit("toy", Noisy(), lambda m, step: m(step), budget=6, lr=0.05, out=tmp_path, signature={"concept": "red star"})
     before = (tmp_path / "toy.ckpt.safetensors").read_bytes()
     with pytest.raises(ValueError, match="concept: checkpoint 'red star', now 'blue heart'.*another folder"):
-        fit("toy", Noisy(), lambda m, step: m(step), steps=12, lr=0.05, out=tmp_path,
+        fit("toy", Noisy(), lambda m, step: m(step), budget=12, lr=0.05, out=tmp_path,
             signature={"concept": "blue heart"})
     assert (tmp_path / "toy.ckpt.safetensors").read_bytes() == before
 
@@ -197,15 +199,16 @@ def test_a_checkpoint_of_another_run_is_refused_and_left_intact(tmp_path):
     (dict(steps=4, minutes=1.0, budget_steps=5), "in minutes or in steps .budget_steps., not both"),
 ])
 def test_counts_and_rates_that_mean_nothing_are_refused(tmp_path, kwargs, message):
+    lr = kwargs.pop("lr", 0.05)
     with pytest.raises(ValueError, match=message):
-        fit("toy", Noisy(), lambda m, step: m(step), out=tmp_path, **{"lr": 0.05, **kwargs})
+        fit("toy", Noisy(), lambda m, step: m(step), out=tmp_path, budget=Budget(**kwargs), lr=lr)
     assert not (tmp_path / "toy.ckpt.safetensors").exists()
 
 
 def test_an_output_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="is a file"):
-        fit("toy", Noisy(), lambda m, step: m(step), steps=2, lr=0.05, out=tmp_path / "notes.txt")
+        fit("toy", Noisy(), lambda m, step: m(step), budget=2, lr=0.05, out=tmp_path / "notes.txt")
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -214,11 +217,11 @@ def test_a_second_writer_is_refused_while_the_first_lives(tmp_path):
     try:
         (tmp_path / "toy.lock").write_text(str(owner.pid))
         with pytest.raises(RuntimeError, match=f"process {owner.pid}"):
-            fit("toy", Noisy(), lambda m, step: m(step), steps=2, lr=0.05, out=tmp_path)
+            fit("toy", Noisy(), lambda m, step: m(step), budget=2, lr=0.05, out=tmp_path)
     finally:
         owner.kill()
         owner.wait()
-    fit("toy", Noisy(), lambda m, step: m(step), steps=2, lr=0.05, out=tmp_path)  # a dead owner's lock is taken over
+    fit("toy", Noisy(), lambda m, step: m(step), budget=2, lr=0.05, out=tmp_path)  # a dead owner's lock is taken over
     assert not (tmp_path / "toy.lock").exists()
 
 
@@ -265,15 +268,15 @@ def test_finetuning_a_second_concept_into_the_first_ones_folder_is_refused(lab, 
 
 
 def test_trainers_never_write_into_the_package_by_default(tmp_path):
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import exporting
 
-    shipped = {p: p.stat().st_mtime_ns for p in T.LAB_DIR.rglob("*") if p.is_file()}
+    shipped = {p: p.stat().st_mtime_ns for p in exporting.LAB_DIR.rglob("*") if p.is_file()}
     judge = JUDGE_FILE.read_bytes()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "sdipc_lab.toyworld.train", "all", "--size", "test", "--out",
                     str(tmp_path / "run")], check=True, env=env, capture_output=True)
     assert (tmp_path / "run" / "lab" / "sdipc_lab.json").exists()  # export went into the run folder
-    assert {p: p.stat().st_mtime_ns for p in T.LAB_DIR.rglob("*") if p.is_file()} == shipped
+    assert {p: p.stat().st_mtime_ns for p in exporting.LAB_DIR.rglob("*") if p.is_file()} == shipped
     assert JUDGE_FILE.read_bytes() == judge
 
 
@@ -415,12 +418,12 @@ def test_the_training_cli_refuses_what_would_go_wrong(tmp_path, argv, message, c
 
 
 def test_the_training_cli_refuses_a_lab_dir_export_would_refuse_before_training(tmp_path, monkeypatch, capsys):
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import exporting, train as T
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.txt").write_text("two years")
     monkeypatch.setattr(T, "render", lambda *a, **k: pytest.fail("a stage started before --lab-dir was checked"))
-    for lab_dir, message in ((tmp_path / "mine", "not a lab folder"), (T.LAB_DIR.resolve(), "shipped in the package")):
+    for lab_dir, message in ((tmp_path / "mine", "not a lab folder"), (exporting.LAB_DIR.resolve(), "shipped in the package")):
         with pytest.raises(SystemExit):
             T.main(["all", "--size", "test", "--out", str(tmp_path / "run"), "--lab-dir", str(lab_dir)])
         assert message in capsys.readouterr().err
@@ -511,10 +514,10 @@ def test_save_lab_over_a_lab_keeps_the_users_files(lab, tmp_path):
 
 
 def test_export_refuses_the_package_lab_unless_named(tmp_path):
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import exporting
 
     with pytest.raises(SystemExit, match="shipped in the package.*--lab-dir toy"):
-        T.export(tmp_path, T.LAB_DIR.resolve())
+        exporting.export(tmp_path, exporting.LAB_DIR.resolve())
 
 
 def test_finetuning_into_another_modes_run_is_refused(lab, tmp_path):
@@ -624,7 +627,7 @@ def test_non_finite_weights_stop_training_and_keep_the_last_good_checkpoint(tmp_
         return m(step)
 
     with pytest.raises(NonFiniteLoss, match="gradients became .* at step 7.*step 6 is kept.*--lr"):
-        fit("toy", Noisy(), poisoned, steps=12, lr=0.05, out=tmp_path / "grad", every=3)
+        fit("toy", Noisy(), poisoned, budget=12, lr=0.05, out=tmp_path / "grad", every=3)
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -638,7 +641,7 @@ def test_non_finite_weights_stop_training_and_keep_the_last_good_checkpoint(tmp_
         return m(step)
 
     with pytest.raises(NonFiniteLoss, match="weights became non-finite .* at step 4.*step 3 is kept"):
-        fit("toy", Noisy(), overflowing, steps=12, lr=0.05, out=tmp_path / "w", every=3)
+        fit("toy", Noisy(), overflowing, budget=12, lr=0.05, out=tmp_path / "w", every=3)
     with safe_open(str(tmp_path / "w" / "toy.ckpt.safetensors"), framework="pt") as f:
         assert int(f.metadata()["step"]) == 3 and torch.isfinite(f.get_tensor("model.w")).all()
 
@@ -651,7 +654,7 @@ def test_an_absurd_learning_rate_is_refused_at_the_cli(tmp_path, lr, capsys):
         FT.main([str(tmp_path), "--lr", lr, "--out", str(tmp_path / "run")])
     assert "--lr must be a positive number at most 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="lr must be a positive number"):
-        fit("toy", Noisy(), lambda m, step: m(step), steps=2, lr=float(lr), out=tmp_path / "fit")
+        fit("toy", Noisy(), lambda m, step: m(step), budget=2, lr=float(lr), out=tmp_path / "fit")
 
 
 def test_public_arguments_are_checked_where_they_enter(lab, refs, tmp_path, capsys):
@@ -697,13 +700,13 @@ def test_public_arguments_are_checked_where_they_enter(lab, refs, tmp_path, caps
 
 
 def test_export_refuses_a_folder_of_other_files_before_measuring(tmp_path, monkeypatch):
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import exporting
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.txt").write_text("two years")
-    monkeypatch.setattr(T, "load_parts", lambda *a, **k: pytest.fail("export measured before checking its target"))
+    monkeypatch.setattr(exporting, "load_parts", lambda *a, **k: pytest.fail("export measured before checking its target"))
     with pytest.raises(SystemExit, match="not a lab folder"):
-        T.export(tmp_path, tmp_path / "mine")
+        exporting.export(tmp_path, tmp_path / "mine")
     assert (tmp_path / "mine" / "thesis.txt").read_text() == "two years"
 
 

@@ -84,20 +84,20 @@ def test_judge_sees_nothing_on_an_empty_image():
 def tiny_run(tmp_path_factory):
     from accelerate import Accelerator
 
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import data, models, stages
 
     out = tmp_path_factory.mktemp("run")
-    world = T.render(64, "train")
+    world = data.render(64, "train")
     acc = Accelerator(cpu=True)
-    s = T.MODEL_SIZES["test"]
-    T.train_clip(world, s, (20, 8, 2e-3), out, acc, seed=0)
+    s = models.MODEL_SIZES["test"]
+    stages.train_clip(world, s, (20, 8, 2e-3), out, acc, seed=0)
     shutil.copytree(out / "image_encoder", out / "image_encoder_before_vision")
-    T.train_vision(world, s, (20, 16, 5e-3), out, acc, seed=0)  # batch 8 sits at chance (log 8) for 20 steps
-    T.train_vae(world, s, (20, 8, 2e-3), out, acc, seed=0)
+    stages.train_vision(world, s, (20, 16, 5e-3), out, acc, seed=0)  # batch 8 sits at chance (log 8) for 20 steps
+    stages.train_vae(world, s, (20, 8, 2e-3), out, acc, seed=0)
     shutil.copytree(out / "vae", out / "vae_before_decoder")
-    T.train_decoder(world, s, (20, 16, 2e-3), out, acc, seed=0)
-    T.train_unet(world, s, (20, 8, 2e-3), out, acc, seed=0)
-    T.train_judge(s, (20, 16, 2e-3), out, acc, seed=0)
+    stages.train_decoder(world, s, (20, 16, 2e-3), out, acc, seed=0)
+    stages.train_unet(world, s, (20, 8, 2e-3), out, acc, seed=0)
+    stages.train_judge(s, (20, 16, 2e-3), out, acc, seed=0)
     return out, world, acc
 
 
@@ -143,7 +143,7 @@ def test_vision_stage_trains_the_image_tower_against_the_frozen_text_tower(tiny_
         CLIPVisionModelWithProjection,
     )
 
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import data, models
 
     out, world, _ = tiny_run
     with safe_open(str(out / "vision.ckpt.safetensors"), framework="pt") as ckpt:
@@ -152,11 +152,11 @@ def test_vision_stage_trains_the_image_tower_against_the_frozen_text_tower(tiny_
     text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     index = torch.arange(32)
-    ids, eos = T.tokenize(tokenizer, world.captions(index, random.Random(0)), "cpu")
-    pixels = T.clip_normalize(world.pixels(index, "cpu"))
+    ids, eos = data.tokenize(tokenizer, world.captions(index, random.Random(0)), "cpu")
+    pixels = data.clip_normalize(world.pixels(index, "cpu"))
     losses = []
     for name in ("image_encoder_before_vision", "image_encoder"):
-        trainer = T.ClipTrainer(text, CLIPVisionModelWithProjection.from_pretrained(out / name))
+        trainer = models.ClipTrainer(text, CLIPVisionModelWithProjection.from_pretrained(out / name))
         with torch.no_grad():
             losses.append(trainer(ids, eos, eos, pixels).item())
     assert losses[1] < losses[0], losses
@@ -164,11 +164,11 @@ def test_vision_stage_trains_the_image_tower_against_the_frozen_text_tower(tiny_
 
 
 def test_training_resumes_from_the_checkpoint(tiny_run, capsys):
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import models, stages
 
     out, world, acc = tiny_run
     _, before = _losses(out / "clip.ckpt.safetensors")
-    T.train_clip(world, T.MODEL_SIZES["test"], (24, 8, 2e-3), out, acc, seed=0)
+    stages.train_clip(world, models.MODEL_SIZES["test"], (24, 8, 2e-3), out, acc, seed=0)
     assert "resumed at step 20" in capsys.readouterr().out
     step, after = _losses(out / "clip.ckpt.safetensors")
     assert step == 24 and after[:20] == before and len(after) == 24
@@ -200,15 +200,15 @@ def test_budget_steps_trains_a_stage_that_many_steps_from_where_it_is(tmp_path, 
 
 
 def test_the_share_of_two_object_scenes_is_the_one_asked_and_part_of_the_signature(tmp_path):
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import data, models, stages
 
-    counts = {share: [len(t) for t in T.render(200, two_objects=share).things] for share in (0.0, 0.2, 1.0)}
+    counts = {share: [len(t) for t in data.render(200, two_objects=share).things] for share in (0.0, 0.2, 1.0)}
     assert set(counts[0.0]) == {1} and set(counts[1.0]) == {2}
     assert 0.1 < counts[0.2].count(2) / 200 < 0.3
-    same = T.render(200)  # the default world is the 0.2 one, image for image
-    assert torch.equal(same.images, T.render(200, two_objects=0.2).images)
-    s, budget = T.MODEL_SIZES["test"], (6, 8, 1e-3)
-    signatures = [T.signature("unet", s, budget, 0, T.render(8, two_objects=share), tmp_path)
+    same = data.render(200)  # the default world is the 0.2 one, image for image
+    assert torch.equal(same.images, data.render(200, two_objects=0.2).images)
+    s, budget = models.MODEL_SIZES["test"], (6, 8, 1e-3)
+    signatures = [stages.signature("unet", s, budget, 0, data.render(8, two_objects=share), tmp_path)
                   for share in (0.2, 0.05)]
     assert signatures[0]["images"] == 8  # what checkpoints of the default world always carried
     assert signatures[0] != signatures[1]  # a run on another world share is not resumed as if it were the same
@@ -220,15 +220,15 @@ def test_a_checkpoint_of_other_sizes_is_refused_not_overwritten(tmp_path):
     def loss_fn(m, step):
         return m(torch.ones(2, 4)).pow(2).mean()
 
-    fit("m", torch.nn.Linear(4, 3), loss_fn, steps=2, lr=0.1, out=tmp_path)
+    fit("m", torch.nn.Linear(4, 3), loss_fn, budget=2, lr=0.1, out=tmp_path)
     before = (tmp_path / "m.ckpt.safetensors").read_bytes()
     with pytest.raises(ValueError, match="does not fit this model.*another folder"):
-        fit("m", torch.nn.Linear(4, 5), loss_fn, steps=4, lr=0.1, out=tmp_path)
+        fit("m", torch.nn.Linear(4, 5), loss_fn, budget=4, lr=0.1, out=tmp_path)
     assert (tmp_path / "m.ckpt.safetensors").read_bytes() == before
 
 
 def test_checkpoint_round_trip(tmp_path):
-    from sdipc_lab.training import load_checkpoint, save_checkpoint
+    from sdipc_lab.checkpoints import load_checkpoint, save_checkpoint
 
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -245,14 +245,14 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_export_makes_a_loadable_lab(tiny_run, tmp_path):
     import sdipc_lab as S
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import exporting, models
 
     out, _, _ = tiny_run
-    folder = T.export(out, tmp_path / "lab")
+    folder = exporting.export(out, tmp_path / "lab")
     lab = S.load_lab(folder, device="cpu")
     constants = json.loads((folder / "sdipc_lab.json").read_text())
     assert constants["cutoff"] == lab.cutoff and constants["norm"] > 0 and constants["norm_t"] > 0
-    assert lab.finetune_lr == T.FINETUNE_LR  # the teaching scale's fine-tuning rates, not SD v1.4's
+    assert lab.finetune_lr == models.FINETUNE_LR  # the teaching scale's fine-tuning rates, not SD v1.4's
     assert lab.scheduler.config.prediction_type == "v_prediction"
     assert lab.scheduler.config.rescale_betas_zero_snr
     assert len(S.vary(lab, sample(0, "test").image, n=1, steps=2)) == 1
@@ -263,12 +263,12 @@ def test_measure_constants_chooses_the_cutoff_the_judge_reads_best(tiny_run, tmp
     test references past the ones the benches report on; without one, the candidate closest in cosine. A stand-in
     judge that reads only the j-th candidate's images right must make export pick that candidate."""
     import sdipc_lab as S
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import exporting
 
     out, _, _ = tiny_run
-    lab = S.load_lab(T.export(out, tmp_path / "lab"), device="cpu")
-    refs = samples(4, "test", start=T.CUTOFF_REFERENCES, two_objects=0)
-    by_cosine = T.measure_constants(lab, n=8)
+    lab = S.load_lab(exporting.export(out, tmp_path / "lab"), device="cpu")
+    refs = samples(4, "test", start=exporting.CUTOFF_REFERENCES, two_objects=0)
+    by_cosine = exporting.measure_constants(lab, n=8)
     assert by_cosine["cutoff_chosen_by"] == "cosine"
     assert by_cosine["cutoff"] == round(max(by_cosine["cutoff_sweep"], key=lambda r: r["cosine"])["cutoff"], 4)
     for j in (0, len(by_cosine["cutoff_sweep"]) - 1):
@@ -279,7 +279,7 @@ def test_measure_constants_chooses_the_cutoff_the_judge_reads_best(tiny_run, tmp
             right = len(calls) - 1 == j
             return [dict(s.attributes, **({} if right else {"shape": None, "colour": None})) for s in refs]
 
-        chosen = T.measure_constants(lab, n=8, judge=judge, n_judged=len(refs))
+        chosen = exporting.measure_constants(lab, n=8, judge=judge, n_judged=len(refs))
         assert calls == [len(refs)] * len(chosen["cutoff_sweep"])  # one judged batch per candidate cutoff
         assert chosen["cutoff"] == round(chosen["cutoff_sweep"][j]["cutoff"], 4)
         assert chosen["cutoff_chosen_by"] == "judge"
@@ -399,11 +399,11 @@ def test_cutoff_experiment_rows_are_the_measures(lab):
 
 
 def test_every_size_budgets_every_stage():
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import models, train as T
 
-    assert all(set(budget) == set(T.STAGES) for budget in T.BUDGETS.values())
-    assert set(T.MODEL_SIZES) == set(T.BUDGETS)
-    assert T._parse_minutes("3") == dict.fromkeys(T.STAGES, 3.0)
+    assert all(set(budget) == set(models.STAGES) for budget in models.BUDGETS.values())
+    assert set(models.MODEL_SIZES) == set(models.BUDGETS)
+    assert T._parse_minutes("3") == dict.fromkeys(models.STAGES, 3.0)
 
 
 @pytest.mark.parametrize("size", ["full", "cpu"])
@@ -411,11 +411,11 @@ def test_every_size_builds_a_lab_within_the_weight_budget(size):
     """The GPU recipe (`--size full`) has never trained here; building its models checks what can be checked
     without a GPU: the classes accept the widths, W_t is square (as in ViT-L/14) and the exported (fp16)
     CLIP + VAE + U-Net stay within the issue's 40 MB."""
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import models
 
-    s = T.MODEL_SIZES[size]
-    text, vision = T.new_clip(s, T.new_tokenizer())
-    models = [text, vision, T.new_vae(s), T.new_unet(s, cross_dim=text.config.hidden_size)]
+    s = models.MODEL_SIZES[size]
+    text, vision = models.new_clip(s, models.new_tokenizer())
+    models = [text, vision, models.new_vae(s), models.new_unet(s, cross_dim=text.config.hidden_size)]
     P, D = text.text_projection.weight.shape
     assert P == D == s.width == vision.config.projection_dim
     megabytes = sum(p.numel() for m in models for p in m.parameters()) * 2 / 1e6  # fp16 on disk
@@ -499,27 +499,27 @@ def test_bpe_matches_the_tokenizer():
 def test_cached_caption_states_equal_the_text_encoder(tiny_run):
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import data
 
     out, world, acc = tiny_run
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     text = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder", dtype=torch.float32).eval()
-    states, empty = T.caption_states(world, tokenizer, text, "cpu", wordings=2, seed=0, batch=16)
+    states, empty = data.caption_states(world, tokenizer, text, "cpu", wordings=2, seed=0, batch=16)
     assert states.shape == (len(world.images), 2, 77, text.config.hidden_size)
     rng = random.Random("captions:0")
     first = world.captions(torch.arange(len(world.images)), rng)
     second = world.captions(torch.arange(len(world.images)), rng)
     with torch.no_grad():
         for k, texts in enumerate((first, second)):
-            ids, _ = T.tokenize(tokenizer, texts[:5], "cpu")
+            ids, _ = data.tokenize(tokenizer, texts[:5], "cpu")
             direct = text.text_model(ids).last_hidden_state
             torch.testing.assert_close(states[:5, k].float(), direct, atol=2e-3, rtol=2e-3)  # fp16 storage
-        torch.testing.assert_close(empty, text.text_model(T.tokenize(tokenizer, [""], "cpu")[0]).last_hidden_state[0])
+        torch.testing.assert_close(empty, text.text_model(data.tokenize(tokenizer, [""], "cpu")[0]).last_hidden_state[0])
     assert not torch.equal(states[:, 0], states[:, 1])  # two wordings, not one twice
 
 
 def test_min_snr_weighting_against_a_direct_computation():
-    from sdipc_lab.toyworld.train import toy_scheduler
+    from sdipc_lab.toyworld.models import toy_scheduler
     from sdipc_lab.training import diffusion_loss
 
     class Echo(torch.nn.Module):  # predicts zeros: the loss is the weighted mean of target**2
@@ -545,40 +545,40 @@ def test_min_snr_weighting_against_a_direct_computation():
 
 
 def test_export_never_replaces_a_folder_that_is_not_a_lab(tiny_run, tmp_path):
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import exporting
 
     out, _, _ = tiny_run
     precious = tmp_path / "notes"
     precious.mkdir()
     (precious / "thesis.txt").write_text("two years of work")
     with pytest.raises(SystemExit, match="not a lab folder"):
-        T.export(out, precious)
+        exporting.export(out, precious)
     assert (precious / "thesis.txt").read_text() == "two years of work"
-    lab_dir = T.export(out, tmp_path / "lab", guidance_rescale=0.3, scheduler="dpm++", steps=12)
+    lab_dir = exporting.export(out, tmp_path / "lab", guidance_rescale=0.3, scheduler="dpm++", steps=12)
     assert json.loads((lab_dir / "sdipc_lab.json").read_text())["guidance_rescale"] == 0.3
     import sdipc_lab as S
 
     lab = S.load_lab(lab_dir, device="cpu")
     assert type(lab.scheduler).__name__ == "DPMSolverMultistepScheduler" and lab.steps == 12
     assert lab.guidance_rescale == 0.3
-    T.export(out, lab_dir)  # a lab is replaced whole
-    assert S.load_lab(lab_dir, device="cpu").guidance_rescale == T.SAMPLER["guidance_rescale"]  # the defaults again
+    exporting.export(out, lab_dir)  # a lab is replaced whole
+    assert S.load_lab(lab_dir, device="cpu").guidance_rescale == exporting.SAMPLER["guidance_rescale"]  # the defaults again
     assert not list(tmp_path.glob("lab.*"))  # no .tmp / .old left beside it
 
 
 def test_init_from_lab_copies_only_what_the_run_lacks(tiny_run, tmp_path):
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import exporting
 
     out, _, _ = tiny_run
-    lab_dir = T.export(out, tmp_path / "lab")
+    lab_dir = exporting.export(out, tmp_path / "lab")
     run = tmp_path / "run"
     (run / "vae").mkdir(parents=True)
     (run / "vae" / "mine.txt").write_text("keep")
-    copied = T.init_from_lab(run, lab_dir, skip=("unet",))
+    copied = exporting.init_from_lab(run, lab_dir, skip=("unet",))
     assert copied == ["tokenizer", "text_encoder", "image_encoder"]
     assert (run / "vae" / "mine.txt").exists() and not (run / "unet").exists()
     with pytest.raises(SystemExit, match="not a lab"):
-        T.init_from_lab(run, tmp_path)
+        exporting.init_from_lab(run, tmp_path)
 
 
 def test_vae_stage_continues_from_the_runs_vae_with_other_norm_groups(tiny_run, tmp_path):
@@ -588,27 +588,27 @@ def test_vae_stage_continues_from_the_runs_vae_with_other_norm_groups(tiny_run, 
 
     from diffusers import AutoencoderKL
 
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import models, stages
 
     out, world, acc = tiny_run
     run = tmp_path / "run"
     shutil.copytree(out / "vae", run / "vae")
     start = AutoencoderKL.from_pretrained(run / "vae")
-    regrouped = T.regrouped(start, 2)
+    regrouped = models.regrouped(start, 2)
     norms = [m for m in regrouped.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and {m.num_groups for m in norms} == {2} and regrouped.config.norm_num_groups == 2
     assert all(torch.equal(v, start.state_dict()[k]) for k, v in regrouped.state_dict().items())
-    assert T.regrouped(start, start.config.norm_num_groups) is start
+    assert models.regrouped(start, start.config.norm_num_groups) is start
 
-    s = dataclasses.replace(T.MODEL_SIZES["test"], vae_norm_groups=2, init_vae=True)
-    T.train_vae(world, s, (3, 8, 1e-4), run, acc, seed=0)
+    s = dataclasses.replace(models.MODEL_SIZES["test"], vae_norm_groups=2, init_vae=True)
+    stages.train_vae(world, s, (3, 8, 1e-4), run, acc, seed=0)
     after = AutoencoderKL.from_pretrained(run / "vae")
     assert after.config.norm_num_groups == 2
 
     def distance(a, b):
         return sum((x - b.state_dict()[k]).norm().item() for k, x in a.state_dict().items())
 
-    assert 0 < distance(after, start) < distance(T.new_vae(s), start) / 10
+    assert 0 < distance(after, start) < distance(models.new_vae(s), start) / 10
 
 
 def test_stray_pixels_find_blotches_away_from_the_object():
@@ -700,16 +700,16 @@ def test_export_from_checkpoint_takes_the_checkpoints_ema_unet(tiny_run, tmp_pat
     """`train export --from-checkpoint`: a lab whose U-Net is the latest checkpoint's EMA copy (a look at a run
     still training), while the run's own U-Net folder is neither read nor needed."""
     import sdipc_lab as S
-    from sdipc_lab.toyworld import train as T
-    from sdipc_lab.training import save_checkpoint
+    from sdipc_lab.toyworld import models, train as T
+    from sdipc_lab.checkpoints import save_checkpoint
 
     out, _, _ = tiny_run
     run = tmp_path / "run"
     for part in ("tokenizer", "text_encoder", "image_encoder", "vae"):
         shutil.copytree(out / part, run / part)
-    s = T.MODEL_SIZES["test"]
+    s = models.MODEL_SIZES["test"]
     width = json.loads((out / "text_encoder" / "config.json").read_text())["hidden_size"]
-    model, ema = T.new_unet(s, width), T.new_unet(s, width)
+    model, ema = models.new_unet(s, width), models.new_unet(s, width)
     with torch.no_grad():
         for p in ema.parameters():
             p.normal_(0, 0.02)
@@ -731,10 +731,10 @@ def test_export_from_checkpoint_takes_the_checkpoints_ema_unet(tiny_run, tmp_pat
 
 def test_export_with_init_from_lab_writes_the_run_s_lab_not_the_source(tiny_run, tmp_path):
     """`export --init-from-lab SOURCE` exports to OUT/lab (or --lab-dir): the lab it continued from is only read."""
-    from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld import exporting, train as T
 
     out, _, _ = tiny_run
-    source = T.export(out, tmp_path / "source")
+    source = exporting.export(out, tmp_path / "source")
     before = {p: p.stat().st_mtime_ns for p in source.rglob("*")}
     run = tmp_path / "run"
     T.main(["export", "--size", "test", "--out", str(run), "--init-from-lab", str(source)])
@@ -766,130 +766,62 @@ def test_diversity_is_the_mean_pairwise_rms_of_the_shrunk_images():
         diversity([[group[0]]])
 
 
-def test_route_pack_saves_the_stage_boundaries_and_restores_without_overwriting(tmp_path):
-    """docs/results/route_pack.sh: what a later session needs to go on with fs4_route.sh after runs/ is lost."""
-    script = Path(__file__).parents[1] / "docs" / "results" / "route_pack.sh"
-    env = {**os.environ, "TOWER_STEPS": "1555", "BTAG": "_t3068", "TOWER3_STEPS": "450", "TAG": "_c3518"}
+def test_recipe_runs_the_shipped_route_stage_by_stage_goes_on_where_it_stopped_and_ships(tmp_path, capsys):
+    """The shipped lab's recipe at --size test: each step continues from the folder it copies (the text tower's
+    warm restarts add up), --until stops after a step, the same command goes on; --ship refuses a package folder
+    holding a user's file before training, then swaps the lab in whole and runs each quoting command once."""
+    from safetensors import safe_open
 
-    def run(action, pack, runs):
-        return subprocess.run(["bash", str(script), action, str(pack)], env={**env, "RUNS": str(runs)},
-                              capture_output=True, text=True)
+    import sdipc_lab as S
+    from sdipc_lab.toyworld import recipe, train as T
 
-    runs, pack = tmp_path / "runs", tmp_path / "pack"
-    refused = run("save", pack, runs)  # nothing finished yet
-    assert refused.returncode == 2 and "nothing to save" in refused.stderr and not pack.exists()
-    finished = {"fs2/peek4000": ["sdipc_lab.json", "unet/w"], "fs2": ["unet.ckpt.safetensors", "clip.done"],
-                "clipC_c3518": ["tokenizer/t", "text_encoder/w", "image_encoder/w", "clip.ckpt.safetensors",
-                                "clip.done"],
-                "fs4b_c3518": ["unet.ckpt.safetensors", "unet.done", "lab/sdipc_lab.json", "lab/unet/w"]}
-    for folder, files in finished.items():
-        for name in files:
-            (runs / folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (runs / folder / name).write_text(f"{folder}/{name}")
-    saved = run("save", pack, runs)
-    assert saved.returncode == 0, saved.stderr
-    held = sorted(str(p.relative_to(pack)) for p in pack.rglob("*") if p.is_file())  # no optimizer checkpoints
-    assert held == ["clipA/clip.done", "clipB_t3068/clip.done", "clipC_c3518/clip.done",
-                    "clipC_c3518/image_encoder/w", "clipC_c3518/text_encoder/w", "clipC_c3518/tokenizer/t",
-                    "fs2/clip.done", "fs2/peek4000/sdipc_lab.json", "fs2/peek4000/unet/w", "fs2/phase1.done",
-                    "fs4b_c3518/lab/sdipc_lab.json", "fs4b_c3518/lab/unet/w", "fs4b_c3518/unet.done",
-                    "route_pack.txt"]  # its marker: the folder is the script's own to replace
-    assert (pack / "fs4b_c3518/lab/unet/w").read_text() == "fs4b_c3518/lab/unet/w"
-    (runs / "fs4b_c3518/lab/unet/w").write_text("trained on")
-    assert run("save", pack, runs).returncode == 0  # its own pack: replaced whole
-    assert (pack / "fs4b_c3518/lab/unet/w").read_text() == "trained on"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pack", "runs"]  # no .tmp or .old left
+    out, package = tmp_path / "route", tmp_path / "package_lab"
+    T.main(["recipe", str(recipe.RECIPE), "--out", str(out), "--size", "test", "--until", "text-b"])
+    names = [step["name"] for step in recipe.load(recipe.RECIPE)["step"]]
+    assert [name for name in names if (out / f"{name}.done").exists()] == names[:names.index("text-b") + 1]
+    with safe_open(str(out / "text-b" / "clip.ckpt.safetensors"), framework="pt") as f:
+        assert int(f.metadata()["step"]) == 1 + 1 + 2  # the recipe's 1,000 + 513 + 1,555, divided by 1000
+    assert "stopped after text-b" in capsys.readouterr().out
 
-    fresh = tmp_path / "fresh"
-    (fresh / "fs2/peek4000").mkdir(parents=True)
-    (fresh / "fs2/peek4000/sdipc_lab.json").write_text("the user's own")
-    restored = run("restore", pack, fresh)
-    assert restored.returncode == 0, restored.stderr
-    assert (fresh / "fs2/peek4000/sdipc_lab.json").read_text() == "the user's own"  # never overwritten
-    assert (fresh / "fs4b_c3518/unet.done").exists() and (fresh / "clipC_c3518/text_encoder/w").exists()
-    assert not (fresh / "route_pack.txt").exists()  # the marker stays in the pack
-    not_a_pack = run("restore", tmp_path / "nowhere", fresh)
-    assert not_a_pack.returncode == 2 and "not a route pack" in not_a_pack.stderr
-
-    mine = tmp_path / "mine"  # a user's folder given as the pack, or found where the save stages it
-    (mine / "fs2/peek4000").mkdir(parents=True)
-    (mine / "thesis.txt").write_text("two years")
-    staged = tmp_path / "other"
-    (tmp_path / "other.tmp").mkdir()
-    (tmp_path / "other.tmp" / "notes.md").write_text("mine")
-    for target, named in ((mine, mine), (staged, tmp_path / "other.tmp")):
-        refused = run("save", target, runs)
-        assert refused.returncode == 2 and f"{named} exists and is not a route pack" in refused.stderr
-    assert (mine / "thesis.txt").read_text() == "two years" and (tmp_path / "other.tmp/notes.md").exists()
-    assert not staged.exists()
-    legacy = tmp_path / "legacy"  # a pack without the marker (as committed): known by its shape, replaced
-    shutil.copytree(pack, legacy)
-    (legacy / "route_pack.txt").unlink()
-    assert run("save", legacy, runs).returncode == 0 and (legacy / "route_pack.txt").exists()
-    typo = run("sav", pack, runs)
-    assert typo.returncode == 2 and "sav is not an action" in typo.stderr
-
-
-def test_route_refuses_an_unknown_until_stage_before_training():
-    """docs/results/fs4_route.sh UNTIL=STAGE: a misspelt stage stops the script before it trains anything."""
-    script = Path(__file__).parents[1] / "docs" / "results" / "fs4_route.sh"
-    env = {**os.environ, "UNTIL": "fs4f", "PYTHON": "false"}  # any training call would fail differently
-    refused = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
-    assert refused.returncode == 2 and "UNTIL=fs4f is not a stage" in refused.stderr and "fs4g" in refused.stderr
-    assert "===" not in refused.stdout  # no stage started
-
-
-def test_ship_lab_replaces_the_package_lab_whole_and_ships_one_lab_per_out(tmp_path):
-    """docs/results/ship_lab.sh: its first step (the lab's files into the package), its refusals."""
-    script = Path(__file__).parents[1] / "docs" / "results" / "ship_lab.sh"
-    package, out = tmp_path / "package_lab", tmp_path / "ship"
-
-    def run(lab, **variables):
-        env = {**os.environ, "OUT": str(out), "PACKAGE_LAB": str(package), "UNTIL": "lab", **variables}
-        return subprocess.run(["bash", str(script), str(lab)], env=env, capture_output=True, text=True)
-
-    def exported(name):
-        lab = tmp_path / name
-        for part in ["sdipc_lab.json", "unet/w", "text_encoder/w", "image_encoder/w", "tokenizer/t", "vae/w",
-                     "scheduler/c"]:
-            (lab / part).parent.mkdir(parents=True, exist_ok=True)
-            (lab / part).write_text(f"{name}/{part}")
-        return lab
-
-    new, other = exported("new"), exported("other")
-    (new / "unet/w").unlink()
-    (new / "unet").rmdir()
-    refused = run(new)  # not an exported lab: nothing touched
-    assert refused.returncode == 2 and "not an exported lab (no unet)" in refused.stderr
-    assert not package.exists() and not out.exists()
-    new = exported("new")
-    typo = run(new, UNTIL="lab_", PYTHON="false")  # a misspelt step: refused before any step, not every step run
-    assert typo.returncode == 2 and "UNTIL=lab_ is not a step" in typo.stderr and "latent_clip" in typo.stderr
-    assert not package.exists() and not out.exists()
+    quoting = tmp_path / "quoting.toml"  # the same route; one cheap command in place of the benches
+    quoting.write_text(recipe.RECIPE.read_text().split("[ship.commands]")[0]
+                       + '[ship.commands]\nquote = "python -c \'print(1 + 1)\'"\n')
+    ship = ["recipe", str(quoting), "--out", str(out), "--size", "test", "--ship", "--package-lab", str(package)]
     package.mkdir()
-    (package / "notes.md").write_text("mine")
-    refused = run(new)  # a folder that is not a lab: never replaced
-    assert refused.returncode == 2 and "not a lab folder" in refused.stderr
     (package / "sdipc_lab.json").write_text("{}")
-    refused = run(new)  # a lab holding a user's file: never replaced
-    assert refused.returncode == 2 and "holds notes.md, which no lab writer wrote" in refused.stderr
-    assert sorted(p.name for p in package.iterdir()) == ["notes.md", "sdipc_lab.json"] and not out.exists()
+    (package / "notes.md").write_text("mine")
+    with pytest.raises(SystemExit):
+        T.main(ship)
+    assert "notes.md" in capsys.readouterr().err and (package / "notes.md").read_text() == "mine"
+    assert not (out / "text-c.done").exists()  # refused before training
     (package / "notes.md").unlink()
-    (package / "unet").mkdir()
-    (package / "unet" / "stale.bin").write_text("from the lab shipped before")
-    theirs = tmp_path / "theirs"
-    theirs.mkdir()
-    (theirs / "quality.txt").write_text("my own table")
-    refused = run(new, OUT=str(theirs))  # an OUT this script did not write
-    assert refused.returncode == 2 and "did not write (no source.txt)" in refused.stderr
-    assert (theirs / "quality.txt").read_text() == "my own table" and (package / "unet" / "stale.bin").exists()
-    shipped = run(new)
-    assert shipped.returncode == 0, shipped.stderr
-    assert sorted(str(p.relative_to(package)) for p in package.rglob("*") if p.is_file()) == sorted(
-        str(p.relative_to(new)) for p in new.rglob("*") if p.is_file())  # the new lab whole, nothing left over
-    assert (package / "unet/w").read_text() == "new/unet/w" and (out / "lab.txt").exists()
-    assert not [p for p in tmp_path.iterdir() if "shipping" in p.name]  # its staging folder removed
-    assert run(new).returncode == 0  # the same lab again: the finished step is skipped
-    mixed = run(other)
-    assert mixed.returncode == 2 and "not " + str(other.resolve()) in mixed.stderr
-    assert (package / "unet/w").read_text() == "new/unet/w"
+    T.main(ship)
+    printed = capsys.readouterr().out
+    assert "=== step clip:" not in printed and "=== step text-c:" in printed  # went on where it stopped
+    assert all((out / f"{name}.done").exists() for name in names)
+    lab = out / "one-object-more" / "lab"
+    assert sorted(p.name for p in package.iterdir()) == sorted(p.name for p in lab.iterdir())
+    assert S.load_lab(package, device="cpu").cutoff > 0
+    assert (out / "ship" / "quote.txt").read_text() == "2\n"
+    T.main(ship)
+    assert "===" not in capsys.readouterr().out  # a finished route trains, ships and runs nothing again
+
+
+def test_recipe_refuses_a_misspelt_step_stage_or_option_before_training(tmp_path, capsys):
+    from sdipc_lab.toyworld import recipe, train as T
+
+    out = tmp_path / "route"
+    with pytest.raises(SystemExit):
+        T.main(["recipe", str(recipe.RECIPE), "--out", str(out), "--size", "test", "--until", "text-d"])
+    err = capsys.readouterr().err
+    assert "--until 'text-d' is not a step" in err and "text-c" in err
+    text = recipe.RECIPE.read_text()
+    for broken, why in ((text.replace('stage = "unet"', 'stage = "unett"', 1), "no stage 'unett'"),
+                        (text.replace("stop_at = 4000", "stop_after = 4000"), "unknown key(s) ['stop_after']"),
+                        (text.replace('copy = { vae = "toy" }', 'copy = { vae = "text-z" }'), "which no step")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(broken)
+        with pytest.raises(SystemExit):
+            T.main(["recipe", str(bad), "--out", str(out), "--size", "test"])
+        assert why in capsys.readouterr().err
+    assert not out.exists() or not any(out.glob("*.done"))  # nothing trained

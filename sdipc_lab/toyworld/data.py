@@ -1,0 +1,185 @@
+"""What the stages train on: the world's images drawn once into memory (`World`), and each step's batch drawn
+from them deterministically, so that a resumed run sees the same data; the frozen text tower's states cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..convert import token_ids
+from ..training import check_batch, processes, shard
+from . import variety
+from .world import TWO_OBJECTS, caption, sample
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass
+class World:
+    images: torch.Tensor  # (N, 64, 64, 3) uint8
+    things: list
+    backgrounds: list
+
+    two_objects: float = TWO_OBJECTS  # the share of samples drawn with a second object
+    varied: int = 0  # how many of the images (the last ones) `variety.sample` drew
+
+    def pixels(self, index: torch.Tensor, device) -> torch.Tensor:  # (B, 3, 64, 64) in [-1, 1]
+        return self.images[index].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def captions(self, index: torch.Tensor, rng: random.Random) -> list[str]:
+        return [caption(self.things[i], self.backgrounds[i], rng) for i in index.tolist()]
+
+
+def _draw(args):
+    i, split, two_objects = args
+    s = sample(i, split, two_objects=two_objects)
+    return np.asarray(s.image), s.things, s.background
+
+
+def render(n: int, split: str = "train", workers: int | None = None, two_objects: float = TWO_OBJECTS) -> World:
+    """Draw samples 0..n-1 of `split` (in parallel), a second object in a `two_objects` share of them;
+    deterministic whatever the worker count."""
+    jobs = [(i, split, two_objects) for i in range(n)]
+    if n >= 2000 and (workers or multiprocessing.cpu_count()) > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            out = pool.map(_draw, jobs, chunksize=256)
+    else:
+        out = [_draw(job) for job in jobs]
+    images = torch.from_numpy(np.stack([o[0] for o in out]))
+    return World(images, [o[1] for o in out], [o[2] for o in out], two_objects)
+
+
+def _draw_varied(i):
+    s = variety.sample(i, "train")
+    return np.asarray(s.image), s.things, s.background
+
+
+def with_variety(world: World, share: float, workers: int | None = None) -> World:
+    """`world` with varied drawings of its objects added (`variety.sample`), a `share` of the result: what the
+    `vision` stage trains the image tower on with `--variety` (the U-Net stages never see them)."""
+    if not 0 <= share < 1:
+        raise ValueError(f"the varied share is between 0 and 1 (1 excluded), got {share}")
+    n = round(len(world.images) * share / (1 - share))
+    if n == 0:
+        return world
+    if n >= 2000 and (workers or multiprocessing.cpu_count()) > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            out = pool.map(_draw_varied, range(n), chunksize=256)
+    else:
+        out = [_draw_varied(i) for i in range(n)]
+    images = torch.cat([world.images, torch.from_numpy(np.stack([o[0] for o in out]))])
+    return World(images, world.things + [o[1] for o in out], world.backgrounds + [o[2] for o in out],
+                 world.two_objects, world.varied + n)
+
+
+def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:  # [-1, 1] -> CLIP's normalisation
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=pixels.device)[:, None, None]
+    return ((pixels + 1) / 2 - mean) / std
+
+
+def batch_index(n: int, batch: int, step: int, seed: int, accelerator) -> torch.Tensor:
+    """The step's global batch of image indices (batch,), the same in every process: each process trains on its
+    share of it (`shard(index, processes(accelerator))`). A batch the processes cannot share evenly is refused."""
+    check_batch(batch, accelerator)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 101)
+    return torch.randint(0, n, (batch,), generator=g)
+
+
+def tokenize(tokenizer, texts: list[str], device):  # ids (B, 77), end-token positions (B,) on `device`
+    ids, eos = token_ids(tokenizer, texts)
+    return ids.to(device), eos.to(device)
+
+
+def contrastive_batch(world: World, tokenizer, batch: int, step: int, seed: int, accelerator, name: str,
+                      offset: int = 0, with_index: bool = False):
+    """One CLIP batch: token ids (B, 77), end-token positions (B,), a random padding position after each
+    end token (B,), and CLIP-normalised pixels (B, 3, 64, 64); with `with_index`, the images' indices (B,) too.
+    `offset` picks another stream of images. With several processes, B is this process's share of the global
+    `batch`, drawn (captions and padding positions too) as one process draws it."""
+    index = batch_index(len(world.images), batch, step, seed + offset, accelerator)
+    rng = random.Random(f"{name}:{seed}:{step}")
+    ids, eos = tokenize(tokenizer, world.captions(index, rng), accelerator.device)
+    pad = eos + (torch.rand(len(eos), device=eos.device) * (77 - eos)).long().clamp(max=76 - eos)
+    part = processes(accelerator)
+    index, ids, eos, pad = (shard(x, part) for x in (index, ids, eos, pad))
+    batch_ = (ids, eos, pad, clip_normalize(world.pixels(index, accelerator.device)))
+    return (*batch_, index) if with_index else batch_
+
+
+def caption_states(world: World, tokenizer, text, device, *, wordings: int, seed: int, batch: int = 64,
+                   accelerator=None):
+    """The frozen text tower's states for `wordings` captions of every image, computed once: (N, K, 77, D) fp16,
+    plus the empty caption's states (77, D) for caption dropout. While the U-Net trains the text tower is
+    frozen, so this replaces one text-encoder forward per step with a lookup. With several processes
+    (`accelerator`) each encodes every N-th chunk of `batch` captions and they exchange them: the chunks one
+    process would encode, so the same states."""
+    rng = random.Random(f"captions:{seed}")
+    n = len(world.images)
+    texts = [c for k in range(wordings) for c in world.captions(torch.arange(n), rng)]  # wording-major
+    index, count = processes(accelerator)
+    starts = list(range(0, len(texts), batch))
+    states = []
+    with torch.no_grad():
+        for i in tqdm(starts[index::count], desc="caption states (once)", leave=False, disable=index > 0):
+            ids, _ = tokenize(tokenizer, texts[i:i + batch], device)
+            states.append(text.text_model(ids).last_hidden_state.half())
+        empty = text.text_model(tokenize(tokenizer, [""], device)[0]).last_hidden_state[0]
+    if count > 1:
+        states = _exchanged(states, starts, len(texts), batch, count, (77, empty.shape[-1]), device)
+    return torch.cat(states).view(wordings, n, 77, -1).transpose(0, 1), empty
+
+
+def _exchanged(mine: list, starts: list, total: int, batch: int, count: int, shape: tuple, device) -> list:
+    """Every process's chunks (process p holds chunks p, p + count, ...), gathered into the list of all chunks in
+    order: padded to equal sizes for the exchange, trimmed after it."""
+    import torch.distributed as dist
+
+    rows = -(-len(starts) // count)
+    local = torch.zeros((rows, batch, *shape), dtype=torch.float16, device=device)
+    for k, chunk in enumerate(mine):
+        local[k, :len(chunk)] = chunk
+    parts = [torch.empty_like(local) for _ in range(count)]
+    dist.all_gather(parts, local)
+    chunks = [parts[j % count][j // count] for j in range(len(starts))]
+    chunks[-1] = chunks[-1][:total - starts[-1]]
+    return chunks
+
+
+def cached_caption_states(out: Path, world: World, tokenizer, text, device, *, wordings: int, seed: int,
+                          accelerator=None):
+    """`caption_states`, kept in `out/caption_states.safetensors` so that a resumed U-Net stage reads them back
+    instead of recomputing them; recomputed whenever the text tower, the images or the wordings differ. With
+    several processes they share the computing and the main process writes the file."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256((out / "text_encoder" / "model.safetensors").read_bytes()
+                         + world.images.numpy().tobytes()[:: 997] + f"{wordings}:{seed}".encode()).hexdigest()
+    path = out / "caption_states.safetensors"
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            same = f.metadata().get("key") == key
+        if same:
+            saved = load_file(str(path))
+            return saved["states"], saved["empty"].to(device)
+    states, empty = caption_states(world, tokenizer, text, device, wordings=wordings, seed=seed,
+                                   accelerator=accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        tmp = path.with_suffix(".tmp")
+        save_file({"states": states.contiguous().cpu(), "empty": empty.contiguous().cpu()}, str(tmp),
+                  metadata={"key": key})
+        os.replace(tmp, path)
+    return states, empty
