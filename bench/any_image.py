@@ -7,16 +7,13 @@ Each drawing has its truth (shape, colour word, object width). "clip" columns: z
 embedding against captions that differ in that attribute alone. "sd-ipc" columns: one variation (`S.vary`) read by
 the world's judge. Size is scored only outside the fair band (object width 33-45 % of the image, between the
 world's small and large objects). Rows per part of the set: "dev" may inform tuning; "heldout" (disjoint seeds)
-informs nothing and gives the headline. Writes docs/results/any_image.md (replaced on every run).
+informs nothing and gives the headline. Writes docs/results/any_image.md (replaced on every run; `common.record`).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table, threads  # noqa: E402
+from common import RESULTS as RESULTS_DIR, record, table, threads  # noqa: E402
 
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab.toyworld import freehand, samples  # noqa: E402
@@ -32,7 +29,7 @@ from sdipc_lab.toyworld.evaluate import read_drawings  # noqa: E402
 
 COLUMNS = ("clip shape", "clip colour", "sd-ipc shape", "sd-ipc colour", "sd-ipc size")
 TARGETS = {"sd-ipc shape": 0.85, "sd-ipc shape, every size bucket": 0.75, "sd-ipc colour": 0.95, "clip shape": 0.95}
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "any_image.md"
+RESULTS = RESULTS_DIR / "any_image.md"
 
 
 def summary(rows: list[dict]) -> list:
@@ -66,54 +63,52 @@ def main() -> None:
     parts = args.parts.split(",")
     if set(parts) - set(freehand.PARTS):
         parser.error(f"--parts: name {', '.join(freehand.PARTS)}, comma-separated; got {args.parts!r}")
-    start = time.time()
-    lab = S.load_lab(args.source, device="cpu")
-    judge = S.judge_for(lab)
-    if judge is None:
-        raise SystemExit(f"{args.source} is not a toy-world lab: this bench judges with the world's judge")
-    lines = [f"# What the teaching lab makes of images it was not drawn by\n",
-             f"`{shlex.join(['python', 'bench/any_image.py', *sys.argv[1:]])}`, {datetime.date.today()}, "
-             f"{(platform.machine() + ' ' + platform.processor()).strip()} ({threads()}); lab: `{args.source}`.\n"]
-    overall = []
-    world_rows = {}
-    for split in ("test", "heldout"):
-        data = samples(args.world_n, split, two_objects=0)
-        world_rows[split] = read_drawings(lab, data, judge)
-        overall.append([f"world's own renderings, {split} split", *summary(world_rows[split])])
-    results = {}
-    for part in parts:
-        data = freehand.drawings(args.n, part)
-        rows = read_drawings(lab, data, judge)
-        results[part] = (data, rows)
-        overall.append([f"drawings, {part} part", *summary(rows)])
-    head = table(["images", "N", *COLUMNS], overall)
-    lines += ["## Overall (%)\n", head, ""]
-    for part, (data, rows) in results.items():
-        lines += [f"## Drawings, {part} part: by object width (share of the image)\n",
-                  grouped("width", rows, data, lambda d: d.bucket), "",
-                  f"## Drawings, {part} part: by kind of drawing\n", grouped("kind", rows, data, lambda d: d.kind), "",
-                  f"## Drawings, {part} part: by input format\n", grouped("format", rows, data, lambda d: d.format), "",
-                  f"## Drawings, {part} part: by shape\n", grouped("shape", rows, data, lambda d: d.shape), ""]
-    if "heldout" in results:
-        data, rows = results["heldout"]
-        buckets = {}
-        for row, d in zip(rows, data):
-            buckets.setdefault(d.bucket, []).append(row["sd-ipc shape"])
-        measured = {"sd-ipc shape": np.mean([r["sd-ipc shape"] for r in rows]),
-                    "sd-ipc shape, every size bucket": min(np.mean(v) for v in buckets.values()),
-                    "sd-ipc colour": np.mean([r["sd-ipc colour"] for r in rows]),
-                    "clip shape": np.mean([r["clip shape"] for r in rows])}
-        lines += ["## Targets, on the held-out part\n",
-                  table(["measure", "measured %", "target %", "met"],
-                        [[k, f"{100 * measured[k]:.0f}", f"{100 * TARGETS[k]:.0f}",
-                          "yes" if measured[k] >= TARGETS[k] else "no"] for k in TARGETS]), ""]
-        if args.sheet:
-            sheet(data[:24], rows[:24], args.sheet)
-    lines.append(f"{time.time() - start:.0f} s in all.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    with record(args.out, "What the teaching lab makes of images it was not drawn by", lab=args.source):
+        start = time.time()
+        lab = S.load_lab(args.source, device="cpu")
+        judge = S.judge_for(lab)
+        if judge is None:
+            raise SystemExit(f"{args.source} is not a toy-world lab: this bench judges with the world's judge")
+        lines = [f"Lab: `{args.source}`, {threads()}.\n"]
+        overall = []
+        world_rows = {}
+        for split in ("test", "heldout"):
+            data = samples(args.world_n, split, two_objects=0)
+            world_rows[split] = read_drawings(lab, data, judge)
+            overall.append([f"world's own renderings, {split} split", *summary(world_rows[split])])
+        results = {}
+        for part in parts:
+            data = freehand.drawings(args.n, part)
+            rows = read_drawings(lab, data, judge)
+            results[part] = (data, rows)
+            overall.append([f"drawings, {part} part", *summary(rows)])
+        head = table(["images", "N", *COLUMNS], overall)
+        lines += ["## Overall (%)\n", head, ""]
+        for part, (data, rows) in results.items():
+            lines += [f"## Drawings, {part} part: by object width (share of the image)\n",
+                      grouped("width", rows, data, lambda d: d.bucket), "",
+                      f"## Drawings, {part} part: by kind of drawing\n",
+                      grouped("kind", rows, data, lambda d: d.kind), "",
+                      f"## Drawings, {part} part: by input format\n",
+                      grouped("format", rows, data, lambda d: d.format), "",
+                      f"## Drawings, {part} part: by shape\n", grouped("shape", rows, data, lambda d: d.shape), ""]
+        if "heldout" in results:
+            data, rows = results["heldout"]
+            buckets = {}
+            for row, d in zip(rows, data):
+                buckets.setdefault(d.bucket, []).append(row["sd-ipc shape"])
+            measured = {"sd-ipc shape": np.mean([r["sd-ipc shape"] for r in rows]),
+                        "sd-ipc shape, every size bucket": min(np.mean(v) for v in buckets.values()),
+                        "sd-ipc colour": np.mean([r["sd-ipc colour"] for r in rows]),
+                        "clip shape": np.mean([r["clip shape"] for r in rows])}
+            lines += ["## Targets, on the held-out part\n",
+                      table(["measure", "measured %", "target %", "met"],
+                            [[k, f"{100 * measured[k]:.0f}", f"{100 * TARGETS[k]:.0f}",
+                              "yes" if measured[k] >= TARGETS[k] else "no"] for k in TARGETS]), ""]
+            if args.sheet:
+                sheet(data[:24], rows[:24], args.sheet)
+        lines.append(f"{time.time() - start:.0f} s in all.")
+        print("\n".join(lines))
 
 
 def sheet(data, rows, path: Path) -> None:

@@ -13,7 +13,7 @@ every page in headless Chromium (`chromium --headless --dump-dom`, JavaScript ru
 figures drawn, the formulas typeset and any TeX left raw, and any error text a reader would see: "Error displaying
 widget", a Python traceback, an "Error" output. Screenshots of each page's top go to `build/book/screenshots/` to
 look at. The table also goes to docs/results/book.md, replaced on each run and headed by the command, the date and
-the machine.
+the machine (`common.record`; a run whose table has a page to CHECK writes it too, then exits 1).
 
 Formulas (TeX in the notebooks' Markdown cells, `$...$` and `$$...$$`, and in the guides) are typeset in the
 browser by MathJax 2.7 from the jupyter-server-mathjax package of the `book` extra, copied into the site at build
@@ -34,24 +34,20 @@ import html
 import importlib.util
 import json
 import os
-import platform
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table  # noqa: E402
+from common import record, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 BUILD = ROOT / "build" / "book"
 SITE = ROOT / "site"
-RESULTS = ROOT / "docs" / "results" / "book.md"
 ERRORS = ("Error displaying widget", "Traceback (most recent call last)", "model not found", "NameError",
           "ModuleNotFoundError")
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -227,22 +223,6 @@ def check(pages: list[Path]) -> list[list]:
     return rows
 
 
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-             if line.startswith("model name")]
-    return (f"{platform.node()}: {names[0] if names else platform.processor()}, {os.cpu_count()} CPUs, load average "
-            f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} at the start; {platform.platform()}")
-
-
-def command() -> str:
-    """This run's command line as typed from the repository's root, with the thread setting the notebooks ran under."""
-    python = Path(sys.executable)
-    python = str(python.relative_to(ROOT)) if python.is_relative_to(ROOT) else python.name
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return f"{threads}{python} {shlex.join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])}"
-
-
 def main() -> None:
     global SITE  # --site: where build writes and check reads
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,8 +243,16 @@ def main() -> None:
     notebooks = sorted(NOTEBOOKS.glob("[0-9]*.ipynb"))
     if args.only:
         notebooks = [nb for nb in notebooks if nb.name.startswith(tuple(args.only))]
+    with record("book", "The workbook as a website, checked in headless Chromium"):
+        rows = build_and_check(args, notebooks)
+    print(f"site: {SITE / 'index.html'}; screenshots: {BUILD / 'screenshots'}", file=sys.stderr)
+    if any(row[-1] != "ok" for row in rows):  # the table is kept all the same: what the check found
+        raise SystemExit(1)
+
+
+def build_and_check(args, notebooks: list[Path]) -> list[list]:
+    """Execute, build, check (as the options say); prints what was checked and the table; returns its rows."""
     executed, timing = [BUILD / "executed" / nb.name for nb in notebooks], {}
-    started, where = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), machine()
     if not args.check_only:
         if not args.no_execute:
             for nb, out in zip(notebooks, executed):
@@ -282,24 +270,18 @@ def main() -> None:
     for row in rows:
         name = Path(row[0]).name.replace(".html", ".ipynb")
         row.insert(1, f"{timing[name]:.0f}" if name in timing else "-")
-    report = table(["page", "executed in s", "DOM kB", "figures", "formulas", "raw TeX", "error text", "verdict"], rows)
-    print(f"site: {SITE / 'index.html'}; screenshots: {BUILD / 'screenshots'}\n")
-    print(report)
     every = len(sorted(NOTEBOOKS.glob("[0-9]*.ipynb")))
     scope = (f"{len(notebooks)} of the {every} notebooks ({', '.join(nb.stem for nb in notebooks)}: `--only`)"
              if len(notebooks) < every else f"all {every} notebooks")
     how = ("the site as it was built before (`--check-only`)" if args.check_only else
            "notebooks executed before (`--no-execute`)" if args.no_execute else
            "each notebook executed by nbconvert (slider and panel cells shown, not run)")
-    RESULTS.write_text(
-        f"# The workbook as a website, checked in headless Chromium (`{command()}`, {started})\n\n"
-        f"Machine: {where}.\n\nPages: the index, {scope} and the {len(PAGES)} guides; {how}. Chromium runs with no "
-        "host name resolvable, so nothing comes from the network. Formulas: the ones MathJax typeset (from the copy in "
-        "site/assets/mathjax/); raw TeX: `$...$`, `\\(` or `\\[` left in the text a reader sees. Screenshots: "
-        f"build/book/screenshots/.\n\n{report}\n")
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}", file=sys.stderr)
-    if any(row[-1] != "ok" for row in rows):
-        raise SystemExit(1)
+    print(f"Pages: the index, {scope} and the {len(PAGES)} guides; {how}. Chromium runs with no host name "
+          "resolvable, so nothing comes from the network. Formulas: the ones MathJax typeset (from the copy in "
+          "site/assets/mathjax/); raw TeX: `$...$`, `\\(` or `\\[` left in the text a reader sees. Screenshots: "
+          "build/book/screenshots/.\n")
+    print(table(["page", "executed in s", "DOM kB", "figures", "formulas", "raw TeX", "error text", "verdict"], rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Seconds per iteration are steady-state: in a fresh subprocess per method, after 
 run, each method is timed for k and for 2k iterations and the difference is divided by k, so loading,
 set-up, checkpoints and the loss plot cancel. Peak memory is the peak resident set *during training* (Linux:
 VmHWM reset after the lab is loaded), reported beside the resident set of the loaded lab itself.
+
+Writes docs/results/finetune.md; with --lr-sweep docs/results/lr_sweep.md, with --ft-sweep docs/results/ft_sweep.md
+(replaced on every run; `common.record`). --curve and --speed-only write no results file.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table  # noqa: E402
+from common import record, table  # noqa: E402
 
 CONCEPT = ("heart", "orange")
 
@@ -251,7 +254,19 @@ def main() -> None:
         return _speed(args.source, args._speed[0], int(args._speed[1]))
     if args.curve:  # re-read a saved run instead of training again
         return print_curve(json.loads(Path(args.curve).read_text()))
+    if args.lr_sweep:
+        results, title = "lr_sweep", "The learning rates of SD-IPC-CT and Custom Diffusion, swept at their budgets"
+    elif args.ft_sweep:
+        results, title = "ft_sweep", "SD-IPC-FT, as notebook 06 runs it, at several learning rates and lengths"
+    elif args.speed_only:  # a part of the default run: no results file
+        results, title = None, None
+    else:
+        results, title = "finetune", "SD-IPC-CT against Custom Diffusion: fidelity, speed and memory"
+    with record(results, title, lab=args.source):
+        measure(args)
 
+
+def measure(args) -> None:
     import sdipc_lab as S
     from sdipc_lab import experiments as E
     from sdipc_lab.toyworld import concept_caption, concept_samples

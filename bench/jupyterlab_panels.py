@@ -15,16 +15,17 @@ bar, runs it, then:
 - saves, shuts the Jupyter server down (its kernels with it), starts a new server and browser, opens the
   notebook again and counts "Error displaying widget" (shown, and anywhere in the page's HTML), checks the
   last figure is there as an image of the last value and that the note stands where the controls were.
-Prints a table; screenshots go to build/jupyterlab/, the results to docs/results/jupyterlab_panels.md.
+Prints a table; screenshots go to build/jupyterlab/, the results to docs/results/jupyterlab_panels.md (replaced on
+every run, a run with a CHECK verdict too; `common.record`).
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -32,15 +33,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table  # noqa: E402
+from common import record, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "jupyterlab"
-RESULTS = ROOT / "docs" / "results" / "jupyterlab_panels.md"
 CELLS = [
     "import sdipc_lab as S\nfrom sdipc_lab.generate import progress\nfrom sdipc_lab.toyworld import samples\n"
     "from sdipc_lab.widgets import edit_panel\nlab = S.load_lab('toy')\ndata = samples(6, 'test', two_objects=0)",
@@ -211,24 +210,23 @@ def shows(driver, value: str):
     return shown if shown and f"alpha {value}," in shown[0] and alpha_readout(driver) == value else None
 
 
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-             if line.startswith("model name")]
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{platform.node()}: {names[0] if names else platform.processor()}, {os.cpu_count()} CPUs, "
-            f"load average {load} at the start; {platform.platform()}")
-
-
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    with record("jupyterlab_panels", "The panels in JupyterLab, reopened after a server restart"):
+        rows = measure()
+    print(f"screenshots in {OUT}", file=sys.stderr)
+    if any(r[2] not in ("", "ok") for r in rows):  # the table is kept all the same: what the check found
+        raise SystemExit(1)
+
+
+def measure() -> list[list]:
+    """Every step of the module's docstring; prints the table and returns its rows."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     import sdipc_lab.widgets as W
 
     OUT.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])
-    started, where = datetime.now().strftime("%Y-%m-%d %H:%M"), machine()
     folder = Path(tempfile.mkdtemp(prefix="sdipc_lab_panels_"))
     path = notebook(folder)
     rows, load, driver = [], None, None
@@ -341,15 +339,10 @@ def main() -> None:
             load.terminate()
         shut_down(jupyter)
         shutil.rmtree(folder, ignore_errors=True)
-    report = table(["check", "measured", "verdict"], rows)
-    print(f"JupyterLab in headless Chromium; screenshots in {OUT}\n")
-    print(report)
-    RESULTS.write_text(f"# The panels in JupyterLab, reopened after a server restart (`{command}`, {started})\n\n"
-                       f"Machine: {where}.\n\nEdit panel on the toy lab (n=4) and one progress bar, in headless "
-                       f"Chromium; the load is one more process looping `S.vary(n=4)` on 1 thread. Screenshots: "
-                       f"build/jupyterlab/.\n\n{report}\n")
-    if any(r[2] not in ("", "ok") for r in rows):
-        raise SystemExit(1)
+    print("Edit panel on the toy lab (n=4) and one progress bar, in JupyterLab in headless Chromium; the load is one "
+          "more process looping `S.vary(n=4)` on 1 thread. Screenshots: build/jupyterlab/.\n")
+    print(table(["check", "measured", "verdict"], rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ replaces by copies of one state: the caption with its padding states replaced by
 state; the same with the words masked too (after the softmax); and [sos, EOS x 76] (the oracle's layout).
 
     python bench/masking.py toy --n 96 --padding
+
+Writes docs/results/masking.md (replaced on every run; `common.record`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table, threads  # noqa: E402
+from common import record, table, threads  # noqa: E402
 
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab import experiments as E  # noqa: E402
@@ -56,14 +58,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--padding", action="store_true", help="also the padding-state conditions")
     args = parser.parse_args()
-    lab = S.load_lab(args.lab)
-    data = S.references(lab, args.n)
-    rows, images = E.masking_experiment(lab, data, seeds=(args.seed,), judge=S.judge_for(lab))
-    if args.padding:
-        rows += padding_conditions(lab, data, images["full prompt"], seed=args.seed)
-    print(f"## Masking experiment ({lab.source}, {args.n} test captions, seed {args.seed}, {threads()}; "
-          "the judge's agreement with the captions, 0-1)\n")
-    print(table(KEYS, [[row.get(k) for k in KEYS] for row in rows]))
+    with record("masking", "The masking experiment: which tokens a U-Net reads", lab=args.lab):
+        lab = S.load_lab(args.lab)
+        data = S.references(lab, args.n)
+        rows, images = E.masking_experiment(lab, data, seeds=(args.seed,), judge=S.judge_for(lab))
+        if args.padding:
+            rows += padding_conditions(lab, data, images["full prompt"], seed=args.seed)
+        print(f"## Masking experiment ({lab.source}, {args.n} test captions, seed {args.seed}, {threads()}; "
+              "the judge's agreement with the captions, 0-1)\n")
+        print(table(KEYS, [[row.get(k) for k in KEYS] for row in rows]))
 
 
 if __name__ == "__main__":

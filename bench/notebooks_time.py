@@ -6,6 +6,10 @@
 another lab (`SOURCE="sd-v1-4"` on a GPU; `SOURCE="tiny"` checks that nothing depends on the toy lab).
 
 Target: notebooks 01-05 together in <= 10 minutes on 2 CPU cores.
+
+A run of the whole series writes docs/results/notebooks_time.md (notebooks/solutions/*.ipynb:
+notebooks_time_solutions.md), replaced on every run (`common.record`); a run of some notebooks writes none, nor
+does a run where a notebook fails.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import nbformat
 from nbconvert.preprocessors import ExecutePreprocessor
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table  # noqa: E402
+from common import ROOT, record, table  # noqa: E402
 
 
 def with_parameters(nb, assignments: list[str]):
@@ -38,6 +42,14 @@ def main() -> None:
     parser.add_argument("--executed", type=Path, help="also write the executed notebooks (with outputs) here")
     args = parser.parse_args()
     paths = args.notebooks or sorted(Path("notebooks").glob("*.ipynb"))
+    series = {"notebooks": "notebooks_time", "notebooks/solutions": "notebooks_time_solutions"}
+    folder = next((folder for folder in series  # a whole series; some notebooks only: no results file
+                   if paths and {p.resolve() for p in paths} == set((ROOT / folder).glob("*.ipynb"))), None)
+    with record(series.get(folder), f"Wall time of the notebooks in {folder}/, executed headless"):
+        measure(args, paths)
+
+
+def measure(args, paths: list[Path]) -> None:
     rows, total = [], 0.0
     for path in paths:
         nb = with_parameters(nbformat.read(path, as_version=4), args.set)

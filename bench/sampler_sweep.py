@@ -12,6 +12,8 @@ attribute). Stray pixels, a share of the background under 1 %, are shown beside 
 a percentage they could double unseen. "s / 4 images" is the wall time of one 4-image call. Progress goes to
 stderr. Prints both tables and the settings to export with
 (`python -m sdipc_lab.toyworld.train export --sampler scheduler=...,steps=...` takes the same names).
+Writes docs/results/sampler_sweep.md (sampler_sweep_heldout.md with --split heldout), replaced on every run
+(`common.record`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median_seconds, table  # noqa: E402
+from common import median_seconds, record, table  # noqa: E402
 
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab.toyworld import samples  # noqa: E402
@@ -50,6 +52,12 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=["test", "heldout"],
                         help="where the references come from")
     args = parser.parse_args()
+    results = "sampler_sweep" + ("_heldout" if args.split == "heldout" else "")  # one file per split
+    with record(results, f"Sampler settings by the judge and the artefact measure ({args.split} references)", lab=args.source):
+        measure(args)
+
+
+def measure(args) -> None:
     start = time.time()
     lab = S.load_lab(args.source)
     lab.pipe.set_progress_bar_config(disable=True)

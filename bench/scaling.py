@@ -7,15 +7,14 @@ Each count runs `python -m sdipc_lab.toyworld.train STAGE --size test` (2 proces
 --num_processes 2`, on the CPU where there is no GPU) for k and for 2k steps in fresh folders, so that start-up
 (imports, drawing the world, joining the processes) cancels: seconds per step = (t(2k) - t(k)) / k. Every process
 trains on its half of the global batch, so on two free cores the ratio is near 2 when a step is dominated by compute.
-Writes docs/results/scaling.md (replaced on every run), headed by the command, the date and the machine.
+Writes docs/results/scaling.md (replaced on every run; `common.record`), headed by the command, the date and the
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -24,10 +23,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table  # noqa: E402
+from common import RESULTS, record, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULT = ROOT / "docs" / "results" / "scaling.md"
+RESULT = RESULTS / "scaling.md"
 
 
 def _free_port() -> int:
@@ -66,34 +65,27 @@ def main() -> None:
     if args.batch % 2 or args.steps < 1:
         parser.error("--batch must be even (2 processes share it) and --steps positive")
     seconds = {}
-    with tempfile.TemporaryDirectory(prefix="sdipc_scaling_") as tmp:
-        for processes in (1, 2):
-            short = run(processes, args.stage, args.steps, args.batch, Path(tmp) / f"{processes}_short")
-            long = run(processes, args.stage, 2 * args.steps, args.batch, Path(tmp) / f"{processes}_long")
-            if long <= short:
-                raise SystemExit(f"{processes} process(es): {2 * args.steps} steps took no longer than {args.steps} "
-                                 f"({long:.1f} s against {short:.1f} s): start-up and noise swamp the steps. Raise "
-                                 "--steps or --batch, on a machine that is not busy.")
-            seconds[processes] = (long - short) / args.steps
-            print(f"  {processes} process(es): {seconds[processes]:.3f} s per step "
-                  f"({short:.1f} s for {args.steps} steps, {long:.1f} s for {2 * args.steps})", file=sys.stderr)
-    rate = {p: args.batch / s for p, s in seconds.items()}
-    rows = [[p, 1, args.batch, args.batch // p, seconds[p], rate[p], rate[p] / rate[1]] for p in (1, 2)]
-    text = table(["processes", "threads each", "global batch", "per process", "s / step", "samples / s",
-                  "ratio to 1"], rows)
-    command = "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])
-    load = os.getloadavg()
-    header = (f"# Scaling: the toy-world `{args.stage}` stage (--size test) on 1 and 2 processes\n\n"
-              f"`{command}`, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, on {platform.node()} "
-              f"({platform.machine()}, {os.cpu_count()} CPUs, load average {load[0]:.2f} when it ended; "
-              f"Python {platform.python_version()}). Seconds per step from runs of {args.steps} and "
-              f"{2 * args.steps} steps (start-up cancels); CPU processes over gloo, OMP_NUM_THREADS=1."
+    with record(args.out, f"Scaling: the toy-world `{args.stage}` stage (--size test) on 1 and 2 processes"):
+        with tempfile.TemporaryDirectory(prefix="sdipc_scaling_") as tmp:
+            for processes in (1, 2):
+                short = run(processes, args.stage, args.steps, args.batch, Path(tmp) / f"{processes}_short")
+                long = run(processes, args.stage, 2 * args.steps, args.batch, Path(tmp) / f"{processes}_long")
+                if long <= short:
+                    raise SystemExit(f"{processes} process(es): {2 * args.steps} steps took no longer than "
+                                     f"{args.steps} ({long:.1f} s against {short:.1f} s): start-up and noise swamp "
+                                     "the steps. Raise --steps or --batch, on a machine that is not busy.")
+                seconds[processes] = (long - short) / args.steps
+                print(f"  {processes} process(es): {seconds[processes]:.3f} s per step "
+                      f"({short:.1f} s for {args.steps} steps, {long:.1f} s for {2 * args.steps})", file=sys.stderr)
+        rate = {p: args.batch / s for p, s in seconds.items()}
+        rows = [[p, 1, args.batch, args.batch // p, seconds[p], rate[p], rate[p] / rate[1]] for p in (1, 2)]
+        load = os.getloadavg()[0]
+        print(f"Seconds per step from runs of {args.steps} and {2 * args.steps} steps (start-up cancels); CPU "
+              f"processes over gloo, OMP_NUM_THREADS=1; load average {load:.2f} when it ended."
               + (" The load average was above the 2 cores these runs need: other jobs shared them, so the times "
-                 "are noisy and the ratio is a lower bound." if load[0] > 2 else "") + "\n\n")
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(header + text + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+                 "are noisy and the ratio is a lower bound." if load > 2 else "") + "\n")
+        print(table(["processes", "threads each", "global batch", "per process", "s / step", "samples / s",
+                     "ratio to 1"], rows))
 
 
 if __name__ == "__main__":

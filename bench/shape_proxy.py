@@ -8,34 +8,28 @@ machine; the table gives each tower's seconds per step, to turn steps into CPU t
 world renderings and half varied drawings (`toyworld.variety`, its train split). It is then scored on the world's
 test renderings, on varied drawings of unseen seeds and on the drawings of `toyworld.freehand` (the "dev" part
 only: the held-out part informs no decision). Supervised shape is an upper bound for what the contrastive
-`vision` stage can teach the same tower in the same time. Writes docs/results/shape_proxy.md (replaced).
+`vision` stage can teach the same tower in the same time. Progress goes to stderr. Writes docs/results/shape_proxy.md
+(replaced on every run; `common.record`).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
-import platform
-import shlex
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table, threads  # noqa: E402
+from common import record, table, threads  # noqa: E402
 
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab.toyworld import freehand, samples, variety  # noqa: E402
 from sdipc_lab.toyworld.world import SHAPES  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "shape_proxy.md"
-
 
 def pixels(lab, images) -> torch.Tensor:  # (N, 3, 64, 64), the lab's own preprocessing
     return torch.cat([lab.feature_extractor(images=images[i:i + 512], return_tensors="pt").pixel_values
@@ -78,44 +72,44 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lab = S.load_lab("toy", dtype=torch.float32)
+    with record("shape_proxy", "Shape proxy: which image tower learns to read shape"):
+        lab = S.load_lab("toy", dtype=torch.float32)
 
-    start = time.perf_counter()
-    world = samples(args.n_train, "train", two_objects=0)
-    varied = [variety.sample(i) for i in range(args.n_train)]
-    x_train, y_train = (torch.cat(t) for t in zip(labelled(lab, world), labelled(lab, varied)))
-    tests = {"world test": labelled(lab, samples(300, "test", two_objects=0)),
-             "varied, unseen seeds": labelled(lab, [variety.sample(10**6 + i) for i in range(300)]),
-             "drawings (dev)": labelled(lab, freehand.drawings(240, "dev"))}
-    print(f"data: {len(x_train)} training images, built in {time.perf_counter() - start:.0f} s", flush=True)
+        start = time.perf_counter()
+        world = samples(args.n_train, "train", two_objects=0)
+        varied = [variety.sample(i) for i in range(args.n_train)]
+        x_train, y_train = (torch.cat(t) for t in zip(labelled(lab, world), labelled(lab, varied)))
+        tests = {"world test": labelled(lab, samples(300, "test", two_objects=0)),
+                 "varied, unseen seeds": labelled(lab, [variety.sample(10**6 + i) for i in range(300)]),
+                 "drawings (dev)": labelled(lab, freehand.drawings(240, "dev"))}
+        print(f"data: {len(x_train)} training images, built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
-    rows = []
-    for name in args.towers.split(","):
-        model = tower(lab, name)
-        head = torch.nn.Linear(model.config.projection_dim, len(SHAPES))
-        lr = args.lr if name == "shipped" else args.lr_fresh
-        opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
-        g = torch.Generator().manual_seed(0)
-        t0 = time.perf_counter()
-        for steps in range(1, args.steps + 1):
-            i = torch.randint(len(x_train), (args.batch,), generator=g)
-            loss = F.cross_entropy(head(model(pixel_values=x_train[i]).image_embeds), y_train[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if steps % 100 == 0:
-                print(f"{name}: step {steps}, loss {loss.item():.3f}, {time.perf_counter() - t0:.0f} s", flush=True)
-        seconds = (time.perf_counter() - t0) / args.steps
-        rows.append([name, f"{lr:g}", f"{seconds:.2f}", *(f"{100 * accuracy(model, head, *t):.0f}" for t in tests.values())])
-        print(table(["tower", "lr", "s / step", *tests], rows[-1:]), flush=True)
+        rows = []
+        for name in args.towers.split(","):
+            model = tower(lab, name)
+            head = torch.nn.Linear(model.config.projection_dim, len(SHAPES))
+            lr = args.lr if name == "shipped" else args.lr_fresh
+            opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
+            g = torch.Generator().manual_seed(0)
+            t0 = time.perf_counter()
+            for steps in range(1, args.steps + 1):
+                i = torch.randint(len(x_train), (args.batch,), generator=g)
+                loss = F.cross_entropy(head(model(pixel_values=x_train[i]).image_embeds), y_train[i])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if steps % 100 == 0:
+                    print(f"{name}: step {steps}, loss {loss.item():.3f}, {time.perf_counter() - t0:.0f} s",
+                          file=sys.stderr)
+            seconds = (time.perf_counter() - t0) / args.steps
+            rows.append([name, f"{lr:g}", f"{seconds:.2f}",
+                         *(f"{100 * accuracy(model, head, *t):.0f}" for t in tests.values())])
+            shape = ", ".join(f"{k} {v}" for k, v in zip(tests, rows[-1][3:]))
+            print(f"{name}: {seconds:.2f} s / step; shape % {shape}", file=sys.stderr)
 
-    text = table(["tower", "lr", "s / step", *(f"{k} shape %" for k in tests)], rows)
-    print(text)
-    RESULTS.write_text(
-        f"# Shape proxy: which image tower learns to read shape\n\n"
-        f"`python bench/shape_proxy.py {shlex.join(sys.argv[1:])}` on {datetime.date.today()}, "
-        f"{platform.processor() or platform.machine()}, {threads()}, {args.steps} steps of {args.batch} per tower; "
-        f"shape accuracy of the tower and its linear head after training (chance 17 %).\n\n{text}\n")
+        print(f"{threads()}, {args.steps} steps of {args.batch} per tower; shape accuracy of the tower and its linear "
+              "head after training (chance 17 %).\n")
+        print(table(["tower", "lr", "s / step", *(f"{k} shape %" for k in tests)], rows))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ together. Rows: one kernel alone (the reference), then K at once with
   `cpu_limit`; or `load_lab(threads=1)` / `lab.threads = 1`),
 - each of those with `OMP_WAIT_POLICY=PASSIVE` (idle OpenMP threads sleep instead of spinning; it must be
   set before Python starts, e.g. in the kernel's environment: sdipc_lab never sets it for you).
-Ratios are against the kernel alone, within this one run.
+Ratios are against the kernel alone, within this one run. Writes docs/results/shared_cpu.md (replaced on every run;
+`common.record`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table  # noqa: E402
+from common import record, table  # noqa: E402
 
 
 def worker(threads: int | None, repeats: int, start_at: float) -> None:
@@ -66,21 +67,22 @@ def main() -> None:
         return worker(args.worker or None, args.repeats, args.start_at)
     import sdipc_lab as S
 
-    cases = [("1 kernel alone, default threads", 1, None, False)]
-    cases += [(f"{args.kernels} kernels, {what}", args.kernels, threads, passive)
-              for threads, what0 in ((None, "default threads"), (1, "1 thread each"))
-              for passive, what in ((False, what0), (True, what0 + ", OMP_WAIT_POLICY=PASSIVE"))]
-    rows, alone = [], None
-    for name, kernels, threads, passive in cases:
-        seconds, used = run(kernels, threads, passive, args.repeats)
-        median = statistics.median(seconds)
-        alone = alone or median
-        rows.append([name, used, median, max(seconds), median / alone])
-        print(f"  {name}: {median:.2f} s", file=sys.stderr)
-    print(f"{os.cpu_count()} CPUs on the machine; this process may use {S.usable_cpus()} "
-          f"(affinity {len(os.sched_getaffinity(0))}, cgroup quota {S.cpus.cgroup_cpu_quota() or 'none'}); "
-          f"S.edit(n=4) on the toy lab, {args.repeats} timed calls per kernel\n")
-    print(table(["case", "threads per kernel", "median s per edit", "slowest s", "x alone"], rows))
+    with record("shared_cpu", "Many kernels on one machine: `S.edit(n=4)` with K of them at once, by thread setting"):
+        cases = [("1 kernel alone, default threads", 1, None, False)]
+        cases += [(f"{args.kernels} kernels, {what}", args.kernels, threads, passive)
+                  for threads, what0 in ((None, "default threads"), (1, "1 thread each"))
+                  for passive, what in ((False, what0), (True, what0 + ", OMP_WAIT_POLICY=PASSIVE"))]
+        rows, alone = [], None
+        for name, kernels, threads, passive in cases:
+            seconds, used = run(kernels, threads, passive, args.repeats)
+            median = statistics.median(seconds)
+            alone = alone or median
+            rows.append([name, used, median, max(seconds), median / alone])
+            print(f"  {name}: {median:.2f} s", file=sys.stderr)
+        print(f"{os.cpu_count()} CPUs on the machine; this process may use {S.usable_cpus()} "
+              f"(affinity {len(os.sched_getaffinity(0))}, cgroup quota {S.cpus.cgroup_cpu_quota() or 'none'}); "
+              f"S.edit(n=4) on the toy lab, {args.repeats} timed calls per kernel\n")
+        print(table(["case", "threads per kernel", "median s per edit", "slowest s", "x alone"], rows))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ of the CLIP studied.
 (`judge.stray_pixels`): streaks, blotches and halos; drawn images are the reference. "in blobs" is the part of it
 in regions of 30 pixels or more, with the share of images that have one (`judge.stray_parts`): in the images
 looked at, a second object where the reference has one - a content error rather than an artefact.
+
+Writes docs/results/toyworld_quality.md; with --cutoffs, docs/results/cutoff_oracle.md (cutoff_oracle_heldout.md
+with --split heldout); replaced on every run (`common.record`). --quick and --curve write no results file.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median_seconds, table, threads  # noqa: E402
+from common import median_seconds, record, table, threads  # noqa: E402
 
 import sdipc_lab as S  # noqa: E402
 from sdipc_lab.toyworld import samples  # noqa: E402
@@ -121,6 +124,18 @@ def main() -> None:
                         help="only the oracle and SD-IPC at these cutoffs ('lab': the lab's; 0.5: a number), then stop")
     parser.add_argument("--split", default="test", choices=["test", "heldout"], help="the references of --cutoffs")
     args = parser.parse_args()
+    if args.cutoffs:  # one file per split
+        results = "cutoff_oracle" + ("_heldout" if args.split == "heldout" else "")
+        title = f"What the cutoff does to the oracle and to SD-IPC ({args.split} references)"
+    elif args.quick or args.curve:  # proxy runs, points of a learning curve: no results file
+        results, title = None, None
+    else:
+        results, title = "toyworld_quality", "How good the teaching-scale lab is"
+    with record(results, title, lab=args.source):
+        measure(args)
+
+
+def measure(args) -> None:
     start = time.time()
     lab = S.load_lab(args.source)
     lab.pipe.set_progress_bar_config(disable=True)

@@ -8,7 +8,8 @@
 Each step is split into data (drawing captions, tokenising, indexing images), the frozen text encoder
 (U-Net stage), forward (with the loss), backward and the optimizer, timed one after the other (CPU work is
 synchronous), median over `--steps` steps after one warm-up step. Compare rows as ratios within one run:
-timings here swing from run to run.
+timings here swing from run to run. Rows as they come go to stderr; the table to docs/results/train_speed.md
+(replaced on every run; `common.record`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table  # noqa: E402
+from common import record, table  # noqa: E402
 
 from sdipc_lab.toyworld import data, models  # noqa: E402
 from sdipc_lab.training import diffusion_loss  # noqa: E402
@@ -119,6 +120,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variants", action="store_true", help="also channels_last, bf16 autocast, torch.compile")
     args = parser.parse_args()
+    with record("train_speed", "Where a teaching-lab training step spends its time"):
+        measure(args)
+
+
+def measure(args) -> None:
     base = models.MODEL_SIZES[args.size]
     world = data.render(2048, "train")
     tokenizer = models.new_tokenizer()
@@ -166,7 +172,7 @@ def main() -> None:
                              *(f"{1000 * t.get(k, 0):.0f}" for k in ("data", "text encoder", "forward", "backward",
                                                                      "optimizer")),
                              f"{total:.3f}", f"{batch / total:.0f}"])
-                print(rows[-1], flush=True)
+                print(rows[-1], file=sys.stderr, flush=True)
             if args.variants and "unet" in stages:
                 spec = (args.unet or [",".join(map(str, base.unet_channels)) + f"x{base.unet_layers}"])[0]
                 s = dataclasses.replace(base, **parse_unet(spec))
@@ -183,7 +189,7 @@ def main() -> None:
                              *(f"{1000 * t.get(k, 0):.0f}" for k in ("data", "text encoder", "forward", "backward",
                                                                      "optimizer")),
                              f"{total:.3f}", f"{batches['unet'] / total:.0f}"])
-                print(rows[-1], flush=True)
+                print(rows[-1], file=sys.stderr, flush=True)
     finally:
         torch.set_num_threads(before)
     print(f"\n## One training step, split ({args.size} size, median of {args.steps} steps after a warm-up; ms)\n")
