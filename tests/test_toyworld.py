@@ -16,6 +16,8 @@ from sdipc_lab.build import word_tokenizer
 from sdipc_lab.toyworld import COLOURS, HELD_OUT, SHAPES, caption, concept_split, sample, samples, vocabulary
 from sdipc_lab.toyworld.judge import agreement, analytic
 
+QUICK = (32, 4)  # export's measuring: test captions, judged references (the full 512 / 48 take a minute)
+
 
 def test_sampling_is_deterministic():
     a, b = sample(5, "train"), sample(5, "train")
@@ -248,7 +250,7 @@ def test_export_makes_a_loadable_lab(tiny_run, tmp_path):
     from sdipc_lab.toyworld import exporting, models
 
     out, _, _ = tiny_run
-    folder = exporting.export(out, tmp_path / "lab")
+    folder = exporting.export(out, tmp_path / "lab", measure=QUICK)
     lab = S.load_lab(folder, device="cpu")
     constants = json.loads((folder / "sdipc_lab.json").read_text())
     assert constants["cutoff"] == lab.cutoff and constants["norm"] > 0 and constants["norm_t"] > 0
@@ -266,7 +268,7 @@ def test_measure_constants_chooses_the_cutoff_the_judge_reads_best(tiny_run, tmp
     from sdipc_lab.toyworld import exporting
 
     out, _, _ = tiny_run
-    lab = S.load_lab(exporting.export(out, tmp_path / "lab"), device="cpu")
+    lab = S.load_lab(exporting.export(out, tmp_path / "lab", measure=QUICK), device="cpu")
     refs = samples(4, "test", start=exporting.CUTOFF_REFERENCES, two_objects=0)
     by_cosine = exporting.measure_constants(lab, n=8)
     assert by_cosine["cutoff_chosen_by"] == "cosine"
@@ -552,16 +554,16 @@ def test_export_never_replaces_a_folder_that_is_not_a_lab(tiny_run, tmp_path):
     precious.mkdir()
     (precious / "thesis.txt").write_text("two years of work")
     with pytest.raises(SystemExit, match="not a lab folder"):
-        exporting.export(out, precious)
+        exporting.export(out, precious, measure=QUICK)
     assert (precious / "thesis.txt").read_text() == "two years of work"
-    lab_dir = exporting.export(out, tmp_path / "lab", guidance_rescale=0.3, scheduler="dpm++", steps=12)
+    lab_dir = exporting.export(out, tmp_path / "lab", guidance_rescale=0.3, scheduler="dpm++", steps=12, measure=QUICK)
     assert json.loads((lab_dir / "sdipc_lab.json").read_text())["guidance_rescale"] == 0.3
     import sdipc_lab as S
 
     lab = S.load_lab(lab_dir, device="cpu")
     assert type(lab.scheduler).__name__ == "DPMSolverMultistepScheduler" and lab.steps == 12
     assert lab.guidance_rescale == 0.3
-    exporting.export(out, lab_dir)  # a lab is replaced whole
+    exporting.export(out, lab_dir, measure=QUICK)  # a lab is replaced whole
     assert S.load_lab(lab_dir, device="cpu").guidance_rescale == exporting.SAMPLER["guidance_rescale"]  # the defaults again
     assert not list(tmp_path.glob("lab.*"))  # no .tmp / .old left beside it
 
@@ -570,7 +572,7 @@ def test_init_from_lab_copies_only_what_the_run_lacks(tiny_run, tmp_path):
     from sdipc_lab.toyworld import exporting
 
     out, _, _ = tiny_run
-    lab_dir = exporting.export(out, tmp_path / "lab")
+    lab_dir = exporting.export(out, tmp_path / "lab", measure=QUICK)
     run = tmp_path / "run"
     (run / "vae").mkdir(parents=True)
     (run / "vae" / "mine.txt").write_text("keep")
@@ -734,7 +736,7 @@ def test_export_with_init_from_lab_writes_the_run_s_lab_not_the_source(tiny_run,
     from sdipc_lab.toyworld import exporting, train as T
 
     out, _, _ = tiny_run
-    source = exporting.export(out, tmp_path / "source")
+    source = exporting.export(out, tmp_path / "source", measure=QUICK)
     before = {p: p.stat().st_mtime_ns for p in source.rglob("*")}
     run = tmp_path / "run"
     T.main(["export", "--size", "test", "--out", str(run), "--init-from-lab", str(source)])
