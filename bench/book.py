@@ -123,7 +123,9 @@ def first_heading(notebook: Path) -> str:
 
 
 GUIDES = ROOT / "docs" / "guide"
-ORDER = ("installing", "loading", "conventions", "teaching_lab", "finetuning", "latent_clip", "guarantees")  # reading order
+RESULTS = ROOT / "docs" / "results"
+ORDER = ("installing", "loading", "conventions", "teaching_lab", "finetuning", "latent_clip", "benches",
+         "guarantees")  # reading order
 PAGES = [*sorted(GUIDES.glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem)),
          ROOT / "docs" / "public_code.md"]  # the guides, beside the notebooks
 
@@ -175,8 +177,17 @@ def build(executed: list[Path]) -> None:
         name = str(page.relative_to(ROOT))
         guides.append({first_title(page): name})
         lines.append(f"- [{first_title(page)}]({name})")
+    results = []  # the benches' results files, as the benches guide links them
+    for page in sorted(RESULTS.glob("*.md")) + sorted(RESULTS.glob("*.png")):
+        where = src / page.relative_to(ROOT)
+        where.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(page, where)
+        if page.suffix == ".md":
+            results.append({page.stem: str(page.relative_to(ROOT))})
+    lines += ["", "## Results", "", "Each bench's latest results file: see the guide "
+              "[Benches: what is measured, and where the numbers are](docs/guide/benches.md)."]
     (src / "index.md").write_text("\n".join(lines) + "\n")
-    nav = [{"Home": "index.md"}, {"Notebooks": notebooks}, {"Guides": guides}]
+    nav = [{"Home": "index.md"}, {"Notebooks": notebooks}, {"Guides": guides}, {"Results": results}]
     config = {"site_name": "sdipc_lab", "docs_dir": str(src), "site_dir": str(SITE),
               "use_directory_urls": False, "theme": {"name": "material", "font": False}, "nav": nav,
               "markdown_extensions": [{"pymdownx.arithmatex": {"generic": True}}], "extra_javascript": [mathjax],
