@@ -17,7 +17,7 @@ from .. import build
 from ..build import sd_v1_scheduler, word_tokenizer
 from ..training import gathered, randn_shard
 from .data import World
-from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZE, SIZES, TWO_OBJECTS, vocabulary
+from .world import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZE, SIZES, TWO_OBJECTS, vocabulary
 
 
 @dataclasses.dataclass
@@ -139,7 +139,9 @@ class ClipTrainer(torch.nn.Module):
 def caption_variants(world: World) -> torch.Tensor:
     """For `ClipTrainer.attribute_loss`: (N, A, V + 1) caption indices into `world.all_captions()` of each image's
     canonical caption with each attribute (`world.ATTRIBUTES`) set to each of its values, -1 past them, and the
-    true value's position last; all -1 for images with two objects."""
+    true value's position last; all -1 for images with two objects. A variant naming a held-out (shape, colour)
+    pair is -1 too: as a negative it would teach the tower that such a pair is never right, the opposite of
+    generalising to the pairs no training image shows (`world.HELD_OUT`, what the held-out split measures)."""
     values = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS),
               "background": tuple(BACKGROUNDS)}
     names = list(values)  # the order of all_captions(): shape, colour, size, position, background
@@ -156,7 +158,8 @@ def caption_variants(world: World) -> torch.Tensor:
                 index = 0
                 for n, d in zip(names, digits):
                     index = index * len(values[n]) + d
-                out[i, a, v] = index
+                pair = (values["shape"][digits[0]], values["colour"][digits[1]])
+                out[i, a, v] = -1 if pair in HELD_OUT and v != truth[a] else index
             out[i, a, -1] = truth[a]
     return out
 
