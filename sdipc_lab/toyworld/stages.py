@@ -71,8 +71,7 @@ def train_clip(world: World, s: ModelSizes, budget, out: Path, accelerator, seed
     def loss_fn(module, step):
         return module(*contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "clip"))
 
-    trainer = fit("clip", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out,
-        accelerator=accelerator,
+    trainer = fit("clip", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out, accelerator=accelerator,
         signature=signature("clip", s, budget, seed, world, out, ()))
     if accelerator.is_main_process:
         tokenizer.save_pretrained(out / "tokenizer")
@@ -117,8 +116,7 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
                                            with_index=True)
         return module(*inputs, None if variants is None else variants[index].to(accelerator.device))
 
-    trainer = fit("vision", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out,
-        accelerator=accelerator,
+    trainer = fit("vision", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out, accelerator=accelerator,
         signature=signature("vision", s, budget, seed, world, out, ("text_encoder",)))
     assert all(torch.equal(v, text_before[k]) for k, v in trainer.text.state_dict().items()), "the text tower moved"
     if accelerator.is_main_process:
@@ -147,8 +145,7 @@ def train_vae(world: World, s: ModelSizes, budget, out: Path, accelerator, seed:
         index = shard(batch_index(len(world.images), batch, step, seed + 1, accelerator), part)
         return module(world.pixels(index, accelerator.device), part=part)
 
-    vae = fit("vae", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out,
-        accelerator=accelerator,
+    vae = fit("vae", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out, accelerator=accelerator,
         signature=signature("vae", s, budget, seed, world, out, ())).vae
     # SD's scaling factor: 1 / std of sampled latents, measured on the data.
     with torch.no_grad():
@@ -178,8 +175,7 @@ def train_decoder(world: World, s: ModelSizes, budget, out: Path, accelerator, s
         index = shard(batch_index(len(world.images), batch, step, seed + 4, accelerator), part)
         return module(world.pixels(index, accelerator.device), part=part)
 
-    vae = fit("decoder", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out,
-        accelerator=accelerator,
+    vae = fit("decoder", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out, accelerator=accelerator,
         signature=signature("decoder", s, budget, seed, world, out, ())).vae
     assert all(torch.equal(v, encoder_before[k]) for k, v in vae.encoder.state_dict().items()), "the encoder moved"
     if accelerator.is_main_process:
@@ -224,8 +220,7 @@ def train_unet(world: World, s: ModelSizes, budget, out: Path, accelerator, seed
             z0 = from_posterior(moments, vae.config.scaling_factor, noise=noise)
         return diffusion_loss(module, scheduler, z0, f_txt, snr_gamma=s.snr_gamma, part=part)
 
-    unet = fit("unet", unet, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out,
-        accelerator=accelerator,
+    unet = fit("unet", unet, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out, accelerator=accelerator,
                ema_decay=0.999 if steps > 1000 else None,
                signature=signature("unet", s, budget, seed, world, out, ("text_encoder", "vae")))
     if accelerator.is_main_process:
@@ -255,8 +250,7 @@ def train_judge(s: ModelSizes, budget, out: Path, accelerator, seed: int, **limi
         x = (x + 0.15 * noise).clamp(0, 1)  # robustness to generated images' noise
         return F.cross_entropy(module(x), shapes[index].to(accelerator.device))
 
-    cnn = fit("judge", cnn, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out,
-        accelerator=accelerator,
+    cnn = fit("judge", cnn, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out, accelerator=accelerator,
         signature=signature("judge", s, budget, seed, None, out, ()))
     if accelerator.is_main_process:
         save_file({k: v.contiguous().cpu() for k, v in cnn.state_dict().items()}, str(out / "judge.safetensors"))
