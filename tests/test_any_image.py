@@ -185,7 +185,36 @@ def test_attribute_loss_is_the_cross_entropy_over_each_attribute():
     assert trainer.attribute_loss(f, torch.full_like(variants, -1), torch.tensor(10.0)).item() == 0
 
 
-@pytest.mark.parametrize("option, bad, why", [("--variety", "1.5", "between 0 and 1"), ("--hard-negatives", "-1", ">= 0")])
+def test_alignment_loss_adds_the_cosine_gap_of_each_image_and_its_own_caption():
+    from sdipc_lab.toyworld import models
+
+    torch.manual_seed(0)
+    f_img, f_txt = (torch.nn.functional.normalize(torch.randn(5, 8), dim=-1) for _ in range(2))
+    reference = np.mean([1 - float(np.dot(a, b)) for a, b in zip(f_img.numpy(), f_txt.numpy())])
+    assert abs(models.ClipTrainer.alignment_loss(f_img, f_txt).item() - reference) < 1e-6
+    assert models.ClipTrainer.alignment_loss(f_img, f_img).abs().item() < 1e-6  # no gap, no loss
+
+    # in the trainer's loss: exactly `align` times the gap at the end token, beside the contrastive loss
+    from sdipc_lab import build
+    from sdipc_lab.toyworld.data import tokenize
+
+    parts = build.random_components()
+    text, vision = parts["text_encoder"].eval(), parts["image_encoder"].eval()
+    ids, eos = tokenize(parts["tokenizer"], ["a red circle", "a blue square on white", "a star"], "cpu")
+    pad = eos + 1
+    pixels = torch.randn(3, 3, vision.config.image_size, vision.config.image_size)
+    plain, aligned = models.ClipTrainer(text, vision), models.ClipTrainer(text, vision, align=2.0)
+    with torch.no_grad():
+        f_img = torch.nn.functional.normalize(vision(pixel_values=pixels).image_embeds, dim=-1)
+        states = text.text_model(ids).last_hidden_state[torch.arange(3), eos]
+        f_txt = torch.nn.functional.normalize(text.text_projection(states), dim=-1)
+        gap = models.ClipTrainer.alignment_loss(f_img, f_txt)
+        difference = aligned(ids, eos, pad, pixels) - plain(ids, eos, pad, pixels)
+    assert gap > 0.1 and torch.allclose(difference, 2 * gap, atol=1e-5)
+
+
+@pytest.mark.parametrize("option, bad, why", [("--variety", "1.5", "between 0 and 1"), ("--hard-negatives", "-1", ">= 0"),
+                                              ("--align", "-1", ">= 0"), ("--align", "nan", ">= 0")])
 def test_vision_options_are_refused_elsewhere_and_out_of_range(tmp_path, capsys, option, bad, why):
     from sdipc_lab.toyworld import train as T
 

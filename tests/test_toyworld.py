@@ -1,11 +1,8 @@
 """The teaching-scale world: deterministic sampling, held-out combinations, captions, the judge, training."""
 
 import json
-import os
 import random
 import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -40,6 +40,7 @@ class ModelSizes:
     init_vae: bool = False  # start the VAE from out/vae (--init-from-lab), regrouped to vae_norm_groups
     two_objects: float = TWO_OBJECTS  # share of training images with a second object (the world's by default)
     hard_negatives: float = 0.0  # weight of the vision stage's attribute loss (ClipTrainer; 0: contrastive alone)
+    align: float = 0.0  # weight of the vision stage's alignment loss (ClipTrainer; 0: none)
     fresh_vision_patch: int = 0  # the vision stage starts a new image tower of this patch size (0: continues the
                                  # one in out/image_encoder)
     measure: tuple = (512, 48)  # export: test captions and judged references its constants are measured on
@@ -97,13 +98,19 @@ class ClipTrainer(torch.nn.Module):
     """Contrastive loss pooled at the end token and at a random padding position after it; with `captions` (the
     unit C-space embeddings of `world.all_captions()`, (1800, P)) and `hard_negatives` > 0, plus that weight times
     the attribute loss: each one-object image against its canonical caption with one attribute changed to each
-    other value (the hard negatives a batch of random captions rarely holds: NegCLIP's idea)."""
+    other value (the hard negatives a batch of random captions rarely holds: NegCLIP's idea). With `align` > 0,
+    plus that weight times the alignment loss, 1 - cos(f_img^c, f_txt^c) of each image and its own caption's end
+    token: the contrastive loss only ranks captions, so an image embedding can be right by rank and still far from
+    its caption's embedding (a modality gap), and SD-IPC, which converts the image embedding itself, draws that gap.
+    """
 
-    def __init__(self, text, vision, captions: torch.Tensor | None = None, hard_negatives: float = 0.0):
+    def __init__(self, text, vision, captions: torch.Tensor | None = None, hard_negatives: float = 0.0,
+                 align: float = 0.0):
         super().__init__()
         self.text, self.vision = text, vision
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.captions, self.hard_negatives = captions, hard_negatives  # a constant, not a parameter: not saved
+        self.align = align
 
     def forward(self, input_ids, eos, pad_pos, pixels, variants=None):
         # with several processes the inputs are this process's share: the loss is the global batch's (`gathered`)
@@ -118,9 +125,16 @@ class ClipTrainer(torch.nn.Module):
             f_txt_c = gathered(F.normalize(self.text.text_projection(f_txt[rows, pos]), dim=-1))  # (B, P)
             logits = scale * f_img_c @ f_txt_c.T
             loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 4
+            if self.align and pos is eos:
+                loss = loss + self.align * self.alignment_loss(f_img_c, f_txt_c)
         if variants is not None and self.hard_negatives:
             loss = loss + self.hard_negatives * self.attribute_loss(f_img_c, variants, scale)
         return loss
+
+    @staticmethod
+    def alignment_loss(f_img_c, f_txt_c):
+        """Mean 1 - cosine of unit image embeddings (B, P) and their own captions' unit embeddings (B, P)."""
+        return (1 - (f_img_c * f_txt_c).sum(-1)).mean()
 
     def attribute_loss(self, f_img_c, variants, scale):
         """Cross-entropy over each attribute's values: `variants` (B, A, V + 1) holds, per image and attribute,

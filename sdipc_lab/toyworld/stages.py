@@ -50,6 +50,8 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
         sizes["hard_negatives"] = s.hard_negatives
     if stage == "vision" and s.fresh_vision_patch:
         sizes["fresh_vision_patch"] = s.fresh_vision_patch
+    if stage == "vision" and s.align:
+        sizes["align"] = s.align
     inputs = {part: hashlib.sha256(b"".join(f.read_bytes() for f in sorted((out / part).glob("*.safetensors"))))
               .hexdigest()[:16] for part in reads}  # transformers' model.safetensors, diffusers' diffusion_pytorch_...
     images = None if world is None else len(world.images)
@@ -85,7 +87,8 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
     """Train CLIP's image tower further against the frozen text tower ("locked text"): the text states the
     U-Net is conditioned on stay bit-identical, so the U-Net stays valid, while the image embeddings (what
     SD-IPC converts) line up better with the captions. With `s.hard_negatives`, the attribute loss of
-    `ClipTrainer` too; with `s.fresh_vision_patch`, a new image tower of that patch size instead of out/image_encoder. Needs `clip` first; overwrites out/image_encoder."""
+    `ClipTrainer` too; with `s.align`, its alignment loss; with `s.fresh_vision_patch`, a new image tower of that
+    patch size instead of out/image_encoder. Needs `clip` first; overwrites out/image_encoder."""
     from transformers import (
         CLIPTextModelWithProjection,
         CLIPTokenizer,
@@ -109,7 +112,7 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
             f_eos = text.text_model(ids).last_hidden_state[torch.arange(len(eos)), eos]  # (C, D)
             captions = F.normalize(text.text_projection(f_eos), dim=-1)  # (C, P)
         variants = caption_variants(world)  # (N, A, V + 1)
-    trainer = ClipTrainer(text, vision, captions, s.hard_negatives)
+    trainer = ClipTrainer(text, vision, captions, s.hard_negatives, s.align)
 
     def loss_fn(module, step):
         *inputs, index = contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "vision", offset=5,

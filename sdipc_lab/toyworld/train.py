@@ -87,6 +87,9 @@ def main(argv=None) -> None:
     parser.add_argument("--hard-negatives", type=float, metavar="WEIGHT",
                         help="vision: add the attribute loss at this weight (each image against its caption with one "
                              "attribute changed; ClipTrainer), e.g. 1")
+    parser.add_argument("--align", type=float, metavar="WEIGHT",
+                        help="vision: add the alignment loss at this weight (1 - cosine of each image's embedding "
+                             "and its caption's: closes the gap SD-IPC converts; ClipTrainer), e.g. 5")
     parser.add_argument("--fresh-vision", type=int, metavar="PATCH",
                         help="vision: train a new image tower with this patch size (e.g. 4) against the frozen text "
                              "tower, instead of continuing the one in OUT/image_encoder")
@@ -207,12 +210,15 @@ def main(argv=None) -> None:
             if any(child.wait() for child in children):
                 raise SystemExit(f"a stage of {pair} failed; see its output above (resume with the same command)")
         stages = ["judge", "unet"]
-    if args.hard_negatives is not None:
+    for option, field in (("--hard-negatives", "hard_negatives"), ("--align", "align")):
+        weight = getattr(args, field)
+        if weight is None:
+            continue
         if stages != ["vision"]:
-            parser.error("--hard-negatives is for the vision stage alone")
-        if not (math.isfinite(args.hard_negatives) and args.hard_negatives >= 0):
-            parser.error(f"--hard-negatives is a weight >= 0, got {args.hard_negatives}")
-        s = dataclasses.replace(s, hard_negatives=args.hard_negatives)
+            parser.error(f"{option} is for the vision stage alone")
+        if not (math.isfinite(weight) and weight >= 0):
+            parser.error(f"{option} is a weight >= 0, got {weight}")
+        s = dataclasses.replace(s, **{field: weight})
     if args.fresh_vision is not None:
         if stages != ["vision"]:
             parser.error("--fresh-vision is for the vision stage alone")
