@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import median_seconds, record, table, threads  # noqa: E402

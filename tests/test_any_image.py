@@ -1,6 +1,7 @@
 """Images the world's renderer did not make: the varied training drawings (`variety`), the bench's drawings by other
 code (`freehand`), and what the lab reads of them (`read_drawings`, `shape_by_size`)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +99,8 @@ def test_with_variety_adds_the_share_and_changes_the_signature():
 
     world = data.render(12, "train")
     mixed = data.with_variety(world, 0.5)
-    assert len(mixed.images) == 24 and mixed.varied == 12 and len(mixed.things) == 24
-    assert torch.equal(mixed.images[:12], world.images)
+    assert len(mixed) == 24 and mixed.varied == 12 and len(world) == 12
+    assert mixed.images is world.images  # nothing drawn in advance: each varied drawing is drawn for its batch
     assert data.with_variety(world, 0.0) is world
     s = models.MODEL_SIZES["test"]
     budget = (6, 8, 1e-3)
@@ -107,6 +108,65 @@ def test_with_variety_adds_the_share_and_changes_the_signature():
             != stages.signature("vision", s, budget, 0, mixed, Path("."))["images"])
     with pytest.raises(ValueError, match="share"):
         data.with_variety(world, 1.0)
+
+
+class _Process:  # what contrastive_batch reads of an Accelerator
+    def __init__(self, index=0, count=1):
+        self.process_index, self.num_processes, self.device = index, count, torch.device("cpu")
+
+
+def _batch(world, tokenizer, step, process=None, batch=16):
+    from sdipc_lab.toyworld import data
+
+    torch.manual_seed(7)  # the padding positions: every process draws them alike, as accelerate seeds them
+    return data.contrastive_batch(world, tokenizer, batch, step, 0, process or _Process(), "vision", offset=5,
+                                  with_things=True)
+
+
+def test_each_batch_draws_its_varied_drawings_anew():
+    from sdipc_lab.toyworld import data, models
+    from sdipc_lab.toyworld.data import tokenize
+
+    tokenizer = models.new_tokenizer()
+    world = data.with_variety(data.render(8, "train", two_objects=0), 0.75)  # 8 of the world's, 24 varied
+    ids, eos, pad, pixels, things, backgrounds = _batch(world, tokenizer, 0)
+    assert ids.shape == (16, 77) and pixels.shape == (16, 3, 64, 64) and len(things) == len(backgrounds) == 16
+    assert torch.equal(pixels, _batch(world, tokenizer, 0)[3])  # a step's batch is the same every time
+    assert ((eos < pad) & (pad <= 76)).all()
+
+    index = data.batch_index(len(world), 16, 0, 5, _Process())
+    varied = [p for p in range(16) if index[p] >= 8]
+    assert 4 <= len(varied) < 16  # both kinds in one batch
+    for p in range(16):
+        if p in varied:  # the drawing of its own index, with its own caption
+            s = variety.sample(data.varied_index(5, 0, p, 16))
+            expected = data.clip_normalize(data.to_pixels(torch.from_numpy(np.asarray(s.image))[None], "cpu"))[0]
+            assert things[p] == s.things and backgrounds[p] == s.background
+            assert torch.equal(pixels[p], expected) and torch.equal(ids[p], tokenize(tokenizer, [s.caption], "cpu")[0][0])
+        else:
+            assert things[p] == world.things[index[p]]
+            assert torch.equal(pixels[p], data.clip_normalize(world.pixels(index[p:p + 1], "cpu"))[0])
+
+    # never the same drawing twice: 3 steps' varied drawings all differ
+    drawn = [pixels[p] for p in varied]
+    for step in (1, 2):
+        index = data.batch_index(len(world), 16, step, 5, _Process())
+        drawn += [x for x, i in zip(_batch(world, tokenizer, step)[3], index) if i >= 8]
+    assert len({x.numpy().tobytes() for x in drawn}) == len(drawn) > 12
+
+
+def test_processes_draw_their_shares_of_the_batch_one_process_draws():
+    from sdipc_lab.toyworld import data, models
+
+    tokenizer = models.new_tokenizer()
+    world = data.with_variety(data.render(8, "train"), 0.5)
+    one = _batch(world, tokenizer, 3)
+    halves = [_batch(world, tokenizer, 3, _Process(k, 2)) for k in range(2)]
+    for whole, a, b in zip(one, *halves):
+        if isinstance(whole, torch.Tensor):
+            assert torch.equal(whole, torch.cat([a, b]))
+        else:
+            assert whole == a + b
 
 
 def test_read_drawings_scores_each_image_against_its_truth():
@@ -141,19 +201,21 @@ def test_caption_variants_index_the_canonical_captions():
     from sdipc_lab.toyworld import data, models
     from sdipc_lab.toyworld.evaluate import VALUES, caption_with
 
-    world = data.with_variety(data.render(30, "train"), 0.5)
-    variants = models.caption_variants(world)  # (N, A, V + 1)
+    world = data.render(30, "train")
+    varied = [variety.sample(i) for i in range(15)]
+    things, backgrounds = world.things + [s.things for s in varied], world.backgrounds + [s.background for s in varied]
+    variants = models.caption_variants(things, backgrounds)  # (N, A, V + 1)
     captions = all_captions()
     checked = held_out = 0
-    for i, things in enumerate(world.things):
-        if len(things) != 1:
+    for i, objects in enumerate(things):
+        if len(objects) != 1:
             assert (variants[i] == -1).all()
             continue
-        sample = Sample(None, "", things, world.backgrounds[i])
+        sample = Sample(None, "", objects, backgrounds[i])
         for a, (attribute, values) in enumerate(VALUES.items()):
-            assert captions[variants[i, a, variants[i, a, -1]]] == caption(things, world.backgrounds[i])
+            assert captions[variants[i, a, variants[i, a, -1]]] == caption(objects, backgrounds[i])
             for v, value in enumerate(values):
-                t = things[0]
+                t = objects[0]
                 pair = (value if attribute == "shape" else t.shape, value if attribute == "colour" else t.colour)
                 if pair in HELD_OUT:  # never a negative: no training image shows the pair either way
                     assert variants[i, a, v] == -1
@@ -172,7 +234,7 @@ def test_attribute_loss_is_the_cross_entropy_over_each_attribute():
     captions = torch.nn.functional.normalize(torch.randn(1800, 8), dim=-1)
     trainer = models.ClipTrainer(None, None, captions, hard_negatives=1.0)
     world = data.render(6, "train", two_objects=0)
-    variants = models.caption_variants(world)
+    variants = models.caption_variants(world.things, world.backgrounds)
     f = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     got = trainer.attribute_loss(f, variants, torch.tensor(10.0))
     losses = []
@@ -230,12 +292,16 @@ def test_fresh_vision_trains_a_new_tower_of_the_patch_size_and_keeps_the_text_to
     from safetensors.torch import load_file
     from transformers import CLIPVisionConfig
 
+    from sdipc_lab import checkpoints
     from sdipc_lab.toyworld import train as T
 
     T.main(["clip", "--size", "test", "--steps", "2", "--out", str(tmp_path)])
     text_before = load_file(tmp_path / "text_encoder" / "model.safetensors")
     assert CLIPVisionConfig.from_pretrained(tmp_path / "image_encoder").patch_size == 16  # the test size's
-    T.main(["vision", "--size", "test", "--steps", "2", "--out", str(tmp_path), "--fresh-vision", "8"])
+    T.main(["vision", "--size", "test", "--steps", "2", "--out", str(tmp_path), "--fresh-vision", "8",
+            "--variety", "0.5", "--hard-negatives", "1", "--align", "1"])  # every loss, on drawings drawn anew
+    signature = json.loads(checkpoints._read_checkpoint(tmp_path / "vision.ckpt.safetensors")[0]["signature"])
+    assert signature["images"].endswith("varied, drawn anew") and signature["sizes"]["align"] == 1
     assert CLIPVisionConfig.from_pretrained(tmp_path / "image_encoder").patch_size == 8
     text_after = load_file(tmp_path / "text_encoder" / "model.safetensors")
     assert all(torch.equal(v, text_after[k]) for k, v in text_before.items())

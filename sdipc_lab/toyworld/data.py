@@ -30,13 +30,20 @@ class World:
     backgrounds: list
 
     two_objects: float = TWO_OBJECTS  # the share of samples drawn with a second object
-    varied: int = 0  # how many of the images (the last ones) `variety.sample` drew
+    varied: int = 0  # how many more samples a batch picks from: varied drawings, each drawn anew (`with_variety`)
+
+    def __len__(self) -> int:  # the samples a batch picks from: the images, then the varied drawings
+        return len(self.images) + self.varied
 
     def pixels(self, index: torch.Tensor, device) -> torch.Tensor:  # (B, 3, 64, 64) in [-1, 1]
-        return self.images[index].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return to_pixels(self.images[index], device)
 
     def captions(self, index: torch.Tensor, rng: random.Random) -> list[str]:
         return [caption(self.things[i], self.backgrounds[i], rng) for i in index.tolist()]
+
+
+def to_pixels(images: torch.Tensor, device) -> torch.Tensor:  # (B, 64, 64, 3) uint8 -> (B, 3, 64, 64) in [-1, 1]
+    return images.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def _draw(args):
@@ -58,27 +65,20 @@ def render(n: int, split: str = "train", workers: int | None = None, two_objects
     return World(images, [o[1] for o in out], [o[2] for o in out], two_objects)
 
 
-def _draw_varied(i):
-    s = variety.sample(i, "train")
-    return np.asarray(s.image), s.things, s.background
-
-
-def with_variety(world: World, share: float, workers: int | None = None) -> World:
-    """`world` with varied drawings of its objects added (`variety.sample`), a `share` of the result: what the
-    `vision` stage trains the image tower on with `--variety` (the U-Net stages never see them)."""
+def with_variety(world: World, share: float) -> World:
+    """`world` with varied drawings of its objects (`variety.sample`) as a `share` of the samples a batch picks
+    from: what the `vision` stage trains the image tower on with `--variety` (the U-Net stages never see them).
+    Each is drawn anew whenever a batch picks one (`contrastive_batch`), never from a fixed set: a tower trained on
+    20,000 varied drawings drawn once read the shapes of those it had seen at 100 % and of new ones at 75 %."""
     if not 0 <= share < 1:
         raise ValueError(f"the varied share is between 0 and 1 (1 excluded), got {share}")
     n = round(len(world.images) * share / (1 - share))
-    if n == 0:
-        return world
-    if n >= 2000 and (workers or multiprocessing.cpu_count()) > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            out = pool.map(_draw_varied, range(n), chunksize=256)
-    else:
-        out = [_draw_varied(i) for i in range(n)]
-    images = torch.cat([world.images, torch.from_numpy(np.stack([o[0] for o in out]))])
-    return World(images, world.things + [o[1] for o in out], world.backgrounds + [o[2] for o in out],
-                 world.two_objects, world.varied + n)
+    return world if n == 0 else dataclasses.replace(world, varied=world.varied + n)
+
+
+def varied_index(stream: int, step: int, position: int, batch: int) -> int:
+    """The `variety.sample` index of the varied drawing at `position` of `step`'s batch: a new one every time."""
+    return (stream * 1_000_003 + step) * batch + position
 
 
 def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:  # [-1, 1] -> CLIP's normalisation
@@ -101,19 +101,36 @@ def tokenize(tokenizer, texts: list[str], device):  # ids (B, 77), end-token pos
 
 
 def contrastive_batch(world: World, tokenizer, batch: int, step: int, seed: int, accelerator, name: str,
-                      offset: int = 0, with_index: bool = False):
+                      offset: int = 0, with_things: bool = False):
     """One CLIP batch: token ids (B, 77), end-token positions (B,), a random padding position after each
-    end token (B,), and CLIP-normalised pixels (B, 3, 64, 64); with `with_index`, the images' indices (B,) too.
-    `offset` picks another stream of images. With several processes, B is this process's share of the global
-    `batch`, drawn (captions and padding positions too) as one process draws it."""
-    index = batch_index(len(world.images), batch, step, seed + offset, accelerator)
+    end token (B,), and CLIP-normalised pixels (B, 3, 64, 64); with `with_things`, the images' things and
+    backgrounds (two lists of B) too. `offset` picks another stream of images. With several processes, B is this
+    process's share of the global `batch`, drawn (captions and padding positions too) as one process draws it;
+    each process draws only its own share of the batch's varied drawings (`with_variety`)."""
+    index = batch_index(len(world), batch, step, seed + offset, accelerator)
     rng = random.Random(f"{name}:{seed}:{step}")
-    ids, eos = tokenize(tokenizer, world.captions(index, rng), accelerator.device)
-    pad = eos + (torch.rand(len(eos), device=eos.device) * (77 - eos)).long().clamp(max=76 - eos)
+    kept = index < len(world.images)
+    texts = iter(world.captions(index[kept], rng))  # the world's captions, in the batch's order
+    texts = [next(texts) if k else None for k in kept.tolist()]
+    u = torch.rand(batch, device=accelerator.device)  # where each caption's padding position falls
     part = processes(accelerator)
-    index, ids, eos, pad = (shard(x, part) for x in (index, ids, eos, pad))
-    batch_ = (ids, eos, pad, clip_normalize(world.pixels(index, accelerator.device)))
-    return (*batch_, index) if with_index else batch_
+    images, things, backgrounds = [], [], []
+    for position in shard(range(batch), part):
+        i = int(index[position])
+        if i < len(world.images):
+            images.append(world.images[i])
+            things.append(world.things[i])
+            backgrounds.append(world.backgrounds[i])
+        else:
+            s = variety.sample(varied_index(seed + offset, step, position, batch), "train")
+            texts[position] = s.caption
+            images.append(torch.from_numpy(np.asarray(s.image)))
+            things.append(s.things)
+            backgrounds.append(s.background)
+    ids, eos = tokenize(tokenizer, shard(texts, part), accelerator.device)
+    pad = eos + (shard(u, part) * (77 - eos)).long().clamp(max=76 - eos)
+    batch_ = (ids, eos, pad, clip_normalize(to_pixels(torch.stack(images), accelerator.device)))
+    return (*batch_, things, backgrounds) if with_things else batch_
 
 
 def caption_states(world: World, tokenizer, text, device, *, wordings: int, seed: int, batch: int = 64,

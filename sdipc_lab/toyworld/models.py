@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from .. import build
 from ..build import sd_v1_scheduler, word_tokenizer
 from ..training import gathered, randn_shard
-from .data import World
 from .world import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZE, SIZES, TWO_OBJECTS, vocabulary
 
 
@@ -150,9 +149,9 @@ class ClipTrainer(torch.nn.Module):
         return F.cross_entropy(logits[keep], truth[keep])
 
 
-def caption_variants(world: World) -> torch.Tensor:
+def caption_variants(things: list, backgrounds: list) -> torch.Tensor:
     """For `ClipTrainer.attribute_loss`: (N, A, V + 1) caption indices into `world.all_captions()` of each image's
-    canonical caption with each attribute (`world.ATTRIBUTES`) set to each of its values, -1 past them, and the
+    (its `things` and background's) canonical caption with each attribute (`world.ATTRIBUTES`) set to each of its values, -1 past them, and the
     true value's position last; all -1 for images with two objects. A variant naming a held-out (shape, colour)
     pair is -1 too: as a negative it would teach the tower that such a pair is never right, the opposite of
     generalising to the pairs no training image shows (`world.HELD_OUT`, what the held-out split measures)."""
@@ -160,11 +159,11 @@ def caption_variants(world: World) -> torch.Tensor:
               "background": tuple(BACKGROUNDS)}
     names = list(values)  # the order of all_captions(): shape, colour, size, position, background
     width = max(map(len, values.values()))
-    out = torch.full((len(world.things), len(names), width + 1), -1, dtype=torch.long)
-    for i, (things, background) in enumerate(zip(world.things, world.backgrounds)):
-        if len(things) != 1:
+    out = torch.full((len(things), len(names), width + 1), -1, dtype=torch.long)
+    for i, (objects, background) in enumerate(zip(things, backgrounds)):
+        if len(objects) != 1:
             continue
-        t = things[0]
+        t = objects[0]
         truth = [values[n].index(v) for n, v in zip(names, (t.shape, t.colour, t.size, t.position, background))]
         for a, name in enumerate(names):
             for v in range(len(values[name])):

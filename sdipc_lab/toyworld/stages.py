@@ -58,7 +58,7 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
     if world is not None and world.two_objects != TWO_OBJECTS:  # the world's own share: the signature it always had
         images = f"{images} ({world.two_objects:g} with two objects)"
     if world is not None and world.varied:
-        images = f"{images} ({world.varied} varied)"
+        images = f"{images} and {world.varied} varied, drawn anew"
     return dict(stage=stage, sizes=sizes, batch=budget[1], lr=budget[2], seed=seed, images=images, inputs=inputs)
 
 
@@ -105,19 +105,19 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
     else:
         vision = CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder", dtype=torch.float32)
     text_before = {k: v.clone() for k, v in text.state_dict().items()}
-    captions = variants = None
+    captions = None
     if s.hard_negatives:
         with torch.no_grad():
             ids, eos = tokenize(tokenizer, all_captions(), "cpu")
             f_eos = text.text_model(ids).last_hidden_state[torch.arange(len(eos)), eos]  # (C, D)
             captions = F.normalize(text.text_projection(f_eos), dim=-1)  # (C, P)
-        variants = caption_variants(world)  # (N, A, V + 1)
     trainer = ClipTrainer(text, vision, captions, s.hard_negatives, s.align)
 
     def loss_fn(module, step):
-        *inputs, index = contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "vision", offset=5,
-                                           with_index=True)
-        return module(*inputs, None if variants is None else variants[index].to(accelerator.device))
+        *inputs, things, backgrounds = contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "vision",
+                                                         offset=5, with_things=True)
+        variants = caption_variants(things, backgrounds).to(accelerator.device) if s.hard_negatives else None
+        return module(*inputs, variants)  # variants: (B, A, V + 1)
 
     trainer = fit("vision", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out, accelerator=accelerator,
         signature=signature("vision", s, budget, seed, world, out, ("text_encoder",)))

@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variety", type=float, metavar="SHARE",
                         help="vision: a SHARE of the image tower's training images drawn with the variety of users' "
                              "images (continuous sizes, rotations, styles, shades, backgrounds, JPEG; "
-                             "sdipc_lab.toyworld.variety), e.g. 0.5")
+                             "sdipc_lab.toyworld.variety), each drawn anew for its batch, e.g. 0.5")
     parser.add_argument("--hard-negatives", type=float, metavar="WEIGHT",
                         help="vision: add the attribute loss at this weight (each image against its caption with one "
                              "attribute changed; ClipTrainer), e.g. 1")
