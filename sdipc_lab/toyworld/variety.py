@@ -5,8 +5,9 @@ The world (`world.draw`) draws every shape at one of two radii, always upright, 
 shade per colour word on one of five textured backgrounds. A tower trained only on that can tell a circle from a
 square by its area. `sample(i)` draws one object with
 
-- a continuous size (object width 14-82 % of the image), the words "small" / "large" by the judge's threshold
-  (an extent of `judge.LARGE_EXTENT` pixels at 64 px: what the U-Net draws as large from then on);
+- a continuous size (object width 14-82 % of the image, log-uniform: small objects are the hardest to read), the
+  words "small" / "large" by the judge's threshold (an extent of `judge.LARGE_EXTENT` pixels at 64 px: what the
+  U-Net draws as large from then on);
 - a free position near one of the world's five (the word is the nearest), a rotation of up to 25 degrees and an
   aspect of 0.75-1.33;
 - a style: filled, outlined (1.5-4 px strokes) or wobbly (a hand-drawn edge), anti-aliased or aliased;
@@ -93,7 +94,7 @@ def backdrop(rgb, rng: random.Random) -> tuple[str, Image.Image]:
 
 def object_mask(shape: str, style: str, rng: random.Random) -> tuple[Image.Image, tuple, int]:
     """The object's coverage (64, 64) "L", its bounding-box centre (x, y) and extent in pixels."""
-    target = rng.uniform(*EXTENT)
+    target = math.exp(rng.uniform(*map(math.log, EXTENT)))  # log-uniform: a third of them under 16 px
     big = SIZE * SCALE
     found = None
     for _ in range(20):
