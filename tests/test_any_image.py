@@ -142,7 +142,8 @@ def test_each_batch_draws_its_varied_drawings_anew():
             s = variety.sample(data.varied_index(5, 0, p, 16))
             expected = data.clip_normalize(data.to_pixels(torch.from_numpy(np.asarray(s.image))[None], "cpu"))[0]
             assert things[p] == s.things and backgrounds[p] == s.background
-            assert torch.equal(pixels[p], expected) and torch.equal(ids[p], tokenize(tokenizer, [s.caption], "cpu")[0][0])
+            assert torch.equal(pixels[p], expected)
+            assert torch.equal(ids[p], tokenize(tokenizer, [s.caption], "cpu")[0][0])
         else:
             assert things[p] == world.things[index[p]]
             assert torch.equal(pixels[p], data.clip_normalize(world.pixels(index[p:p + 1], "cpu"))[0])

@@ -151,10 +151,11 @@ class ClipTrainer(torch.nn.Module):
 
 def caption_variants(things: list, backgrounds: list) -> torch.Tensor:
     """For `ClipTrainer.attribute_loss`: (N, A, V + 1) caption indices into `world.all_captions()` of each image's
-    (its `things` and background's) canonical caption with each attribute (`world.ATTRIBUTES`) set to each of its values, -1 past them, and the
-    true value's position last; all -1 for images with two objects. A variant naming a held-out (shape, colour)
-    pair is -1 too: as a negative it would teach the tower that such a pair is never right, the opposite of
-    generalising to the pairs no training image shows (`world.HELD_OUT`, what the held-out split measures)."""
+    canonical caption (of its `things` and background) with each attribute (`world.ATTRIBUTES`) set to each of its
+    values, -1 past them, and the true value's position last; all -1 for images with two objects. A variant naming
+    a held-out (shape, colour) pair is -1 too: as a negative it would teach the tower that such a pair is never
+    right, the opposite of generalising to the pairs no training image shows (`world.HELD_OUT`, what the held-out
+    split measures)."""
     values = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS),
               "background": tuple(BACKGROUNDS)}
     names = list(values)  # the order of all_captions(): shape, colour, size, position, background
