@@ -6,10 +6,11 @@ A short proxy before a long run. Each tower (the shipped one, or a fresh one of 
 gets a linear shape head on its image embedding and is trained for `--steps` steps (the same work on a busy
 machine; the table gives each tower's seconds per step, to turn steps into CPU time), supervised, on half
 world renderings and half varied drawings (`toyworld.variety`, its train split). It is then scored on the world's
-test renderings, on varied drawings of unseen seeds and on the drawings of `toyworld.freehand` (the "dev" part
-only: the held-out part informs no decision). Supervised shape is an upper bound for what the contrastive
-`vision` stage can teach the same tower in the same time. Progress goes to stderr. Writes docs/results/shape_proxy.md
-(replaced on every run; `common.record`).
+test renderings, on varied drawings of unseen seeds and on 480 drawings of `toyworld.freehand` (the "dev" part
+only: the held-out part informs no decision), all of them and the small ones (objects 15-25 % and 25-40 % of the
+image wide). Supervised shape is an upper bound for what the contrastive `vision` stage can teach the same tower
+in the same time. Progress goes to stderr. Writes docs/results/shape_proxy.md (replaced on every run;
+`common.record`).
 """
 
 from __future__ import annotations
@@ -78,9 +79,13 @@ def main() -> None:
         world = samples(args.n_train, "train", two_objects=0)
         varied = [variety.sample(i) for i in range(args.n_train)]
         x_train, y_train = (torch.cat(t) for t in zip(labelled(lab, world), labelled(lab, varied)))
+        dev = freehand.drawings(480, "dev")
         tests = {"world test": labelled(lab, samples(300, "test", two_objects=0)),
                  "varied, unseen seeds": labelled(lab, [variety.sample(10**6 + i) for i in range(300)]),
-                 "drawings (dev)": labelled(lab, freehand.drawings(240, "dev"))}
+                 "drawings (dev)": labelled(lab, dev)}
+        for bucket in freehand.BUCKETS[:2]:  # objects smaller than any of the world's, and about its small ones
+            name = freehand.bucket(bucket[0])
+            tests[f"drawings (dev), {name}"] = labelled(lab, [d for d in dev if d.bucket == name])
         print(f"data: {len(x_train)} training images, built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
         rows = []
