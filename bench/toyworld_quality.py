@@ -1,6 +1,6 @@
 """How good is the teaching-scale lab? One table: judge, CLIP, VAE, text-to-image, SD-IPC variation, speed.
 
-    python bench/toyworld_quality.py [--source toy] [--n 96] [--pool 100]
+    python bench/toyworld_quality.py [--source toy] [--n 96] [--pool 100]  # --pool: at least --n
     python bench/toyworld_quality.py --source runs/proxy/lab --quick    # a proxy run: true caption + SD-IPC only
     python bench/toyworld_quality.py --source LAB --curve --json p.json # caption -> EOS -> oracle -> SD-IPC, both splits
     python bench/toyworld_quality.py --cutoffs 0 lab 0.5 [--split heldout]  # what the cutoff does to the oracle, SD-IPC
@@ -113,7 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", default="toy")
     parser.add_argument("--n", type=int, default=48, help="references per generation row")
-    parser.add_argument("--pool", type=int, default=100, help="images for CLIP accuracy and retrieval")
+    parser.add_argument("--pool", type=int, help="images for CLIP accuracy and retrieval, and where the generation "
+                        "rows' references are drawn from (default: 100, or --n if larger)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", default=None, help="judge weights (default: the shipped ones)")
     parser.add_argument("--quick", action="store_true", help="only generation from the true caption and SD-IPC")
@@ -124,6 +125,11 @@ def main() -> None:
                         help="only the oracle and SD-IPC at these cutoffs ('lab': the lab's; 0.5: a number), then stop")
     parser.add_argument("--split", default="test", choices=["test", "heldout"], help="the references of --cutoffs")
     args = parser.parse_args()
+    if args.pool is None:
+        args.pool = max(100, args.n)
+    elif args.pool < args.n:  # the generation rows' references are the pool's first n: fewer would be silently used
+        parser.error(f"--n {args.n} references need --pool {args.n} or more (the generation rows draw them from "
+                     f"the pool of --pool {args.pool}); leave --pool out to use max(100, --n)")
     if args.cutoffs:  # one file per split
         results = "cutoff_oracle" + ("_heldout" if args.split == "heldout" else "")
         title = f"What the cutoff does to the oracle and to SD-IPC ({args.split} references)"

@@ -3,6 +3,8 @@
 import json
 import random
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -824,3 +826,22 @@ def test_recipe_refuses_a_misspelt_step_stage_or_option_before_training(tmp_path
             T.main(["recipe", str(bad), "--out", str(out), "--size", "test"])
         assert why in capsys.readouterr().err
     assert not out.exists() or not any(out.glob("*.done"))  # nothing trained
+
+
+def test_quality_bench_draws_n_references_or_refuses(monkeypatch, capsys):
+    """bench/toyworld_quality.py's generation rows take their references from the pool: --n above --pool is refused
+    (it used to run on --pool references while its header said --n), and without --pool the pool grows to --n."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import toyworld_quality
+
+    seen = []
+    monkeypatch.setattr(toyworld_quality, "measure", seen.append)
+    monkeypatch.setenv("BENCH_NO_RESULTS", "1")
+    for argv, pool in ((["--n", "288"], 288), (["--n", "48"], 100), (["--n", "96", "--pool", "200"], 200)):
+        monkeypatch.setattr(sys, "argv", ["toyworld_quality.py", "--quick", *argv])
+        toyworld_quality.main()
+        assert seen.pop().pool == pool
+    monkeypatch.setattr(sys, "argv", ["toyworld_quality.py", "--n", "288", "--pool", "100"])
+    with pytest.raises(SystemExit) as exit_:
+        toyworld_quality.main()
+    assert exit_.value.code == 2 and "--n 288 references need --pool 288 or more" in capsys.readouterr().err
