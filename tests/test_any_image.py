@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 import sdipc_lab as S
 from sdipc_lab.toyworld import COLOURS, HELD_OUT, SHAPES, Sample, freehand, samples, variety
@@ -170,6 +171,62 @@ def test_processes_draw_their_shares_of_the_batch_one_process_draws():
             assert whole == a + b
 
 
+def test_grey_is_pils_luminance_in_every_channel():
+    from sdipc_lab.toyworld import data
+
+    image = samples(1, "test")[0].image
+    g = data.grey(data.to_pixels(torch.from_numpy(np.array(image))[None], "cpu"))[0]  # (3, 64, 64) in [-1, 1]
+    assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
+    reference = torch.from_numpy(np.array(image.convert("L"), dtype=np.float32)) / 127.5 - 1  # PIL: 299/587/114
+    assert (g[0] - reference).abs().max() <= 1 / 127.5  # PIL rounds to whole levels
+
+
+def test_shape_batch_holds_each_pictures_shapes_grey_and_shared_as_one_process_draws_it():
+    from sdipc_lab.toyworld import data
+
+    world = data.with_variety(data.render(8, "train", two_objects=1.0), 0.5)
+    pixels, held = data.shape_batch(world, 16, 2, 0, _Process())
+    assert pixels.shape == (16, 3, 64, 64) and held.shape == (16, len(SHAPES))
+    index = data.batch_index(len(world), 16, 2, 7, _Process())
+    for p in range(16):
+        things = (world.things[index[p]] if index[p] < 8 else
+                  variety.sample(data.varied_index(7, 2, p, 16)).things)
+        assert held[p].nonzero().flatten().tolist() == sorted({SHAPES.index(t.shape) for t in things})
+    assert (held.sum(1) == 2).any() and (held.sum(1) == 1).any()  # two-object pictures and varied drawings
+    unnormalised = pixels * torch.tensor(data.CLIP_STD)[:, None, None] + torch.tensor(data.CLIP_MEAN)[:, None, None]
+    assert torch.allclose(unnormalised[:, 0], unnormalised[:, 2], atol=1e-5)  # no colour left
+    halves = [data.shape_batch(world, 16, 2, 0, _Process(k, 2)) for k in range(2)]
+    assert torch.equal(pixels, torch.cat([h[0] for h in halves]))
+    assert torch.equal(held, torch.cat([h[1] for h in halves]))
+
+
+def test_shape_stage_teaches_a_new_tower_shape_and_leaves_it_for_vision(tmp_path, capsys):
+    """`train shape` trains a new tower (the size's) with a shape head, resumably, and writes only the tower: what
+    `vision` goes on from; the loss, which starts at chance (log 2 per shape), falls."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from sdipc_lab.toyworld import models
+    from sdipc_lab.toyworld import train as T
+
+    argv = ["shape", "--size", "test", "--out", str(tmp_path), "--steps", "40", "--variety", "0.5", "--lr", "3e-3"]
+    T.main([*argv, "--stop-at", "20"])
+    T.main(argv)
+    out = capsys.readouterr().out
+    assert "shape: resumed at step 20" in out and "its head reads the shape of" in out
+    with safe_open(str(tmp_path / "shape.ckpt.safetensors"), framework="pt") as ckpt:
+        meta = ckpt.metadata()
+        assert {k.split(".")[1] for k in ckpt.keys() if k.startswith("model.")} == {"vision", "head"}
+    losses = json.loads(meta["losses"])
+    assert int(meta["step"]) == 40 == len(losses)
+    assert abs(losses[0] - np.log(2)) < 0.3 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.1, losses
+    tower = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "image_encoder")
+    s = models.MODEL_SIZES["test"]
+    assert (tower.config.hidden_size, tower.config.patch_size, tower.config.projection_dim) == (s.width, s.patch,
+                                                                                                s.width)
+    with pytest.raises(SystemExit):  # its options are the vision stage's, nobody else's
+        T.main(["clip", "--size", "test", "--out", str(tmp_path), "--variety", "0.5"])
+
+
 def test_read_drawings_scores_each_image_against_its_truth():
     lab = S.load_lab("tiny", device="cpu")
     data = freehand.drawings(3, "dev", format="64 px") + samples(2, "test", two_objects=0)
@@ -283,7 +340,8 @@ def test_vision_options_are_refused_elsewhere_and_out_of_range(tmp_path, capsys,
 
     with pytest.raises(SystemExit):
         T.main(["clip", "--size", "test", "--out", str(tmp_path), option, "0.5"])
-    assert "vision stage alone" in capsys.readouterr().err
+    assert ("for the vision or the shape stage alone" if option == "--variety" else "for the vision stage alone") in (
+        capsys.readouterr().err)
     with pytest.raises(SystemExit):
         T.main(["vision", "--size", "test", "--out", str(tmp_path), option, bad])
     assert why in capsys.readouterr().err
@@ -311,4 +369,4 @@ def test_fresh_vision_trains_a_new_tower_of_the_patch_size_and_keeps_the_text_to
     assert "divides the 64-px image" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         T.main(["clip", "--size", "test", "--out", str(tmp_path), "--fresh-vision", "8"])
-    assert "vision stage alone" in capsys.readouterr().err
+    assert "for the vision or the shape stage alone" in capsys.readouterr().err

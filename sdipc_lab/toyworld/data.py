@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..convert import token_ids
 from ..training import check_batch, processes, shard
 from . import variety
-from .world import TWO_OBJECTS, caption, sample
+from .world import SHAPES, TWO_OBJECTS, caption, sample
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -114,24 +114,51 @@ def contrastive_batch(world: World, tokenizer, batch: int, step: int, seed: int,
     texts = [next(texts) if k else None for k in kept.tolist()]
     u = torch.rand(batch, device=accelerator.device)  # where each caption's padding position falls
     part = processes(accelerator)
-    images, things, backgrounds = [], [], []
-    for position in shard(range(batch), part):
+    images, things, backgrounds, varied = batch_samples(world, index, step, seed + offset, part)
+    texts = [varied.get(position, text) for position, text in enumerate(texts)]
+    ids, eos = tokenize(tokenizer, shard(texts, part), accelerator.device)
+    pad = eos + (shard(u, part) * (77 - eos)).long().clamp(max=76 - eos)
+    batch_ = (ids, eos, pad, clip_normalize(to_pixels(images, accelerator.device)))
+    return (*batch_, things, backgrounds) if with_things else batch_
+
+
+def batch_samples(world: World, index: torch.Tensor, step: int, stream: int, part):
+    """This process's share of the samples a global batch `index` (B,) picks: images (b, 64, 64, 3) uint8, their
+    things and backgrounds (lists of b), and the captions of the varied drawings among them (drawn anew,
+    `with_variety`), by their position in the global batch."""
+    images, things, backgrounds, varied = [], [], [], {}
+    for position in shard(range(len(index)), part):
         i = int(index[position])
         if i < len(world.images):
             images.append(world.images[i])
             things.append(world.things[i])
             backgrounds.append(world.backgrounds[i])
         else:
-            s = variety.sample(varied_index(seed + offset, step, position, batch), "train")
-            texts[position] = s.caption
-            images.append(torch.from_numpy(np.asarray(s.image)))
+            s = variety.sample(varied_index(stream, step, position, len(index)), "train")
+            varied[position] = s.caption
+            images.append(torch.from_numpy(np.array(s.image)))  # (a copy: PIL's buffer is read-only)
             things.append(s.things)
             backgrounds.append(s.background)
-    ids, eos = tokenize(tokenizer, shard(texts, part), accelerator.device)
-    pad = eos + (shard(u, part) * (77 - eos)).long().clamp(max=76 - eos)
-    batch_ = (ids, eos, pad, clip_normalize(to_pixels(torch.stack(images), accelerator.device)))
-    return (*batch_, things, backgrounds) if with_things else batch_
+    return torch.stack(images), things, backgrounds, varied
 
+
+def grey(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) pixels with their colour taken out: each channel the luminance (ITU-R 601), same range."""
+    luma = torch.tensor((0.299, 0.587, 0.114), device=pixels.device)
+    return (pixels * luma[:, None, None]).sum(1, keepdim=True).expand_as(pixels)
+
+
+def shape_batch(world: World, batch: int, step: int, seed: int, accelerator, offset: int = 7):
+    """One batch of the `shape` stage: grey CLIP-normalised pixels (B, 3, 64, 64) and which of `SHAPES` each
+    picture holds (B, S), 1 or 0 (a two-object picture can hold two); B is this process's share of `batch`."""
+    index = batch_index(len(world), batch, step, seed + offset, accelerator)
+    images, things, _, _ = batch_samples(world, index, step, seed + offset, processes(accelerator))
+    held = torch.zeros(len(things), len(SHAPES))
+    for row, objects in enumerate(things):
+        for thing in objects:
+            held[row, SHAPES.index(thing.shape)] = 1
+    pixels = to_pixels(images, accelerator.device)
+    return clip_normalize(grey(pixels)), held.to(accelerator.device)
 
 def caption_states(world: World, tokenizer, text, device, *, wordings: int, seed: int, batch: int = 64,
                    accelerator=None):

@@ -65,17 +65,22 @@ MODEL_SIZES = {
                   unet_channels=(16, 32, 32), unet_layers=1, unet_heads=2, norm_groups=8, train_images=64, wordings=2,
                   measure=(32, 4)),
 }
-STAGES = ("clip", "vision", "vae", "decoder", "judge", "unet")  # the order `all` runs them in
+STAGES = ("clip", "vision", "vae", "decoder", "judge", "unet", "shape")
+ALL = STAGES[:-1]  # the order `all` runs them in; `shape` (a new image tower's first lesson, then `vision` goes
+                   # on from it: `ShapeTrainer`) runs by name only, since `all`'s clip trains both towers from scratch
 # steps, batch, learning rate per stage
 BUDGETS = {
     "full": {"clip": (6000, 512, 5e-4), "vision": (2000, 512, 3e-4), "vae": (4000, 128, 1e-3),
-             "decoder": (2000, 128, 5e-4), "judge": (1500, 256, 2e-3), "unet": (30000, 256, 4e-4)},
+             "decoder": (2000, 128, 5e-4), "judge": (1500, 256, 2e-3), "unet": (30000, 256, 4e-4),
+             "shape": (2000, 256, 3e-4)},
     "cpu": {"clip": (100000, 128, 5e-4), "vision": (100000, 128, 3e-4), "vae": (100000, 32, 1e-3),
-            "decoder": (100000, 32, 5e-4), "judge": (100000, 128, 2e-3), "unet": (100000, 64, 4e-4)},
+            "decoder": (100000, 32, 5e-4), "judge": (100000, 128, 2e-3), "unet": (100000, 64, 4e-4),
+            "shape": (100000, 64, 3e-4)},
     "cpu-v1": {"clip": (100000, 128, 5e-4), "vision": (100000, 128, 3e-4), "vae": (100000, 32, 1e-3),
-               "decoder": (100000, 32, 5e-4), "judge": (100000, 128, 2e-3), "unet": (100000, 64, 4e-4)},
+               "decoder": (100000, 32, 5e-4), "judge": (100000, 128, 2e-3), "unet": (100000, 64, 4e-4),
+            "shape": (100000, 64, 3e-4)},
     "test": {"clip": (6, 8, 1e-3), "vision": (6, 8, 1e-3), "vae": (6, 4, 1e-3), "decoder": (6, 4, 1e-3),
-             "judge": (6, 8, 1e-3), "unet": (6, 8, 1e-3)},
+             "judge": (6, 8, 1e-3), "unet": (6, 8, 1e-3), "shape": (6, 8, 1e-3)},
 }
 
 # Learning rates for sdipc_lab.finetune on the teaching lab, written into its constants by `export`: CT and
@@ -147,6 +152,24 @@ class ClipTrainer(torch.nn.Module):
         logits = scale * torch.einsum("bp,bavp->bav", f_img_c, table[index.clamp(min=0)])  # (B, A, V)
         logits = logits.masked_fill(index < 0, float("-inf"))
         return F.cross_entropy(logits[keep], truth[keep])
+
+
+class ShapeTrainer(torch.nn.Module):
+    """A new image tower's first lesson, before it meets the text tower (`vision`): which of the `shapes` each
+    picture holds, read by a linear head on its embedding f_img (one logit per shape, binary cross-entropy: a
+    two-object picture holds two). Fed grey pictures (`data.shape_batch`), so colour, which the world's captions
+    tie to shape often enough to stand in for it, cannot. The head is thrown away; the tower keeps what it learnt."""
+
+    def __init__(self, vision, shapes: int):
+        super().__init__()
+        self.vision = vision
+        self.head = torch.nn.Linear(vision.config.projection_dim, shapes)
+
+    def forward(self, pixels, held):  # (B, 3, 64, 64), (B, S) of 0 and 1
+        return F.binary_cross_entropy_with_logits(self.logits(pixels), held)
+
+    def logits(self, pixels):  # (B, S)
+        return self.head(self.vision(pixel_values=pixels).image_embeds)
 
 
 def caption_variants(things: list, backgrounds: list) -> torch.Tensor:

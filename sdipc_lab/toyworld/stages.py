@@ -17,12 +17,23 @@ from tqdm.auto import tqdm
 from .. import build
 from ..latents import from_posterior
 from ..training import Budget, check_batch, diffusion_loss, fit, processes, randn_shard, shard
-from .data import World, batch_index, cached_caption_states, contrastive_batch, render, tokenize
+from .data import (
+    World,
+    batch_index,
+    cached_caption_states,
+    clip_normalize,
+    contrastive_batch,
+    grey,
+    render,
+    shape_batch,
+    tokenize,
+)
 from .judge import mask_crops, new_judge_cnn
 from .models import (
     ClipTrainer,
     DecoderTrainer,
     ModelSizes,
+    ShapeTrainer,
     VaeTrainer,
     caption_variants,
     new_clip,
@@ -44,11 +55,12 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
               "vae": ("vae_channels", "norm_groups", "vae_norm_groups", "init_vae"),
               "unet": ("unet_channels", "unet_layers", "unet_heads", "norm_groups", "wordings", "snr_gamma"),
               "judge": ()}
-    fields["vision"], fields["decoder"] = fields["clip"], fields["vae"]
+    fields["vision"] = fields["shape"] = fields["clip"]
+    fields["decoder"] = fields["vae"]
     sizes = {k: getattr(s, k) for k in fields[stage]}
     if stage == "vision" and s.hard_negatives:  # recorded only when used: earlier runs keep their signature
         sizes["hard_negatives"] = s.hard_negatives
-    if stage == "vision" and s.fresh_vision_patch:
+    if stage in ("vision", "shape") and s.fresh_vision_patch:
         sizes["fresh_vision_patch"] = s.fresh_vision_patch
     if stage == "vision" and s.align:
         sizes["align"] = s.align
@@ -122,6 +134,35 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
     trainer = fit("vision", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out, accelerator=accelerator,
         signature=signature("vision", s, budget, seed, world, out, ("text_encoder",)))
     assert all(torch.equal(v, text_before[k]) for k, v in trainer.text.state_dict().items()), "the text tower moved"
+    if accelerator.is_main_process:
+        trainer.vision.save_pretrained(out / "image_encoder")
+    accelerator.wait_for_everyone()
+    return trainer
+
+
+def train_shape(world: World, s: ModelSizes, budget, out: Path, accelerator, seed: int, **limits):
+    """A new image tower (the size's, or of patch `s.fresh_vision_patch`) learns to read shape first, on grey
+    pictures (`ShapeTrainer`); `vision` then aligns it with the frozen text tower. Aligned from scratch, a new tower
+    learns colour first and shape slowly; one that has learnt shape first aligns much faster. Writes
+    out/image_encoder (a run that has one: it is replaced) and prints how many test pictures its head reads."""
+    steps, batch, lr = budget
+    check_batch(batch, accelerator)
+    torch.manual_seed(seed)
+    vision = build.new_image_encoder(s.width, s.vision_layers, s.heads, s.width, SIZE, s.fresh_vision_patch or s.patch)
+    trainer = ShapeTrainer(vision.float(), len(SHAPES))
+
+    def loss_fn(module, step):
+        return module(*shape_batch(world, batch, step, seed, accelerator))
+
+    trainer = fit("shape", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out, accelerator=accelerator,
+        signature=signature("shape", s, budget, seed, world, out, ()))
+    test = render(256, "test", two_objects=0.0)
+    with torch.no_grad():
+        trainer.eval()
+        logits = trainer.logits(clip_normalize(grey(test.pixels(torch.arange(256), accelerator.device))))
+    truth = torch.tensor([SHAPES.index(t[0].shape) for t in test.things], device=logits.device)
+    accelerator.print(f"shape: its head reads the shape of {(logits.argmax(1) == truth).float().mean():.0%} of "
+                      "256 one-object test pictures (grey)")
     if accelerator.is_main_process:
         trainer.vision.save_pretrained(out / "image_encoder")
     accelerator.wait_for_everyone()

@@ -4,6 +4,7 @@
     python -m sdipc_lab.toyworld.train clip  --out runs/toyworld     # one model (clip, vae, unet, judge)
     python -m sdipc_lab.toyworld.train vision --out runs/toyworld    # more image-tower training, text frozen
     python -m sdipc_lab.toyworld.train vision --variety 0.5 ...      # ... half of it on varied drawings (variety.py)
+    python -m sdipc_lab.toyworld.train shape --variety 0.5 ...       # a new image tower reads shape first; then vision
     python -m sdipc_lab.toyworld.train decoder --out runs/toyworld   # more decoder training, latents unchanged
     python -m sdipc_lab.toyworld.train export --out runs/toyworld    # the lab, into runs/toyworld/lab
     python -m sdipc_lab.toyworld.train export --out runs/toyworld --from-checkpoint  # U-Net still training
@@ -51,7 +52,7 @@ from . import recipe
 from . import stages as stage_functions
 from .data import render, with_variety
 from .exporting import LAB_DIR, SAMPLER, export, init_from_lab, unet_from_checkpoint
-from .models import BUDGETS, MODEL_SIZES, STAGES
+from .models import ALL, BUDGETS, MODEL_SIZES, STAGES
 from .world import SIZE, TWO_OBJECTS
 
 
@@ -81,8 +82,8 @@ def main(argv=None) -> None:
     parser.add_argument("--two-objects", type=float, metavar="SHARE",
                         help=f"share of training images with a second object (default {TWO_OBJECTS}, the world's)")
     parser.add_argument("--variety", type=float, metavar="SHARE",
-                        help="vision: a SHARE of the image tower's training images drawn with the variety of users' "
-                             "images (continuous sizes, rotations, styles, shades, backgrounds, JPEG; "
+                        help="vision, shape: a SHARE of the image tower's training images drawn with the variety of "
+                             "users' images (continuous sizes, rotations, styles, shades, backgrounds, JPEG; "
                              "sdipc_lab.toyworld.variety), each drawn anew for its batch, e.g. 0.5")
     parser.add_argument("--hard-negatives", type=float, metavar="WEIGHT",
                         help="vision: add the attribute loss at this weight (each image against its caption with one "
@@ -92,7 +93,8 @@ def main(argv=None) -> None:
                              "and its caption's: closes the gap SD-IPC converts; ClipTrainer), e.g. 5")
     parser.add_argument("--fresh-vision", type=int, metavar="PATCH",
                         help="vision: train a new image tower with this patch size (e.g. 4) against the frozen text "
-                             "tower, instead of continuing the one in OUT/image_encoder")
+                             "tower, instead of continuing the one in OUT/image_encoder; shape: the new tower's patch "
+                             "size (default: the size's)")
     parser.add_argument("--snr-gamma", type=float, help="min-SNR-gamma weighting of the U-Net loss (e.g. 5)")
     parser.add_argument("--init-from-lab", type=Path, metavar="LAB",
                         help="continue from a lab's weights ('toy': the shipped one) where --out has none")
@@ -194,7 +196,7 @@ def main(argv=None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     minutes = _parse_minutes(args.minutes)
-    stages = list(STAGES) if args.stage == "all" else args.stage.split(",")
+    stages = list(ALL) if args.stage == "all" else args.stage.split(",")
     unknown = set(stages) - {*STAGES, "export"}
     if unknown:
         parser.error(f"unknown stage(s) {sorted(unknown)}: use all, export, or {','.join(STAGES)}")
@@ -220,15 +222,16 @@ def main(argv=None) -> None:
             parser.error(f"{option} is a weight >= 0, got {weight}")
         s = dataclasses.replace(s, **{field: weight})
     if args.fresh_vision is not None:
-        if stages != ["vision"]:
-            parser.error("--fresh-vision is for the vision stage alone")
+        if stages not in (["vision"], ["shape"]):
+            parser.error("--fresh-vision is for the vision or the shape stage alone")
         if args.fresh_vision < 1 or SIZE % args.fresh_vision:
             parser.error(f"--fresh-vision is a patch size that divides the {SIZE}-px image (e.g. 4, 8), "
                          f"got {args.fresh_vision}")
         s = dataclasses.replace(s, fresh_vision_patch=args.fresh_vision)
     if args.variety is not None:
-        if stages != ["vision"]:
-            parser.error("--variety is for the vision stage alone (the other stages train on the world's images)")
+        if stages not in (["vision"], ["shape"]):
+            parser.error("--variety is for the vision or the shape stage alone (the others train on the world's "
+                         "images)")
         if not 0 <= args.variety < 1:
             parser.error(f"--variety is a share between 0 and 1 (1 excluded), got {args.variety}")
     world = (render(s.train_images, "train", two_objects=s.two_objects)
