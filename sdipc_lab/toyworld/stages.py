@@ -156,14 +156,14 @@ def train_shape(world: World, s: ModelSizes, budget, out: Path, accelerator, see
 
     trainer = fit("shape", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out, accelerator=accelerator,
         signature=signature("shape", s, budget, seed, world, out, ()))
-    test = render(256, "test", two_objects=0.0)
-    with torch.no_grad():
-        trainer.eval()
-        logits = trainer.logits(clip_normalize(grey(test.pixels(torch.arange(256), accelerator.device))))
-    truth = torch.tensor([SHAPES.index(t[0].shape) for t in test.things], device=logits.device)
-    accelerator.print(f"shape: its head reads the shape of {(logits.argmax(1) == truth).float().mean():.0%} of "
-                      "256 one-object test pictures (grey)")
     if accelerator.is_main_process:
+        test = render(256, "test", two_objects=0.0)
+        with torch.no_grad():
+            trainer.eval()
+            logits = trainer.logits(clip_normalize(grey(test.pixels(torch.arange(256), accelerator.device))))
+        truth = torch.tensor([SHAPES.index(t[0].shape) for t in test.things], device=logits.device)
+        print(f"shape: its head reads the shape of {(logits.argmax(1) == truth).float().mean():.0%} of 256 one-object "
+              "test pictures (grey)")
         trainer.vision.save_pretrained(out / "image_encoder")
     accelerator.wait_for_everyone()
     return trainer
