@@ -160,6 +160,7 @@ def shape_batch(world: World, batch: int, step: int, seed: int, accelerator, off
     pixels = to_pixels(images, accelerator.device)
     return clip_normalize(grey(pixels)), held.to(accelerator.device)
 
+
 def caption_states(world: World, tokenizer, text, device, *, wordings: int, seed: int, batch: int = 64,
                    accelerator=None):
     """The frozen text tower's states for `wordings` captions of every image, computed once: (N, K, 77, D) fp16,
