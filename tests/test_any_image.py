@@ -1,7 +1,6 @@
 """Images the world's renderer did not make: the varied training drawings (`variety`), the bench's drawings by other
 code (`freehand`), and what the lab reads of them (`read_drawings`, `shape_by_size`)."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -286,31 +285,7 @@ def test_caption_variants_index_the_canonical_captions():
     assert checked > 20 and held_out > 5
 
 
-def test_colour_frames_read_each_shape_among_every_other_colours_captions():
-    from sdipc_lab.toyworld import all_captions, caption
-    from sdipc_lab.toyworld import data, models
-
-    world = data.render(40, "train", two_objects=0)
-    plain = models.caption_variants(world.things, world.backgrounds)
-    framed = models.caption_variants(world.things, world.backgrounds, colour_frames=True)  # (N, 5 + 5, V + 1)
-    assert framed.shape == (40, 5 + len(COLOURS) - 1, plain.shape[-1])
-    assert torch.equal(framed[:, :5], plain)  # the plain rows are unchanged
-    captions = all_captions()
-    kept = skipped = 0
-    for i, (objects, background) in enumerate(zip(world.things, world.backgrounds)):
-        t = objects[0]
-        others = [c for c in COLOURS if c != t.colour]
-        for row, colour in zip(framed[i, 5:], others):
-            if (t.shape, colour) in HELD_OUT:  # its right answer would name a held-out pair: left out
-                assert (row == -1).all()
-                skipped += 1
-                continue
-            assert captions[row[row[-1]]] == caption((dataclasses.replace(t, colour=colour),), background)
-            for v, shape in enumerate(SHAPES):
-                wanted = caption((dataclasses.replace(t, shape=shape, colour=colour),), background)
-                assert row[v] == (-1 if (shape, colour) in HELD_OUT else captions.index(wanted))
-            kept += 1
-    assert kept > 100 and skipped > 0
+def test_attribute_loss_is_the_cross_entropy_over_each_attribute():
     from sdipc_lab.toyworld import data, models
 
     torch.manual_seed(0)
@@ -372,15 +347,6 @@ def test_vision_options_are_refused_elsewhere_and_out_of_range(tmp_path, capsys,
     assert why in capsys.readouterr().err
 
 
-def test_colour_frames_need_the_vision_stages_attribute_loss(tmp_path, capsys):
-    from sdipc_lab.toyworld import train as T
-
-    for argv in (["vision", "--colour-frames"], ["clip", "--hard-negatives", "1", "--colour-frames"]):
-        with pytest.raises(SystemExit):
-            T.main([*argv, "--size", "test", "--out", str(tmp_path)])
-        assert "for the vision stage" in capsys.readouterr().err
-
-
 def test_fresh_vision_trains_a_new_tower_of_the_patch_size_and_keeps_the_text_tower(tmp_path, capsys):
     from safetensors.torch import load_file
     from transformers import CLIPVisionConfig
@@ -392,10 +358,9 @@ def test_fresh_vision_trains_a_new_tower_of_the_patch_size_and_keeps_the_text_to
     text_before = load_file(tmp_path / "text_encoder" / "model.safetensors")
     assert CLIPVisionConfig.from_pretrained(tmp_path / "image_encoder").patch_size == 16  # the test size's
     T.main(["vision", "--size", "test", "--steps", "2", "--out", str(tmp_path), "--fresh-vision", "8",
-            "--variety", "0.5", "--hard-negatives", "1", "--align", "1", "--colour-frames"])  # every loss, on
+            "--variety", "0.5", "--hard-negatives", "1", "--align", "1"])  # every loss, on drawings drawn anew
     signature = json.loads(checkpoints._read_checkpoint(tmp_path / "vision.ckpt.safetensors")[0]["signature"])
-    assert signature["images"].endswith("varied, drawn anew") and signature["sizes"]["align"] == 1  # drawings anew
-    assert signature["sizes"]["colour_frames"] is True
+    assert signature["images"].endswith("varied, drawn anew") and signature["sizes"]["align"] == 1
     assert CLIPVisionConfig.from_pretrained(tmp_path / "image_encoder").patch_size == 8
     text_after = load_file(tmp_path / "text_encoder" / "model.safetensors")
     assert all(torch.equal(v, text_after[k]) for k, v in text_before.items())

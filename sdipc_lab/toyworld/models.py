@@ -40,7 +40,6 @@ class ModelSizes:
     two_objects: float = TWO_OBJECTS  # share of training images with a second object (the world's by default)
     hard_negatives: float = 0.0  # weight of the vision stage's attribute loss (ClipTrainer; 0: contrastive alone)
     align: float = 0.0  # weight of the vision stage's alignment loss (ClipTrainer; 0: none)
-    colour_frames: bool = False  # the attribute loss reads shape in every colour's frame too (caption_variants)
     fresh_vision_patch: int = 0  # the vision stage starts a new image tower of this patch size (0: continues the
                                  # one in out/image_encoder)
     measure: tuple = (512, 48)  # export: test captions and judged references its constants are measured on
@@ -173,49 +172,32 @@ class ShapeTrainer(torch.nn.Module):
         return self.head(self.vision(pixel_values=pixels).image_embeds)
 
 
-def caption_variants(things: list, backgrounds: list, colour_frames: bool = False) -> torch.Tensor:
+def caption_variants(things: list, backgrounds: list) -> torch.Tensor:
     """For `ClipTrainer.attribute_loss`: (N, A, V + 1) caption indices into `world.all_captions()` of each image's
     canonical caption (of its `things` and background) with each attribute (`world.ATTRIBUTES`) set to each of its
     values, -1 past them, and the true value's position last; all -1 for images with two objects. A variant naming
     a held-out (shape, colour) pair is -1 too: as a negative it would teach the tower that such a pair is never
     right, the opposite of generalising to the pairs no training image shows (`world.HELD_OUT`, what the held-out
-    split measures).
-
-    With `colour_frames`, A grows by one row per other colour: the shape read in that colour's frame (a red circle
-    against "a blue circle", "a blue square", ...; right: "a blue circle"). The plain shape row compares captions
-    of the image's own colour only, so a tower can pass it by reading the shape among those its colour comes with
-    in training (a red star, never seen, is then read as a red triangle); read in every colour's frame, the shape
-    must be told apart from all shapes whatever the colour. A row whose right caption is a held-out pair is all -1
-    and left out, like its held-out variants."""
+    split measures)."""
     values = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS),
               "background": tuple(BACKGROUNDS)}
     names = list(values)  # the order of all_captions(): shape, colour, size, position, background
     width = max(map(len, values.values()))
-    frames = len(COLOURS) - 1 if colour_frames else 0
-    out = torch.full((len(things), len(names) + frames, width + 1), -1, dtype=torch.long)
-
-    def index_of(digits):
-        index = 0
-        for n, d in zip(names, digits):
-            index = index * len(values[n]) + d
-        return index
-
+    out = torch.full((len(things), len(names), width + 1), -1, dtype=torch.long)
     for i, (objects, background) in enumerate(zip(things, backgrounds)):
         if len(objects) != 1:
             continue
         t = objects[0]
         truth = [values[n].index(v) for n, v in zip(names, (t.shape, t.colour, t.size, t.position, background))]
-        rows = [(a, a, truth) for a in range(len(names))]  # (row, attribute varied, the digits it varies)
-        others = [c for c in range(len(COLOURS)) if c != truth[1]]
-        rows += [(len(names) + k, 0, [truth[0], c, *truth[2:]]) for k, c in enumerate(others[:frames])]
-        for row, a, base in rows:
-            if row >= len(names) and (values["shape"][base[0]], values["colour"][base[1]]) in HELD_OUT:
-                continue  # a frame whose right caption is a held-out pair
-            for v in range(len(values[names[a]])):
-                digits = base[:a] + [v] + base[a + 1:]
+        for a, name in enumerate(names):
+            for v in range(len(values[name])):
+                digits = truth[:a] + [v] + truth[a + 1:]
+                index = 0
+                for n, d in zip(names, digits):
+                    index = index * len(values[n]) + d
                 pair = (values["shape"][digits[0]], values["colour"][digits[1]])
-                out[i, row, v] = -1 if pair in HELD_OUT and v != base[a] else index_of(digits)
-            out[i, row, -1] = base[a]
+                out[i, a, v] = -1 if pair in HELD_OUT and v != truth[a] else index
+            out[i, a, -1] = truth[a]
     return out
 
 

@@ -64,8 +64,6 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
         sizes["fresh_vision_patch"] = s.fresh_vision_patch
     if stage == "vision" and s.align:
         sizes["align"] = s.align
-    if stage == "vision" and s.colour_frames:
-        sizes["colour_frames"] = True
     inputs = {part: hashlib.sha256(b"".join(f.read_bytes() for f in sorted((out / part).glob("*.safetensors"))))
               .hexdigest()[:16] for part in reads}  # transformers' model.safetensors, diffusers' diffusion_pytorch_...
     images = None if world is None else len(world.images)
@@ -101,8 +99,7 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
     """Train CLIP's image tower further against the frozen text tower ("locked text"): the text states the
     U-Net is conditioned on stay bit-identical, so the U-Net stays valid, while the image embeddings (what
     SD-IPC converts) line up better with the captions. With `s.hard_negatives`, the attribute loss of
-    `ClipTrainer` too (with `s.colour_frames`, reading shape in every colour's frame: `caption_variants`); with
-    `s.align`, its alignment loss; with `s.fresh_vision_patch`, a new image tower of that
+    `ClipTrainer` too; with `s.align`, its alignment loss; with `s.fresh_vision_patch`, a new image tower of that
     patch size instead of out/image_encoder. Needs `clip` first; overwrites out/image_encoder."""
     from transformers import (
         CLIPTextModelWithProjection,
@@ -131,8 +128,7 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
     def loss_fn(module, step):
         *inputs, things, backgrounds = contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "vision",
                                                          offset=5, with_things=True)
-        variants = (caption_variants(things, backgrounds, s.colour_frames).to(accelerator.device)
-                    if s.hard_negatives else None)
+        variants = caption_variants(things, backgrounds).to(accelerator.device) if s.hard_negatives else None
         return module(*inputs, variants)  # variants: (B, A, V + 1)
 
     trainer = fit("vision", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out, accelerator=accelerator,

@@ -91,10 +91,6 @@ def main(argv=None) -> None:
     parser.add_argument("--align", type=float, metavar="WEIGHT",
                         help="vision: add the alignment loss at this weight (1 - cosine of each image's embedding "
                              "and its caption's: closes the gap SD-IPC converts; ClipTrainer), e.g. 5")
-    parser.add_argument("--colour-frames", action="store_true",
-                        help="vision, with --hard-negatives: the attribute loss also reads each image's shape among "
-                             "the captions of every other colour (a red circle against 'a blue circle', 'a blue "
-                             "square', ...), so that shape is read whatever the colour, the held-out pairs' too")
     parser.add_argument("--fresh-vision", type=int, metavar="PATCH",
                         help="vision: train a new image tower with this patch size (e.g. 4) against the frozen text "
                              "tower, instead of continuing the one in OUT/image_encoder; shape: the new tower's patch "
@@ -225,10 +221,6 @@ def main(argv=None) -> None:
         if not (math.isfinite(weight) and weight >= 0):
             parser.error(f"{option} is a weight >= 0, got {weight}")
         s = dataclasses.replace(s, **{field: weight})
-    if args.colour_frames:
-        if stages != ["vision"] or not s.hard_negatives:
-            parser.error("--colour-frames is for the vision stage with --hard-negatives")
-        s = dataclasses.replace(s, colour_frames=True)
     if args.fresh_vision is not None:
         if stages not in (["vision"], ["shape"]):
             parser.error("--fresh-vision is for the vision or the shape stage alone")
