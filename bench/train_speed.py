@@ -4,12 +4,13 @@
     python bench/train_speed.py --unet 32,64,64x1 64,128,128x1 --vae 16,32,32 32,64,64 --steps 6
     python bench/train_speed.py --stages unet --unet 64,128,128x1h8 64,128,128x1h2    # attention heads (h)
     python bench/train_speed.py --variants           # + channels_last, bf16 autocast, torch.compile
+    python bench/train_speed.py --stages vision --threads 1   # the image tower against the frozen text tower
 
-Each step is split into data (drawing captions, tokenising, indexing images), the frozen text encoder
-(U-Net stage), forward (with the loss), backward and the optimizer, timed one after the other (CPU work is
-synchronous), median over `--steps` steps after one warm-up step. Compare rows as ratios within one run:
-timings here swing from run to run. Rows as they come go to stderr; the table to docs/results/train_speed.md
-(replaced on every run; `common.record`).
+Each step is split into data (drawing captions, tokenising, indexing images; the vision stage's varied drawings,
+half its batch, drawn anew), the frozen text encoder (U-Net and vision stages), forward (with the loss), backward
+and the optimizer, timed one after the other (CPU work is synchronous), median over `--steps` steps after one
+warm-up step. Compare rows as ratios within one run: timings here swing from run to run. Rows as they come go to
+stderr; the table to docs/results/train_speed.md (replaced on every run; `common.record`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import record, table  # noqa: E402
 
 from sdipc_lab.toyworld import data, models  # noqa: E402
+from sdipc_lab.toyworld.world import all_captions  # noqa: E402
 from sdipc_lab.training import diffusion_loss  # noqa: E402
 
 
@@ -65,6 +67,33 @@ def clip_parts(s: models.ModelSizes, world, batch: int):
     parts = {"data": lambda o: data.contrastive_batch(world, tokenizer, batch, o["step"], 0, _Accel, "clip"),
              "forward": lambda o: trainer(*o["data"])}
     return parts, list(trainer.parameters())
+
+
+def vision_parts(s: models.ModelSizes, world, batch: int, text, tokenizer, end_only: bool):
+    """The vision stage's step as `train vision --variety 0.5 --hard-negatives 5 --align 5` takes it; `end_only`:
+    the frozen text tower run only up to the batch's last end token (the padding position's features then the end
+    token's, which the stage does not do), what that would save."""
+    vision = models.new_clip(s, tokenizer)[1]
+    with torch.no_grad():
+        ids, eos = data.tokenize(tokenizer, all_captions(), "cpu")
+        captions = models.ClipTrainer(text, vision).text_features(ids, eos, eos)[0]  # (1800, P)
+    trainer = models.ClipTrainer(text, vision, captions, hard_negatives=5, align=5)
+
+    def batch_(o):
+        *inputs, things, backgrounds = data.contrastive_batch(world, tokenizer, batch, o["step"], 0, _Accel, "vision",
+                                                              offset=5, with_things=True)
+        return (*inputs, models.caption_variants(things, backgrounds))
+
+    def encode(o):
+        ids, eos, pad, _, _ = o["data"]
+        with torch.no_grad():
+            if end_only:
+                return trainer.text_features(ids[:, :int(eos.max()) + 1], eos, eos)
+            return trainer.text_features(ids, eos, pad)
+
+    parts = {"data": batch_, "text encoder": encode,
+             "forward": lambda o: trainer.loss(o["text encoder"], o["data"][3], o["data"][4])}
+    return parts, [p for p in trainer.parameters() if p.requires_grad]  # the image tower and the logit scale
 
 
 def vae_parts(s: models.ModelSizes, world, batch: int):
@@ -127,14 +156,19 @@ def main() -> None:
 def measure(args) -> None:
     base = models.MODEL_SIZES[args.size]
     world = data.render(2048, "train")
+    varied = data.with_variety(world, 0.5)
     tokenizer = models.new_tokenizer()
     text, _ = models.new_clip(base, tokenizer)
     text.eval().requires_grad_(False)
     stages = args.stages.split(",")
-    batches = {name: models.BUDGETS[args.size][name][1] for name in ("clip", "vae", "unet")}
+    batches = {name: models.BUDGETS[args.size][name][1] for name in ("clip", "vision", "vae", "unet")}
     configs = []  # (stage, label, sizes, options)
     if "clip" in stages:
         configs.append(("clip", f"width {base.width}, patch {base.patch}", base, {}))
+    if "vision" in stages:
+        configs.append(("vision", f"width {base.width}, patch {base.patch}", base, {"end_only": False}))
+        configs.append(("vision", f"width {base.width}, patch {base.patch}, text to the end token only", base,
+                        {"end_only": True}))
     for vae in (args.vae or [",".join(map(str, base.vae_channels))]) if "vae" in stages else []:
         channels = tuple(int(c) for c in vae.split(","))
         s = dataclasses.replace(base, vae_channels=channels)
@@ -159,6 +193,8 @@ def measure(args) -> None:
                 batch = batches[stage]
                 if stage == "clip":
                     parts, params = clip_parts(s, world, batch)
+                elif stage == "vision":
+                    parts, params = vision_parts(s, varied, batch, text, tokenizer, options["end_only"])
                 elif stage == "vae":
                     parts, params = vae_parts(s, world, batch)
                 else:

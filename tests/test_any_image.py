@@ -207,6 +207,7 @@ def test_shape_stage_teaches_a_new_tower_shape_and_leaves_it_for_vision(tmp_path
 
     from sdipc_lab.toyworld import models
     from sdipc_lab.toyworld import train as T
+    from sdipc_lab.toyworld.data import CLIP_STD, LUMA
 
     argv = ["shape", "--size", "test", "--out", str(tmp_path), "--steps", "40", "--variety", "0.5", "--lr", "3e-3"]
     T.main([*argv, "--stop-at", "20"])
@@ -223,6 +224,9 @@ def test_shape_stage_teaches_a_new_tower_shape_and_leaves_it_for_vision(tmp_path
     s = models.MODEL_SIZES["test"]
     assert (tower.config.hidden_size, tower.config.patch_size, tower.config.projection_dim) == (s.width, s.patch,
                                                                                                 s.width)
+    weight = tower.vision_model.embeddings.patch_embedding.weight  # (D, 3, p, p): written to read colour as grey
+    assert torch.allclose(weight / weight.sum(1, keepdim=True), (torch.tensor(LUMA) * torch.tensor(CLIP_STD) / (
+        torch.tensor(LUMA) * torch.tensor(CLIP_STD)).sum())[:, None, None].expand_as(weight), atol=1e-3)
     with pytest.raises(SystemExit):  # its options are the vision stage's, nobody else's
         T.main(["clip", "--size", "test", "--out", str(tmp_path), "--variety", "0.5"])
 
@@ -370,3 +374,28 @@ def test_fresh_vision_trains_a_new_tower_of_the_patch_size_and_keeps_the_text_to
     with pytest.raises(SystemExit):
         T.main(["clip", "--size", "test", "--out", str(tmp_path), "--fresh-vision", "8"])
     assert "for the vision or the shape stage alone" in capsys.readouterr().err
+
+
+def test_reading_grey_makes_a_tower_read_each_picture_as_its_grey_copy():
+    """`models.reading_grey`: the rewritten tower embeds a colour picture exactly as the tower embedded its grey
+    copy (`data.grey`), and grey pictures exactly as before; the tower it started from does neither."""
+    import copy
+
+    from sdipc_lab.toyworld import models
+    from sdipc_lab.toyworld.data import clip_normalize, grey
+
+    torch.manual_seed(0)
+    s = models.MODEL_SIZES["test"]
+    tower = models.new_clip(s, models.new_tokenizer())[1].eval()
+    with torch.no_grad():  # a tower whose channels differ, as a trained one's do
+        tower.vision_model.embeddings.patch_embedding.weight.normal_(0, 0.1)
+    rewritten = models.reading_grey(copy.deepcopy(tower))
+    pixels = torch.rand(4, 3, 64, 64) * 2 - 1  # colour pictures in [-1, 1]
+    with torch.no_grad():
+        as_grey = tower(pixel_values=clip_normalize(grey(pixels))).image_embeds
+        in_colour = rewritten(pixel_values=clip_normalize(pixels)).image_embeds
+        grey_again = rewritten(pixel_values=clip_normalize(grey(pixels))).image_embeds
+        before = tower(pixel_values=clip_normalize(pixels)).image_embeds
+    assert torch.allclose(in_colour, as_grey, atol=1e-4) and torch.allclose(grey_again, as_grey, atol=1e-4)
+    assert (before - as_grey).abs().max() > 100 * (in_colour - as_grey).abs().max()
+

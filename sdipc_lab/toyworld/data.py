@@ -21,6 +21,7 @@ from .world import SHAPES, TWO_OBJECTS, caption, sample
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601: what `grey` keeps of each channel
 
 
 @dataclasses.dataclass
@@ -144,7 +145,7 @@ def batch_samples(world: World, index: torch.Tensor, step: int, stream: int, par
 
 def grey(pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) pixels with their colour taken out: each channel the luminance (ITU-R 601), same range."""
-    luma = torch.tensor((0.299, 0.587, 0.114), device=pixels.device)
+    luma = torch.tensor(LUMA, device=pixels.device)
     return (pixels * luma[:, None, None]).sum(1, keepdim=True).expand_as(pixels)
 
 

@@ -118,19 +118,27 @@ class ClipTrainer(torch.nn.Module):
 
     def forward(self, input_ids, eos, pad_pos, pixels, variants=None):
         # with several processes the inputs are this process's share: the loss is the global batch's (`gathered`)
-        f_txt = self.text.text_model(input_ids).last_hidden_state  # (B, 77, D)
+        return self.loss(self.text_features(input_ids, eos, pad_pos), pixels, variants)
+
+    def text_features(self, input_ids, eos, pad_pos) -> tuple:
+        """Each caption's unit C-space embedding at its end token and at its padding position: two (b, P)."""
+        f_txt = self.text.text_model(input_ids).last_hidden_state  # (b, 77, D)
         rows = torch.arange(len(eos), device=eos.device)
+        return tuple(F.normalize(self.text.text_projection(f_txt[rows, pos]), dim=-1) for pos in (eos, pad_pos))
+
+    def loss(self, f_txt_c: tuple, pixels, variants=None):
+        """The loss of images (b, 3, H, W) against their captions' `text_features` (two (b, P))."""
         f_img_c = gathered(F.normalize(self.vision(pixel_values=pixels).image_embeds, dim=-1))  # (B, P)
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
-        labels = torch.arange(len(f_img_c), device=eos.device)
+        labels = torch.arange(len(f_img_c), device=f_img_c.device)
         variants = None if variants is None else gathered(variants)
         loss = 0
-        for pos in (eos, pad_pos):
-            f_txt_c = gathered(F.normalize(self.text.text_projection(f_txt[rows, pos]), dim=-1))  # (B, P)
-            logits = scale * f_img_c @ f_txt_c.T
+        for k, f in enumerate(f_txt_c):  # the end token's, then the padding position's
+            f = gathered(f)  # (B, P)
+            logits = scale * f_img_c @ f.T  # (B images, B captions)
             loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 4
-            if self.align and pos is eos:
-                loss = loss + self.align * self.alignment_loss(f_img_c, f_txt_c)
+            if self.align and k == 0:
+                loss = loss + self.align * self.alignment_loss(f_img_c, f)
         if variants is not None and self.hard_negatives:
             loss = loss + self.hard_negatives * self.attribute_loss(f_img_c, variants, scale)
         return loss
@@ -199,6 +207,24 @@ def caption_variants(things: list, backgrounds: list) -> torch.Tensor:
                 out[i, a, v] = -1 if pair in HELD_OUT and v != truth[a] else index
             out[i, a, -1] = truth[a]
     return out
+
+
+def reading_grey(vision):
+    """`vision`, a tower trained on grey pictures (`train shape`: `clip_normalize(grey(pixels))`), made to read
+    every picture as its grey copy, exactly: its patch embedding's weights per channel become luminance weights,
+    and the constant that changes moves into the patch tokens' position embeddings. Trained on grey alone, the
+    differences between its channels' weights are still their random start, and colour reaches its shape features
+    as noise; rewritten, the `vision` stage goes on from chroma weights of zero. In place; returns `vision`."""
+    from .data import CLIP_MEAN, CLIP_STD, LUMA
+
+    embeddings = vision.vision_model.embeddings
+    weight = embeddings.patch_embedding.weight.data  # (D, 3, p, p)
+    mean, std, luma = (torch.tensor(v, dtype=weight.dtype)[:, None, None] for v in (CLIP_MEAN, CLIP_STD, LUMA))
+    grey = (weight / std).sum(1, keepdim=True) * luma * std  # (D, 3, p, p): the response to a grey level, by luma
+    shift = ((grey - weight) * mean / std).sum((1, 2, 3))  # (D,) what the normalisation's means now add
+    embeddings.patch_embedding.weight.data = grey
+    embeddings.position_embedding.weight.data[1:] += shift  # the patch tokens' (row 0: the class token's)
+    return vision
 
 
 def new_vae(s: ModelSizes):

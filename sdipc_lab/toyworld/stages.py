@@ -40,6 +40,7 @@ from .models import (
     new_tokenizer,
     new_unet,
     new_vae,
+    reading_grey,
     regrouped,
     toy_scheduler,
 )
@@ -144,7 +145,8 @@ def train_shape(world: World, s: ModelSizes, budget, out: Path, accelerator, see
     """A new image tower (the size's, or of patch `s.fresh_vision_patch`) learns to read shape first, on grey
     pictures (`ShapeTrainer`); `vision` then aligns it with the frozen text tower. Aligned from scratch, a new tower
     learns colour first and shape slowly; one that has learnt shape first aligns much faster. Writes
-    out/image_encoder (a run that has one: it is replaced) and prints how many test pictures its head reads."""
+    out/image_encoder (a run that has one: it is replaced), made to read colour pictures as their grey copies
+    (`reading_grey`), and prints how many test pictures its head reads."""
     steps, batch, lr = budget
     check_batch(batch, accelerator)
     torch.manual_seed(seed)
@@ -164,7 +166,7 @@ def train_shape(world: World, s: ModelSizes, budget, out: Path, accelerator, see
         truth = torch.tensor([SHAPES.index(t[0].shape) for t in test.things], device=logits.device)
         print(f"shape: its head reads the shape of {(logits.argmax(1) == truth).float().mean():.0%} of 256 one-object "
               "test pictures (grey)")
-        trainer.vision.save_pretrained(out / "image_encoder")
+        reading_grey(trainer.vision).save_pretrained(out / "image_encoder")  # what it reads grey, it reads in colour
     accelerator.wait_for_everyone()
     return trainer
 
