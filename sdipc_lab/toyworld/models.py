@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .. import build
 from ..build import sd_v1_scheduler, word_tokenizer
 from ..training import gathered, randn_shard
+from .data import CLIP_MEAN, CLIP_STD, LUMA
 from .world import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZE, SIZES, TWO_OBJECTS, vocabulary
 
 
@@ -215,8 +216,6 @@ def reading_grey(vision):
     and the constant that changes moves into the patch tokens' position embeddings. Trained on grey alone, the
     differences between its channels' weights are still their random start, and colour reaches its shape features
     as noise; rewritten, the `vision` stage goes on from chroma weights of zero. In place; returns `vision`."""
-    from .data import CLIP_MEAN, CLIP_STD, LUMA
-
     embeddings = vision.vision_model.embeddings
     weight = embeddings.patch_embedding.weight.data  # (D, 3, p, p)
     mean, std, luma = (torch.tensor(v, dtype=weight.dtype)[:, None, None] for v in (CLIP_MEAN, CLIP_STD, LUMA))
