@@ -122,8 +122,7 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
     if s.hard_negatives:
         with torch.no_grad():
             ids, eos = tokenize(tokenizer, all_captions(), "cpu")
-            f_eos = text.text_model(ids).last_hidden_state[torch.arange(len(eos)), eos]  # (C, D)
-            captions = F.normalize(text.text_projection(f_eos), dim=-1)  # (C, P)
+            captions = ClipTrainer(text, vision).text_features(ids, eos, eos)[0]  # (C, P): at each end token
     trainer = ClipTrainer(text, vision, captions, s.hard_negatives, s.align)
 
     def loss_fn(module, step):
