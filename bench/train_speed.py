@@ -69,15 +69,16 @@ def clip_parts(s: models.ModelSizes, world, batch: int):
     return parts, list(trainer.parameters())
 
 
-def vision_parts(s: models.ModelSizes, world, batch: int, text, tokenizer, end_only: bool):
+def vision_parts(s: models.ModelSizes, world, batch: int, text, tokenizer, end_only: bool, grey_shape: float = 0.0):
     """The vision stage's step as `train vision --variety 0.5 --hard-negatives 5 --align 5` takes it; `end_only`:
     the frozen text tower run only up to the batch's last end token (the padding position's features then the end
-    token's, which the stage does not do), what that would save."""
+    token's, which the stage does not do), what that would save; `grey_shape`: with `--grey-shape` at that weight
+    (a second pass of the image tower, over the grey copies)."""
     vision = models.new_clip(s, tokenizer)[1]
     with torch.no_grad():
         ids, eos = data.tokenize(tokenizer, all_captions(), "cpu")
         captions = models.ClipTrainer(text, vision).text_features(ids, eos, eos)[0]  # (1800, P)
-    trainer = models.ClipTrainer(text, vision, captions, hard_negatives=5, align=5)
+    trainer = models.ClipTrainer(text, vision, captions, hard_negatives=5, align=5, grey_shape=grey_shape)
 
     def batch_(o):
         *inputs, things, backgrounds = data.contrastive_batch(world, tokenizer, batch, o["step"], 0, _Accel, "vision",
@@ -169,6 +170,8 @@ def measure(args) -> None:
         configs.append(("vision", f"width {base.width}, patch {base.patch}", base, {"end_only": False}))
         configs.append(("vision", f"width {base.width}, patch {base.patch}, text to the end token only", base,
                         {"end_only": True}))
+        configs.append(("vision", f"width {base.width}, patch {base.patch}, with --grey-shape 3", base,
+                        {"end_only": False, "grey_shape": 3.0}))
     for vae in (args.vae or [",".join(map(str, base.vae_channels))]) if "vae" in stages else []:
         channels = tuple(int(c) for c in vae.split(","))
         s = dataclasses.replace(base, vae_channels=channels)
@@ -194,7 +197,8 @@ def measure(args) -> None:
                 if stage == "clip":
                     parts, params = clip_parts(s, world, batch)
                 elif stage == "vision":
-                    parts, params = vision_parts(s, varied, batch, text, tokenizer, options["end_only"])
+                    parts, params = vision_parts(s, varied, batch, text, tokenizer, options["end_only"],
+                                                 options.get("grey_shape", 0.0))
                 elif stage == "vae":
                     parts, params = vae_parts(s, world, batch)
                 else:

@@ -337,8 +337,47 @@ def test_alignment_loss_adds_the_cosine_gap_of_each_image_and_its_own_caption():
     assert gap > 0.1 and torch.allclose(difference, 2 * gap, atol=1e-5)
 
 
+def test_grey_shape_loss_pulls_each_images_shape_reading_to_its_grey_copys():
+    """`ClipTrainer.grey_shape_loss`: KL from the grey copy's shape reading (held fixed) to the image's, plus the
+    grey copy's cross-entropy with the true shape, over the shape row of `caption_variants` (held-out pairs left
+    out), checked against a loop in NumPy; the gradient reaches the image's embedding, not the grey copy's
+    through the KL; and `grey_copy` of CLIP-normalised pixels is the CLIP-normalised `data.grey`."""
+    from sdipc_lab.toyworld import data, models
+
+    torch.manual_seed(0)
+    captions = torch.nn.functional.normalize(torch.randn(1800, 8), dim=-1)
+    trainer = models.ClipTrainer(None, None, captions, grey_shape=1.0)
+    world = data.render(6, "train", two_objects=0)
+    variants = models.caption_variants(world.things, world.backgrounds)
+    f_img, f_grey = (torch.nn.functional.normalize(torch.randn(6, 8), dim=-1).requires_grad_() for _ in range(2))
+    got = trainer.grey_shape_loss(f_img, f_grey, variants, torch.tensor(10.0))
+    kl, ce = [], []
+    for i in range(6):
+        index = variants[i, 0, :-1].numpy()  # the shape row; -1: past the shapes, or a held-out pair
+        rows = captions.numpy()[index[index >= 0]]
+        p = [np.exp(z - z.max()) / np.exp(z - z.max()).sum() for z in (10 * rows @ f.detach().numpy()[i]
+                                                                     for f in (f_img, f_grey))]
+        kl.append(np.sum(p[1] * (np.log(p[1]) - np.log(p[0]))))
+        truth = int(variants[i, 0, -1])  # the true shape's column among all V
+        ce.append(-np.log(p[1][int((index[:truth] >= 0).sum())]))
+    assert (variants[:, 0, :-1] < 0).any()  # some images' shape rows leave a held-out pair out
+    assert abs(got.item() - (np.mean(kl) + np.mean(ce))) < 1e-4
+    same = trainer.grey_shape_loss(f_grey.detach(), f_grey.detach(), variants, torch.tensor(10.0))
+    assert abs(same.item() - np.mean(ce)) < 1e-4  # read alike: no KL left
+    # the KL moves only the colour image's reading: with the grey copy's cross-entropy taken away, no gradient there
+    kl_only = got - trainer.grey_shape_loss(f_grey.detach(), f_grey, variants, torch.tensor(10.0))
+    grad_img, grad_grey = torch.autograd.grad(kl_only, (f_img, f_grey))
+    assert grad_img.abs().max() > 1e-3 and grad_grey.abs().max() < 1e-6
+    assert trainer.grey_shape_loss(f_img, f_grey, torch.full_like(variants, -1), torch.tensor(10.0)).item() == 0
+
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.allclose(models.grey_copy(data.clip_normalize(pixels)), data.clip_normalize(data.grey(pixels)),
+                          atol=1e-5)
+
+
 @pytest.mark.parametrize("option, bad, why", [("--variety", "1.5", "between 0 and 1"), ("--hard-negatives", "-1", ">= 0"),
-                                              ("--align", "-1", ">= 0"), ("--align", "nan", ">= 0")])
+                                              ("--align", "-1", ">= 0"), ("--align", "nan", ">= 0"),
+                                              ("--grey-shape", "-1", ">= 0")])
 def test_vision_options_are_refused_elsewhere_and_out_of_range(tmp_path, capsys, option, bad, why):
     from sdipc_lab.toyworld import train as T
 
@@ -362,7 +401,8 @@ def test_fresh_vision_trains_a_new_tower_of_the_patch_size_and_keeps_the_text_to
     text_before = load_file(tmp_path / "text_encoder" / "model.safetensors")
     assert CLIPVisionConfig.from_pretrained(tmp_path / "image_encoder").patch_size == 16  # the test size's
     T.main(["vision", "--size", "test", "--steps", "2", "--out", str(tmp_path), "--fresh-vision", "8",
-            "--variety", "0.5", "--hard-negatives", "1", "--align", "1"])  # every loss, on drawings drawn anew
+            "--variety", "0.5", "--hard-negatives", "1", "--align", "1", "--grey-shape", "1"])  # every loss, on
+    # drawings drawn anew
     signature = json.loads(checkpoints._read_checkpoint(tmp_path / "vision.ckpt.safetensors")[0]["signature"])
     assert signature["images"].endswith("varied, drawn anew") and signature["sizes"]["align"] == 1
     assert CLIPVisionConfig.from_pretrained(tmp_path / "image_encoder").patch_size == 8

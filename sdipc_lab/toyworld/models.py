@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import build
 from ..build import sd_v1_scheduler, word_tokenizer
 from ..training import gathered, randn_shard
-from .data import CLIP_MEAN, CLIP_STD, LUMA
+from .data import CLIP_MEAN, CLIP_STD, LUMA, clip_normalize, grey
 from .world import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZE, SIZES, TWO_OBJECTS, vocabulary
 
 
@@ -41,6 +41,7 @@ class ModelSizes:
     two_objects: float = TWO_OBJECTS  # share of training images with a second object (the world's by default)
     hard_negatives: float = 0.0  # weight of the vision stage's attribute loss (ClipTrainer; 0: contrastive alone)
     align: float = 0.0  # weight of the vision stage's alignment loss (ClipTrainer; 0: none)
+    grey_shape: float = 0.0  # weight of the vision stage's grey-shape loss (ClipTrainer; 0: none)
     fresh_vision_patch: int = 0  # the vision stage starts a new image tower of this patch size (0: continues the
                                  # one in out/image_encoder)
     measure: tuple = (512, 48)  # export: test captions and judged references its constants are measured on
@@ -107,15 +108,16 @@ class ClipTrainer(torch.nn.Module):
     plus that weight times the alignment loss, 1 - cos(f_img^c, f_txt^c) of each image and its own caption's end
     token: the contrastive loss only ranks captions, so an image embedding can be right by rank and still far from
     its caption's embedding (a modality gap), and SD-IPC, which converts the image embedding itself, draws that gap.
+    With `grey_shape` > 0 (and `captions`), plus that weight times the grey-shape loss (`grey_shape_loss`).
     """
 
     def __init__(self, text, vision, captions: torch.Tensor | None = None, hard_negatives: float = 0.0,
-                 align: float = 0.0):
+                 align: float = 0.0, grey_shape: float = 0.0):
         super().__init__()
         self.text, self.vision = text, vision
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.captions, self.hard_negatives = captions, hard_negatives  # a constant, not a parameter: not saved
-        self.align = align
+        self.align, self.grey_shape = align, grey_shape
 
     def forward(self, input_ids, eos, pad_pos, pixels, variants=None):
         # with several processes the inputs are this process's share: the loss is the global batch's (`gathered`)
@@ -142,6 +144,9 @@ class ClipTrainer(torch.nn.Module):
                 loss = loss + self.align * self.alignment_loss(f_img_c, f)
         if variants is not None and self.hard_negatives:
             loss = loss + self.hard_negatives * self.attribute_loss(f_img_c, variants, scale)
+        if variants is not None and self.grey_shape:
+            f_grey_c = gathered(F.normalize(self.vision(pixel_values=grey_copy(pixels)).image_embeds, dim=-1))
+            loss = loss + self.grey_shape * self.grey_shape_loss(f_img_c, f_grey_c, variants, scale)
         return loss
 
     @staticmethod
@@ -161,6 +166,30 @@ class ClipTrainer(torch.nn.Module):
         logits = scale * torch.einsum("bp,bavp->bav", f_img_c, table[index.clamp(min=0)])  # (B, A, V)
         logits = logits.masked_fill(index < 0, float("-inf"))
         return F.cross_entropy(logits[keep], truth[keep])
+
+
+    def grey_shape_loss(self, f_img_c, f_grey_c, variants, scale):
+        """Each one-object image's shape, read among its caption with the shape changed (`attribute_loss`'s shape
+        row), as its grey copy's is read: KL from the grey copy's reading (held fixed) to the image's, plus the grey
+        copy's cross-entropy with the true shape. Held-out pairs name no training image's shape, so a tower may learn
+        "green, hence not a circle"; a shape that must be read as it is read without colour cannot lean on colour."""
+        index, truth = variants[:, 0, :-1], variants[:, 0, -1]  # shape: (B, V), (B,)
+        keep = truth >= 0
+        if not keep.any():
+            return f_img_c.sum() * 0
+        rows = self.captions.to(f_img_c)[index.clamp(min=0)]  # (B, V, P)
+        logits = [(scale * torch.einsum("bp,bvp->bv", f, rows)).masked_fill(index < 0, -1e4)[keep]
+                  for f in (f_img_c, f_grey_c)]  # (K, V) each; -1e4, not -inf: the KL stays finite
+        colour, grey_ = (x.log_softmax(-1) for x in logits)
+        kl = F.kl_div(colour, grey_.detach(), log_target=True, reduction="batchmean")
+        return kl + F.cross_entropy(logits[1], truth[keep])
+
+
+def grey_copy(pixels: torch.Tensor) -> torch.Tensor:
+    """CLIP-normalised pixels (B, 3, H, W) -> their grey copies (`data.grey`), CLIP-normalised."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=pixels.device)[:, None, None]
+    return clip_normalize(grey((pixels * std + mean) * 2 - 1))
 
 
 class ShapeTrainer(torch.nn.Module):

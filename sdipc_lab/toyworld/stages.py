@@ -65,6 +65,8 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
         sizes["fresh_vision_patch"] = s.fresh_vision_patch
     if stage == "vision" and s.align:
         sizes["align"] = s.align
+    if stage == "vision" and s.grey_shape:
+        sizes["grey_shape"] = s.grey_shape
     inputs = {part: hashlib.sha256(b"".join(f.read_bytes() for f in sorted((out / part).glob("*.safetensors"))))
               .hexdigest()[:16] for part in reads}  # transformers' model.safetensors, diffusers' diffusion_pytorch_...
     images = None if world is None else len(world.images)
@@ -119,16 +121,17 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
         vision = CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder", dtype=torch.float32)
     text_before = {k: v.clone() for k, v in text.state_dict().items()}
     captions = None
-    if s.hard_negatives:
+    if s.hard_negatives or s.grey_shape:
         with torch.no_grad():
             ids, eos = tokenize(tokenizer, all_captions(), "cpu")
             captions = ClipTrainer(text, vision).text_features(ids, eos, eos)[0]  # (C, P): at each end token
-    trainer = ClipTrainer(text, vision, captions, s.hard_negatives, s.align)
+    trainer = ClipTrainer(text, vision, captions, s.hard_negatives, s.align, s.grey_shape)
 
     def loss_fn(module, step):
         *inputs, things, backgrounds = contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "vision",
                                                          offset=5, with_things=True)
-        variants = caption_variants(things, backgrounds).to(accelerator.device) if s.hard_negatives else None
+        variants = (caption_variants(things, backgrounds).to(accelerator.device) if s.hard_negatives or s.grey_shape
+                    else None)
         return module(*inputs, variants)  # variants: (B, A, V + 1)
 
     trainer = fit("vision", trainer, loss_fn, budget=Budget(steps, **limits), lr=lr, out=out, accelerator=accelerator,

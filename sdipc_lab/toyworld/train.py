@@ -91,6 +91,9 @@ def main(argv=None) -> None:
     parser.add_argument("--align", type=float, metavar="WEIGHT",
                         help="vision: add the alignment loss at this weight (1 - cosine of each image's embedding "
                              "and its caption's: closes the gap SD-IPC converts; ClipTrainer), e.g. 5")
+    parser.add_argument("--grey-shape", type=float, metavar="WEIGHT",
+                        help="vision: add the grey-shape loss at this weight (each image's shape read as its grey "
+                             "copy's is: colour cannot stand in for shape; ClipTrainer), e.g. 5")
     parser.add_argument("--fresh-vision", type=int, metavar="PATCH",
                         help="vision: train a new image tower with this patch size (e.g. 4) against the frozen text "
                              "tower, instead of continuing the one in OUT/image_encoder; shape: the new tower's patch "
@@ -212,7 +215,7 @@ def main(argv=None) -> None:
             if any(child.wait() for child in children):
                 raise SystemExit(f"a stage of {pair} failed; see its output above (resume with the same command)")
         stages = ["judge", "unet"]
-    for option, field in (("--hard-negatives", "hard_negatives"), ("--align", "align")):
+    for option, field in (("--hard-negatives", "hard_negatives"), ("--align", "align"), ("--grey-shape", "grey_shape")):
         weight = getattr(args, field)
         if weight is None:
             continue
