@@ -167,7 +167,6 @@ class ClipTrainer(torch.nn.Module):
         logits = logits.masked_fill(index < 0, float("-inf"))
         return F.cross_entropy(logits[keep], truth[keep])
 
-
     def grey_shape_loss(self, f_img_c, f_grey_c, variants, scale):
         """Each one-object image's shape, read among its caption with the shape changed (`attribute_loss`'s shape
         row), as its grey copy's is read: KL from the grey copy's reading (held fixed) to the image's, plus the grey

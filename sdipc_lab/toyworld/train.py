@@ -93,7 +93,7 @@ def main(argv=None) -> None:
                              "and its caption's: closes the gap SD-IPC converts; ClipTrainer), e.g. 5")
     parser.add_argument("--grey-shape", type=float, metavar="WEIGHT",
                         help="vision: add the grey-shape loss at this weight (each image's shape read as its grey "
-                             "copy's is: colour cannot stand in for shape; ClipTrainer), e.g. 5")
+                             "copy's is: colour cannot stand in for shape; ClipTrainer), e.g. 3")
     parser.add_argument("--fresh-vision", type=int, metavar="PATCH",
                         help="vision: train a new image tower with this patch size (e.g. 4) against the frozen text "
                              "tower, instead of continuing the one in OUT/image_encoder; shape: the new tower's patch "
