@@ -69,16 +69,15 @@ def clip_parts(s: models.ModelSizes, world, batch: int):
     return parts, list(trainer.parameters())
 
 
-def vision_parts(s: models.ModelSizes, world, batch: int, text, tokenizer, end_only: bool, grey_shape: float = 0.0):
-    """The vision stage's step as `train vision --variety 0.5 --hard-negatives 5 --align 5` takes it; `end_only`:
-    the frozen text tower run only up to the batch's last end token (the padding position's features then the end
-    token's, which the stage does not do), what that would save; `grey_shape`: with `--grey-shape` at that weight
-    (a second pass of the image tower, over the grey copies)."""
+def vision_parts(s: models.ModelSizes, world, batch: int, text, tokenizer, options: dict):
+    """The vision stage's step as `train vision --variety 0.5 --hard-negatives 5 --align 5` takes it, with the
+    `ClipTrainer` options in `options` (`grey_shape`, `grey_share`, `end_token_only`: `--grey-shape`,
+    `--grey-share`, `--end-token-only`)."""
     vision = models.new_clip(s, tokenizer)[1]
     with torch.no_grad():
         ids, eos = data.tokenize(tokenizer, all_captions(), "cpu")
         captions = models.ClipTrainer(text, vision).text_features(ids, eos, eos)[0]  # (1800, P)
-    trainer = models.ClipTrainer(text, vision, captions, hard_negatives=5, align=5, grey_shape=grey_shape)
+    trainer = models.ClipTrainer(text, vision, captions, hard_negatives=5, align=5, **options)
 
     def batch_(o):
         *inputs, things, backgrounds = data.contrastive_batch(world, tokenizer, batch, o["step"], 0, _Accel, "vision",
@@ -88,8 +87,6 @@ def vision_parts(s: models.ModelSizes, world, batch: int, text, tokenizer, end_o
     def encode(o):
         ids, eos, pad, _, _ = o["data"]
         with torch.no_grad():
-            if end_only:
-                return trainer.text_features(ids[:, :int(eos.max()) + 1], eos, eos)
             return trainer.text_features(ids, eos, pad)
 
     parts = {"data": batch_, "text encoder": encode,
@@ -167,11 +164,13 @@ def measure(args) -> None:
     if "clip" in stages:
         configs.append(("clip", f"width {base.width}, patch {base.patch}", base, {}))
     if "vision" in stages:
-        configs.append(("vision", f"width {base.width}, patch {base.patch}", base, {"end_only": False}))
-        configs.append(("vision", f"width {base.width}, patch {base.patch}, text to the end token only", base,
-                        {"end_only": True}))
-        configs.append(("vision", f"width {base.width}, patch {base.patch}, with --grey-shape 3", base,
-                        {"end_only": False, "grey_shape": 3.0}))
+        name = f"width {base.width}, patch {base.patch}"
+        for label, options in (("", {}), (", --end-token-only", {"end_token_only": True}),
+                               (", --grey-shape 3", {"grey_shape": 3.0}),
+                               (", --grey-shape 3 --grey-share 0.25", {"grey_shape": 3.0, "grey_share": 0.25}),
+                               (", --grey-shape 3 --grey-share 0.25 --end-token-only",
+                                {"grey_shape": 3.0, "grey_share": 0.25, "end_token_only": True})):
+            configs.append(("vision", name + label, base, {"vision": options}))
     for vae in (args.vae or [",".join(map(str, base.vae_channels))]) if "vae" in stages else []:
         channels = tuple(int(c) for c in vae.split(","))
         s = dataclasses.replace(base, vae_channels=channels)
@@ -197,8 +196,7 @@ def measure(args) -> None:
                 if stage == "clip":
                     parts, params = clip_parts(s, world, batch)
                 elif stage == "vision":
-                    parts, params = vision_parts(s, varied, batch, text, tokenizer, options["end_only"],
-                                                 options.get("grey_shape", 0.0))
+                    parts, params = vision_parts(s, varied, batch, text, tokenizer, options["vision"])
                 elif stage == "vae":
                     parts, params = vae_parts(s, world, batch)
                 else:

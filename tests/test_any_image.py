@@ -375,6 +375,68 @@ def test_grey_shape_loss_pulls_each_images_shape_reading_to_its_grey_copys():
                           atol=1e-5)
 
 
+def test_end_token_only_is_the_end_tokens_contrastive_loss_from_a_shorter_text_run():
+    """`ClipTrainer(end_token_only=True)`: the text run up to the batch's last end token gives the same end-token
+    states as the full run (causal attention), and the loss is the symmetric cross-entropy there alone, checked
+    against NumPy; the full loss averages it with the padding position's."""
+    from sdipc_lab import build
+    from sdipc_lab.toyworld import models
+    from sdipc_lab.toyworld.data import tokenize
+
+    torch.manual_seed(0)
+    parts = build.random_components()
+    text, vision = parts["text_encoder"].eval(), parts["image_encoder"].eval()
+    ids, eos = tokenize(parts["tokenizer"], ["a red circle", "a blue square on white", "a star"], "cpu")
+    pad = eos + 3
+    pixels = torch.randn(3, 3, vision.config.image_size, vision.config.image_size)
+    both, end = models.ClipTrainer(text, vision), models.ClipTrainer(text, vision, end_token_only=True)
+    with torch.no_grad():
+        f_both, f_end = both.text_features(ids, eos, pad), end.text_features(ids, eos, pad)
+        assert len(f_both) == 2 and len(f_end) == 1 and torch.allclose(f_end[0], f_both[0], atol=1e-5)
+        f_img = torch.nn.functional.normalize(vision(pixel_values=pixels).image_embeds, dim=-1).numpy()
+        scale = float(end.logit_scale.exp())
+
+        def symmetric_ce(f_txt):
+            logits = scale * f_img @ f_txt.numpy().T
+            ce = [np.mean([np.log(np.exp(z).sum()) - z[i] for i, z in enumerate(m)]) for m in (logits, logits.T)]
+            return sum(ce) / 2
+
+        assert abs(end(ids, eos, pad, pixels).item() - symmetric_ce(f_both[0])) < 1e-4
+        assert abs(both(ids, eos, pad, pixels).item() - (symmetric_ce(f_both[0]) + symmetric_ce(f_both[1])) / 2) < 1e-4
+
+
+def test_grey_share_reads_the_grey_copies_of_the_first_share_of_the_images():
+    """`ClipTrainer(grey_share=...)`: the grey-shape loss of the first ceil(share * b) images alone, their grey
+    copies through the tower; share 1 is every image."""
+    from sdipc_lab import build
+    import random
+
+    from sdipc_lab.toyworld import data, models
+    from sdipc_lab.toyworld.data import tokenize
+    from sdipc_lab.toyworld.world import all_captions
+
+    torch.manual_seed(0)
+    parts = build.random_components()
+    text, vision = parts["text_encoder"].eval(), parts["image_encoder"].eval()
+    world = data.render(6, "train", two_objects=0)
+    variants = models.caption_variants(world.things, world.backgrounds)
+    ids, eos = tokenize(parts["tokenizer"], world.captions(torch.arange(6), random.Random(0)), "cpu")
+    pixels = data.clip_normalize(world.pixels(torch.arange(6), "cpu"))
+    pixels = torch.nn.functional.interpolate(pixels, size=vision.config.image_size)
+    with torch.no_grad():
+        all_ids, all_eos = tokenize(parts["tokenizer"], all_captions(), "cpu")
+        captions = models.ClipTrainer(text, vision).text_features(all_ids, all_eos, all_eos)[0]  # (C, P)
+        plain = models.ClipTrainer(text, vision, captions)(ids, eos, eos, pixels, variants)
+        f = torch.nn.functional.normalize(vision(pixel_values=pixels).image_embeds, dim=-1)
+        f_grey = torch.nn.functional.normalize(vision(pixel_values=models.grey_copy(pixels)).image_embeds, dim=-1)
+        scale = models.ClipTrainer(text, vision).logit_scale.exp()
+        for share, k in ((1.0, 6), (0.5, 3), (0.2, 2)):
+            trainer = models.ClipTrainer(text, vision, captions, grey_shape=2.0, grey_share=share)
+            added = trainer(ids, eos, eos, pixels, variants) - plain
+            expected = 2.0 * trainer.grey_shape_loss(f[:k], f_grey[:k], variants[:k], scale)
+            assert expected > 0 and torch.allclose(added, expected, atol=1e-5), (share, added, expected)
+
+
 @pytest.mark.parametrize("option, bad, why", [("--variety", "1.5", "between 0 and 1"), ("--hard-negatives", "-1", ">= 0"),
                                               ("--align", "-1", ">= 0"), ("--align", "nan", ">= 0"),
                                               ("--grey-shape", "-1", ">= 0")])
@@ -390,6 +452,18 @@ def test_vision_options_are_refused_elsewhere_and_out_of_range(tmp_path, capsys,
     assert why in capsys.readouterr().err
 
 
+def test_end_token_only_and_grey_share_are_refused_where_they_mean_nothing(tmp_path, capsys):
+    from sdipc_lab.toyworld import train as T
+
+    for argv, why in ((["clip", "--end-token-only"], "for the vision stage alone"),
+                      (["vision", "--grey-share", "0.5"], "give --grey-shape WEIGHT too"),
+                      (["vision", "--grey-shape", "1", "--grey-share", "0"], "above 0 and at most 1"),
+                      (["vision", "--grey-shape", "1", "--grey-share", "1.5"], "above 0 and at most 1")):
+        with pytest.raises(SystemExit):
+            T.main([*argv, "--size", "test", "--out", str(tmp_path)])
+        assert why in capsys.readouterr().err
+
+
 def test_fresh_vision_trains_a_new_tower_of_the_patch_size_and_keeps_the_text_tower(tmp_path, capsys):
     from safetensors.torch import load_file
     from transformers import CLIPVisionConfig
@@ -401,10 +475,12 @@ def test_fresh_vision_trains_a_new_tower_of_the_patch_size_and_keeps_the_text_to
     text_before = load_file(tmp_path / "text_encoder" / "model.safetensors")
     assert CLIPVisionConfig.from_pretrained(tmp_path / "image_encoder").patch_size == 16  # the test size's
     T.main(["vision", "--size", "test", "--steps", "2", "--out", str(tmp_path), "--fresh-vision", "8",
-            "--variety", "0.5", "--hard-negatives", "1", "--align", "1", "--grey-shape", "1"])  # every loss, on
+            "--variety", "0.5", "--hard-negatives", "1", "--align", "1", "--grey-shape", "1", "--grey-share", "0.5",
+            "--end-token-only"])  # every loss, on
     # drawings drawn anew
     signature = json.loads(checkpoints._read_checkpoint(tmp_path / "vision.ckpt.safetensors")[0]["signature"])
     assert signature["images"].endswith("varied, drawn anew") and signature["sizes"]["align"] == 1
+    assert signature["sizes"]["grey_share"] == 0.5 and signature["sizes"]["end_token_only"] is True
     assert CLIPVisionConfig.from_pretrained(tmp_path / "image_encoder").patch_size == 8
     text_after = load_file(tmp_path / "text_encoder" / "model.safetensors")
     assert all(torch.equal(v, text_after[k]) for k, v in text_before.items())

@@ -42,6 +42,8 @@ class ModelSizes:
     hard_negatives: float = 0.0  # weight of the vision stage's attribute loss (ClipTrainer; 0: contrastive alone)
     align: float = 0.0  # weight of the vision stage's alignment loss (ClipTrainer; 0: none)
     grey_shape: float = 0.0  # weight of the vision stage's grey-shape loss (ClipTrainer; 0: none)
+    grey_share: float = 1.0  # share of each batch's images whose grey copies that loss reads
+    end_token_only: bool = False  # the vision stage's contrastive loss at the end token alone (ClipTrainer)
     fresh_vision_patch: int = 0  # the vision stage starts a new image tower of this patch size (0: continues the
                                  # one in out/image_encoder)
     measure: tuple = (512, 48)  # export: test captions and judged references its constants are measured on
@@ -108,45 +110,58 @@ class ClipTrainer(torch.nn.Module):
     plus that weight times the alignment loss, 1 - cos(f_img^c, f_txt^c) of each image and its own caption's end
     token: the contrastive loss only ranks captions, so an image embedding can be right by rank and still far from
     its caption's embedding (a modality gap), and SD-IPC, which converts the image embedding itself, draws that gap.
-    With `grey_shape` > 0 (and `captions`), plus that weight times the grey-shape loss (`grey_shape_loss`).
+    With `grey_shape` > 0 (and `captions`), plus that weight times the grey-shape loss (`grey_shape_loss`) of the
+    first `grey_share` of each process's images (the batch's order is random: a random share of its images), whose
+    grey copies cost a second pass of the image tower. With `end_token_only`, the contrastive loss at the end
+    token alone, the text tower run only up to the batch's last end token: under a frozen text tower (the vision
+    stage) the padding position's loss teaches the text tower nothing, and its states are within 0.5 % in cosine
+    of the end token's (`docs/results/toyworld_quality.md`).
     """
 
     def __init__(self, text, vision, captions: torch.Tensor | None = None, hard_negatives: float = 0.0,
-                 align: float = 0.0, grey_shape: float = 0.0):
+                 align: float = 0.0, grey_shape: float = 0.0, grey_share: float = 1.0, end_token_only: bool = False):
         super().__init__()
         self.text, self.vision = text, vision
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.captions, self.hard_negatives = captions, hard_negatives  # a constant, not a parameter: not saved
-        self.align, self.grey_shape = align, grey_shape
+        self.align, self.grey_shape, self.grey_share = align, grey_shape, grey_share
+        self.end_token_only = end_token_only
 
     def forward(self, input_ids, eos, pad_pos, pixels, variants=None):
         # with several processes the inputs are this process's share: the loss is the global batch's (`gathered`)
         return self.loss(self.text_features(input_ids, eos, pad_pos), pixels, variants)
 
     def text_features(self, input_ids, eos, pad_pos) -> tuple:
-        """Each caption's unit C-space embedding at its end token and at its padding position: two (b, P)."""
-        f_txt = self.text.text_model(input_ids).last_hidden_state  # (b, 77, D)
+        """Each caption's unit C-space embedding at its end token and at its padding position: two (b, P); with
+        `end_token_only`, at its end token alone: one (b, P), the text run only up to the last end token (causal
+        attention: the states up to it are the same)."""
+        positions = (eos,) if self.end_token_only else (eos, pad_pos)
+        if self.end_token_only:
+            input_ids = input_ids[:, :int(eos.max()) + 1]
+        f_txt = self.text.text_model(input_ids).last_hidden_state  # (b, 77, D), or up to the last end token
         rows = torch.arange(len(eos), device=eos.device)
-        return tuple(F.normalize(self.text.text_projection(f_txt[rows, pos]), dim=-1) for pos in (eos, pad_pos))
+        return tuple(F.normalize(self.text.text_projection(f_txt[rows, pos]), dim=-1) for pos in positions)
 
     def loss(self, f_txt_c: tuple, pixels, variants=None):
-        """The loss of images (b, 3, H, W) against their captions' `text_features` (two (b, P))."""
-        f_img_c = gathered(F.normalize(self.vision(pixel_values=pixels).image_embeds, dim=-1))  # (B, P)
+        """The loss of images (b, 3, H, W) against their captions' `text_features` (two (b, P), or one)."""
+        f_own = F.normalize(self.vision(pixel_values=pixels).image_embeds, dim=-1)  # (b, P): this process's
+        f_img_c = gathered(f_own)  # (B, P)
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
         labels = torch.arange(len(f_img_c), device=f_img_c.device)
-        variants = None if variants is None else gathered(variants)
         loss = 0
         for k, f in enumerate(f_txt_c):  # the end token's, then the padding position's
             f = gathered(f)  # (B, P)
             logits = scale * f_img_c @ f.T  # (B images, B captions)
-            loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 4
+            loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / (2 * len(f_txt_c))
             if self.align and k == 0:
                 loss = loss + self.align * self.alignment_loss(f_img_c, f)
         if variants is not None and self.hard_negatives:
-            loss = loss + self.hard_negatives * self.attribute_loss(f_img_c, variants, scale)
+            loss = loss + self.hard_negatives * self.attribute_loss(f_img_c, gathered(variants), scale)
         if variants is not None and self.grey_shape:
-            f_grey_c = gathered(F.normalize(self.vision(pixel_values=grey_copy(pixels)).image_embeds, dim=-1))
-            loss = loss + self.grey_shape * self.grey_shape_loss(f_img_c, f_grey_c, variants, scale)
+            k = math.ceil(self.grey_share * len(pixels))  # this process's first k images
+            f_grey_c = gathered(F.normalize(self.vision(pixel_values=grey_copy(pixels[:k])).image_embeds, dim=-1))
+            loss = loss + self.grey_shape * self.grey_shape_loss(gathered(f_own[:k]), f_grey_c,
+                                                                 gathered(variants[:k]), scale)
         return loss
 
     @staticmethod
@@ -162,10 +177,14 @@ class ClipTrainer(torch.nn.Module):
         keep = truth >= 0
         if not keep.any():
             return f_img_c.sum() * 0
-        table = self.captions.to(f_img_c)  # (C, P)
-        logits = scale * torch.einsum("bp,bavp->bav", f_img_c, table[index.clamp(min=0)])  # (B, A, V)
-        logits = logits.masked_fill(index < 0, float("-inf"))
+        logits = self.caption_logits(f_img_c, index, scale, float("-inf"))  # (B, A, V)
         return F.cross_entropy(logits[keep], truth[keep])
+
+    def caption_logits(self, f_img_c, index, scale, fill):
+        """scale * cos of unit image embeddings (B, P) with the captions at `index` (B, ..., V) of the caption
+        table: (B, ..., V), `fill` where the index is -1."""
+        rows = self.captions.to(f_img_c)[index.clamp(min=0)]  # (B, ..., V, P)
+        return (scale * torch.einsum("bp,b...p->b...", f_img_c, rows)).masked_fill(index < 0, fill)
 
     def grey_shape_loss(self, f_img_c, f_grey_c, variants, scale):
         """Each one-object image's shape, read among its caption with the shape changed (`attribute_loss`'s shape
@@ -176,8 +195,7 @@ class ClipTrainer(torch.nn.Module):
         keep = truth >= 0
         if not keep.any():
             return f_img_c.sum() * 0
-        rows = self.captions.to(f_img_c)[index.clamp(min=0)]  # (B, V, P)
-        logits = [(scale * torch.einsum("bp,bvp->bv", f, rows)).masked_fill(index < 0, -1e4)[keep]
+        logits = [self.caption_logits(f, index, scale, -1e4)[keep]
                   for f in (f_img_c, f_grey_c)]  # (K, V) each; -1e4, not -inf: the KL stays finite
         colour, grey_ = (x.log_softmax(-1) for x in logits)
         kl = F.kl_div(colour, grey_.detach(), log_target=True, reduction="batchmean")

@@ -35,8 +35,8 @@ from .models import STAGES
 
 RECIPE = Path(__file__).parent / "recipe.toml"  # the shipped lab's route
 OPTIONS = {"steps": int, "budget_steps": int, "stop_at": int, "lr": float, "batch": int, "two_objects": float,
-           "variety": float, "hard_negatives": float, "align": float, "grey_shape": float, "fresh_vision": int,
-           "init_from_lab": str, "from_checkpoint": bool, "lab_dir": str}
+           "variety": float, "hard_negatives": float, "align": float, "grey_shape": float, "grey_share": float,
+           "end_token_only": bool, "fresh_vision": int, "init_from_lab": str, "from_checkpoint": bool, "lab_dir": str}
 COUNTS = ("steps", "budget_steps", "stop_at")  # scaled at --size test
 FOLDERS = ("init_from_lab", "lab_dir")  # relative to --out ("toy": the shipped lab)
 STEP_KEYS = {"name", "stage", "folder", "copy", *OPTIONS}

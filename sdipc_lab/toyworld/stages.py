@@ -67,6 +67,10 @@ def signature(stage: str, s: ModelSizes, budget, seed: int, world: World | None,
         sizes["align"] = s.align
     if stage == "vision" and s.grey_shape:
         sizes["grey_shape"] = s.grey_shape
+    if stage == "vision" and s.grey_share != 1.0:
+        sizes["grey_share"] = s.grey_share
+    if stage == "vision" and s.end_token_only:
+        sizes["end_token_only"] = True
     inputs = {part: hashlib.sha256(b"".join(f.read_bytes() for f in sorted((out / part).glob("*.safetensors"))))
               .hexdigest()[:16] for part in reads}  # transformers' model.safetensors, diffusers' diffusion_pytorch_...
     images = None if world is None else len(world.images)
@@ -102,8 +106,10 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
     """Train CLIP's image tower further against the frozen text tower ("locked text"): the text states the
     U-Net is conditioned on stay bit-identical, so the U-Net stays valid, while the image embeddings (what
     SD-IPC converts) line up better with the captions. With `s.hard_negatives`, the attribute loss of
-    `ClipTrainer` too; with `s.align`, its alignment loss; with `s.fresh_vision_patch`, a new image tower of that
-    patch size instead of out/image_encoder. Needs `clip` first; overwrites out/image_encoder."""
+    `ClipTrainer` too; with `s.align`, its alignment loss; with `s.grey_shape`, its grey-shape loss (of a
+    `s.grey_share` of the images); with `s.end_token_only`, its contrastive loss at the end token alone; with
+    `s.fresh_vision_patch`, a new image tower of that patch size instead of out/image_encoder. Needs `clip`
+    first; overwrites out/image_encoder."""
     from transformers import (
         CLIPTextModelWithProjection,
         CLIPTokenizer,
@@ -125,7 +131,8 @@ def train_vision(world: World, s: ModelSizes, budget, out: Path, accelerator, se
         with torch.no_grad():
             ids, eos = tokenize(tokenizer, all_captions(), "cpu")
             captions = ClipTrainer(text, vision).text_features(ids, eos, eos)[0]  # (C, P): at each end token
-    trainer = ClipTrainer(text, vision, captions, s.hard_negatives, s.align, s.grey_shape)
+    trainer = ClipTrainer(text, vision, captions, s.hard_negatives, s.align, s.grey_shape, s.grey_share,
+                          s.end_token_only)
 
     def loss_fn(module, step):
         *inputs, things, backgrounds = contrastive_batch(world, tokenizer, batch, step, seed, accelerator, "vision",

@@ -94,6 +94,12 @@ def main(argv=None) -> None:
     parser.add_argument("--grey-shape", type=float, metavar="WEIGHT",
                         help="vision: add the grey-shape loss at this weight (each image's shape read as its grey "
                              "copy's is: colour cannot stand in for shape; ClipTrainer), e.g. 3")
+    parser.add_argument("--grey-share", type=float, metavar="SHARE",
+                        help="vision, with --grey-shape: the loss reads the grey copies of this SHARE of each batch's "
+                             "images (a second pass of the image tower over them; default 1), e.g. 0.25")
+    parser.add_argument("--end-token-only", action="store_true",
+                        help="vision: the contrastive loss at each caption's end token alone, not also at a padding "
+                             "position after it (the frozen text tower then runs only up to the last end token)")
     parser.add_argument("--fresh-vision", type=int, metavar="PATCH",
                         help="vision: train a new image tower with this patch size (e.g. 4) against the frozen text "
                              "tower, instead of continuing the one in OUT/image_encoder; shape: the new tower's patch "
@@ -224,6 +230,17 @@ def main(argv=None) -> None:
         if not (math.isfinite(weight) and weight >= 0):
             parser.error(f"{option} is a weight >= 0, got {weight}")
         s = dataclasses.replace(s, **{field: weight})
+    if args.grey_share is not None:
+        if s.grey_shape == 0:
+            parser.error("--grey-share is the share of images --grey-shape reads: give --grey-shape WEIGHT too")
+        if not 0 < args.grey_share <= 1:
+            parser.error(f"--grey-share is a share above 0 and at most 1, got {args.grey_share}")
+        s = dataclasses.replace(s, grey_share=args.grey_share)
+    if args.end_token_only:
+        if stages != ["vision"]:
+            parser.error("--end-token-only is for the vision stage alone (the other stages train the text tower, "
+                         "whose padding states SD v1's U-Net reads)")
+        s = dataclasses.replace(s, end_token_only=True)
     if args.fresh_vision is not None:
         if stages not in (["vision"], ["shape"]):
             parser.error("--fresh-vision is for the vision or the shape stage alone")
