@@ -158,10 +158,10 @@ class ClipTrainer(torch.nn.Module):
         if variants is not None and self.hard_negatives:
             loss = loss + self.hard_negatives * self.attribute_loss(f_img_c, gathered(variants), scale)
         if variants is not None and self.grey_shape:
-            k = math.ceil(self.grey_share * len(pixels))  # this process's first k images
-            f_grey_c = gathered(F.normalize(self.vision(pixel_values=grey_copy(pixels[:k])).image_embeds, dim=-1))
-            loss = loss + self.grey_shape * self.grey_shape_loss(gathered(f_own[:k]), f_grey_c,
-                                                                 gathered(variants[:k]), scale)
+            n = math.ceil(self.grey_share * len(pixels))  # this process's first n images
+            f_grey_c = gathered(F.normalize(self.vision(pixel_values=grey_copy(pixels[:n])).image_embeds, dim=-1))
+            loss = loss + self.grey_shape * self.grey_shape_loss(gathered(f_own[:n]), f_grey_c,
+                                                                 gathered(variants[:n]), scale)
         return loss
 
     @staticmethod
