@@ -408,9 +408,9 @@ def test_end_token_only_is_the_end_tokens_contrastive_loss_from_a_shorter_text_r
 def test_grey_share_reads_the_grey_copies_of_the_first_share_of_the_images():
     """`ClipTrainer(grey_share=...)`: the grey-shape loss of the first ceil(share * b) images alone, their grey
     copies through the tower; share 1 is every image."""
-    from sdipc_lab import build
     import random
 
+    from sdipc_lab import build
     from sdipc_lab.toyworld import data, models
     from sdipc_lab.toyworld.data import tokenize
     from sdipc_lab.toyworld.world import all_captions
