@@ -25,6 +25,7 @@ Writes docs/results/finetune.md; with --lr-sweep docs/results/lr_sweep.md, with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -286,7 +287,8 @@ def measure(args) -> None:
         rows = []
         for concept in concepts:
             samples = concept_samples(*concept, 5)
-            with tempfile.TemporaryDirectory() as out:
+            # training's own lines ("resumed at step ..." in a temporary folder) to the terminal, not the results
+            with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):
                 for r in E.fidelity_curve(lab, concept, [x.image for x in samples], args.iterations, out=out,
                                           judge=Judge(), train_captions=[concept_caption(x, "<new1>") for x in samples],
                                           n_eval=args.n_eval):

@@ -800,7 +800,7 @@ def test_recipe_runs_the_shipped_route_stage_by_stage_goes_on_where_it_stopped_a
     printed = capsys.readouterr().out
     assert "=== step clip:" not in printed and "=== step text-c:" in printed  # went on where it stopped
     assert all((out / f"{name}.done").exists() for name in names)
-    lab = out / "one-object-more" / "lab"
+    lab = out / recipe.load(recipe.RECIPE)["ship"]["step"] / "lab"
     assert sorted(p.name for p in package.iterdir()) == sorted(p.name for p in lab.iterdir())
     assert S.load_lab(package, device="cpu").cutoff > 0
     assert (out / "ship" / "quote.txt").read_text() == "2\n"
